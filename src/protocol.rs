@@ -1,0 +1,176 @@
+//! Wire types of the artifactfs protocol (`docs/PROTOCOL.md`), shared by the built-in server
+//! (`server/`) and its client (`store/artifact.rs`) so the two cannot drift apart.
+//!
+//! This module owns only data shapes and the ETag derivation; no I/O happens here.
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol name and major version, answered by `?afs=info`.
+pub const PROTOCOL: &str = "artifactfs/1";
+
+/// Query parameter that selects a protocol operation on a path (`?afs=list`, ...).
+pub const QUERY_KEY: &str = "afs";
+
+/// Response header naming the kind of a path on `HEAD`/`GET` (`file` or `dir`).
+pub const KIND_HEADER: &str = "x-afs-kind";
+
+/// Size of the chunks whose blake3 digests make up a file's ETag.
+pub const DIGEST_CHUNK_SIZE: u64 = 1 << 20;
+
+/// Default and largest page size of a directory listing.
+pub const LIST_DEFAULT_LIMIT: usize = 1000;
+pub const LIST_MAX_LIMIT: usize = 10_000;
+
+/// `GET <any path>?afs=info`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServerInfo {
+    pub protocol: String,
+    pub server: String,
+    /// Chunk size of the digests served by `?afs=digests`.
+    pub chunk_size: u64,
+    pub max_list_limit: usize,
+    pub capabilities: ServerCapabilities,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServerCapabilities {
+    pub ranges: bool,
+    pub listing_etags: bool,
+    pub digests: bool,
+    pub writes: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    File,
+    Dir,
+}
+
+/// One page of `GET <dir>/?afs=list[&limit=N][&after=NAME]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ListPage {
+    /// The listed directory, relative to the served root, without leading slash.
+    pub path: String,
+    /// Sorted by name (bytewise).
+    pub entries: Vec<ListEntry>,
+    /// Pass as `after=` to get the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ListEntry {
+    pub name: String,
+    pub kind: EntryKind,
+    /// Bytes for files, 0 for directories.
+    #[serde(default)]
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Opaque entity tag without quotes; `None` when the server has not hashed the file yet
+    /// (a `HEAD` of the file returns it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
+}
+
+/// `GET <file>?afs=digests`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DigestList {
+    /// Entity tag without quotes.
+    pub etag: String,
+    pub size: u64,
+    pub chunk_size: u64,
+    /// Always `blake3`.
+    pub algorithm: String,
+    /// Hex blake3 digest of each chunk, in order; the last chunk may be short.
+    pub digests: Vec<String>,
+}
+
+/// Body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub code: String,
+    pub error: String,
+}
+
+/// `GET /?afs=stats`: the server's counters since it started (or since the last reset).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServerStats {
+    pub requests: u64,
+    /// Bytes of file content sent in `GET` bodies (200 and 206).
+    pub file_bytes_sent: u64,
+    pub gets: u64,
+    pub ranged_gets: u64,
+    pub heads: u64,
+    pub lists: u64,
+    pub digests: u64,
+    pub not_modified: u64,
+    pub precondition_failed: u64,
+    /// Requests being answered right now and the most seen at once.
+    pub active: u64,
+    pub max_active: u64,
+}
+
+/// Derives a file's entity tag (without quotes) from its per-chunk blake3 digests.
+///
+/// Being a function of the chunk digests, the tag of an appended file is found by hashing only
+/// the new and the last partial chunk.
+pub fn etag_from_digests(size: u64, chunk_size: u64, digests: &[[u8; 32]]) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"artifactfs-etag-v1");
+    h.update(&size.to_le_bytes());
+    h.update(&chunk_size.to_le_bytes());
+    for d in digests {
+        h.update(d);
+    }
+    hex::encode(&h.finalize().as_bytes()[..16])
+}
+
+/// Per-chunk blake3 digests of `data`, as the server computes them.
+pub fn chunk_digests(data: &[u8], chunk_size: u64) -> Vec<[u8; 32]> {
+    data.chunks(chunk_size as usize)
+        .map(|c| *blake3::hash(c).as_bytes())
+        .collect()
+}
+
+/// The `ETag` header value for an opaque tag.
+pub fn quote_etag(tag: &str) -> String {
+    format!("\"{tag}\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etag_depends_on_every_digest_and_the_size() {
+        let a = chunk_digests(&[1u8; 3000], 1024);
+        assert_eq!(a.len(), 3);
+        let base = etag_from_digests(3000, 1024, &a);
+        let mut b = a.clone();
+        b[2][0] ^= 1;
+        assert_ne!(base, etag_from_digests(3000, 1024, &b));
+        assert_ne!(base, etag_from_digests(3001, 1024, &a));
+        assert_eq!(base.len(), 32);
+        assert_eq!(base, etag_from_digests(3000, 1024, &a));
+    }
+
+    #[test]
+    fn listing_round_trips_and_omits_unknown_etags() {
+        let page = ListPage {
+            path: "a/b".into(),
+            entries: vec![ListEntry {
+                name: "x".into(),
+                kind: EntryKind::File,
+                size: 3,
+                mtime_ns: 7,
+                etag: None,
+            }],
+            next: None,
+        };
+        let s = serde_json::to_string(&page).unwrap();
+        assert!(!s.contains("etag") && !s.contains("next"), "{s}");
+        assert_eq!(serde_json::from_str::<ListPage>(&s).unwrap(), page);
+    }
+}
