@@ -5,4 +5,7 @@
 //! `fs` (filesystem logic, no fuser types) → `fs::fuse` (thin kernel adapter); `server` is the
 //! built-in artifact server and `cli` the command line.
 
+pub mod cache;
 pub mod protocol;
+pub mod read;
+pub mod store;

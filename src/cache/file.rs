@@ -1,0 +1,511 @@
+//! One cached version of one artifact: a sparse data file holding the artifact's bytes at their
+//! own offsets, memory-mapped, plus a metadata file beside it (identity of the version, which
+//! chunks are present, a blake3 checksum per present chunk).
+//!
+//! Rules that keep it safe:
+//! - a chunk's range is `fallocate`d before its bytes are written through the mapping, so a
+//!   full disk is an error from `fallocate`, never a SIGBUS from a page fault;
+//! - the data file is never shrunk while mapped (a version's size never changes);
+//! - a chunk is written by exactly one writer while its bit is clear and read only once its bit
+//!   is set (release/acquire), so readers never see a chunk being written;
+//! - punching a chunk out (eviction under pressure) takes the write side of `punch`, readers the
+//!   read side, so no reader copies from a chunk while it turns into a hole;
+//! - chunks found on disk at open are used only after their checksum is verified again.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use memmap2::{Advice, MmapOptions, MmapRaw};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use super::bitmap::Bitmap;
+use super::{CacheError, Shared};
+
+/// Identity of one cached version.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct VersionKey {
+    /// The remote's id (`Store::id`).
+    pub remote: String,
+    /// Path of the artifact on the remote.
+    pub path: String,
+    /// The version's entity tag, exactly as the remote sent it.
+    pub etag: String,
+    pub size: u64,
+}
+
+const META_FORMAT: u32 = 1;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Meta {
+    pub format: u32,
+    pub remote: String,
+    pub path: String,
+    pub etag: String,
+    pub size: u64,
+    pub chunk_size: u64,
+    /// Hex bitmap of present chunks.
+    pub present: String,
+    /// Hex blake3 of each chunk, 64 hex digits per chunk (zeros where absent).
+    pub checksums: String,
+}
+
+impl Meta {
+    pub(super) fn load(path: &Path) -> Option<Meta> {
+        let text = fs::read(path).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// Chunks recorded as present (for statistics).
+    pub(super) fn present_count(&self) -> Option<u64> {
+        let n = self.size.div_ceil(self.chunk_size.max(1));
+        Bitmap::from_hex(n, &self.present).map(|b| b.count())
+    }
+}
+
+#[derive(Debug)]
+pub struct CacheFile {
+    key: VersionKey,
+    pub(super) data_path: PathBuf,
+    pub(super) meta_path: PathBuf,
+    file: File,
+    map: Option<MmapRaw>,
+    chunk_size: u64,
+    present: Bitmap,
+    verified: Bitmap,
+    /// Chunks a writer holds: at most one writer per chunk, enforced here.
+    claimed: Bitmap,
+    checksums: Mutex<Vec<[u8; 32]>>,
+    /// Last use of each chunk, in ticks of the cache-wide clock (for eviction under pressure).
+    ticks: Box<[AtomicU32]>,
+    punch: RwLock<()>,
+    dirty: AtomicBool,
+    last_persist: Mutex<Instant>,
+    /// `false` when the filesystem cannot `fallocate`: then bytes go in with `pwrite`, which
+    /// reports a full disk as an error just as well.
+    mmap_writes: bool,
+    pub(super) retired: AtomicBool,
+    pub(super) shared: Arc<Shared>,
+}
+
+/// Writes one chunk; becomes visible to readers only through [`ChunkWriter::finish`].
+pub struct ChunkWriter<'a> {
+    file: &'a CacheFile,
+    index: u64,
+    range: Range<u64>,
+    written: u64,
+    hasher: Option<blake3::Hasher>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error("chunk {index}: expected {expected} bytes, got {got}")]
+    Length { index: u64, expected: u64, got: u64 },
+    #[error("chunk {index}: content does not match the remote's digest")]
+    Digest { index: u64 },
+    #[error("chunk {index} is being written by another fetch")]
+    Busy { index: u64 },
+}
+
+fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on an owned fd.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall on an owned fd.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+impl CacheFile {
+    /// Opens the cache file of `key`, reusing what an earlier run left when it is the same
+    /// version, starting empty otherwise.
+    pub(super) fn open(
+        shared: Arc<Shared>,
+        key: VersionKey,
+        data_path: PathBuf,
+        meta_path: PathBuf,
+    ) -> Result<Self, CacheError> {
+        let chunk_size = shared.chunk_size;
+        let nchunks = key.size.div_ceil(chunk_size);
+        if let Some(dir) = data_path.parent() {
+            fs::create_dir_all(dir).map_err(|e| CacheError::io(dir, e))?;
+        }
+        let old = Meta::load(&meta_path).filter(|m| {
+            m.format == META_FORMAT
+                && m.remote == key.remote
+                && m.path == key.path
+                && m.etag == key.etag
+                && m.size == key.size
+                && m.chunk_size == chunk_size
+        });
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&data_path)
+            .map_err(|e| CacheError::io(&data_path, e))?;
+        let (present, checksums) = match old.as_ref().and_then(|m| {
+            let present = Bitmap::from_hex(nchunks, &m.present)?;
+            let raw = hex::decode(&m.checksums).ok()?;
+            (raw.len() as u64 == nchunks * 32).then_some(())?;
+            let sums = raw.chunks_exact(32).map(|c| c.try_into().unwrap_or([0; 32])).collect();
+            Some((present, sums))
+        }) {
+            Some(found) if file.metadata().map(|m| m.len() == key.size).unwrap_or(false) => found,
+            _ => {
+                // Unknown or other version: start from an empty sparse file.
+                file.set_len(0).map_err(|e| CacheError::io(&data_path, e))?;
+                file.set_len(key.size).map_err(|e| CacheError::io(&data_path, e))?;
+                (Bitmap::new(nchunks), vec![[0u8; 32]; nchunks as usize])
+            }
+        };
+        let map = if key.size > 0 {
+            Some(
+                MmapOptions::new()
+                    .len(key.size as usize)
+                    .map_raw(&file)
+                    .map_err(|e| CacheError::io(&data_path, e))?,
+            )
+        } else {
+            None
+        };
+        let ticks = (0..nchunks).map(|_| AtomicU32::new(0)).collect();
+        let mmap_writes = match fallocate(&file, 0, 0) {
+            // A zero length is EINVAL where fallocate works at all, EOPNOTSUPP where it does not.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => false,
+            _ => true,
+        };
+        Ok(CacheFile {
+            key,
+            data_path,
+            meta_path,
+            file,
+            map,
+            chunk_size,
+            verified: Bitmap::new(nchunks),
+            claimed: Bitmap::new(nchunks),
+            present,
+            checksums: Mutex::new(checksums),
+            ticks,
+            punch: RwLock::new(()),
+            dirty: AtomicBool::new(false),
+            last_persist: Mutex::new(Instant::now()),
+            mmap_writes,
+            retired: AtomicBool::new(false),
+            shared,
+        })
+    }
+
+    /// The sparse file holding the bytes (what passthrough would hand to the kernel).
+    pub fn data_path(&self) -> &Path {
+        &self.data_path
+    }
+
+    pub fn key(&self) -> &VersionKey {
+        &self.key
+    }
+
+    pub fn size(&self) -> u64 {
+        self.key.size
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
+    pub fn chunks(&self) -> u64 {
+        self.present.len()
+    }
+
+    /// Byte range of chunk `i`.
+    pub fn chunk_range(&self, i: u64) -> Range<u64> {
+        let start = i * self.chunk_size;
+        start..(start + self.chunk_size).min(self.key.size)
+    }
+
+    /// Chunks that hold the bytes of `range` (which must lie within the file).
+    pub fn chunks_of(&self, range: &Range<u64>) -> Range<u64> {
+        if range.is_empty() {
+            return 0..0;
+        }
+        range.start / self.chunk_size..range.end.div_ceil(self.chunk_size)
+    }
+
+    pub fn is_present(&self, i: u64) -> bool {
+        self.present.get(i)
+    }
+
+    /// Present and checked in this process: safe to serve.
+    pub fn is_ready(&self, i: u64) -> bool {
+        self.verified.get(i) && self.present.get(i)
+    }
+
+    pub fn present_count(&self) -> u64 {
+        self.present.count()
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.present.count() == self.present.len()
+    }
+
+    /// Checks a chunk found on disk against its recorded checksum; a chunk that fails is
+    /// dropped (and fetched again by the caller). Returns whether the chunk is ready.
+    pub fn verify(&self, i: u64) -> bool {
+        if self.is_ready(i) {
+            return true;
+        }
+        let _g = self.punch.read();
+        if !self.present.get(i) {
+            return false;
+        }
+        let r = self.chunk_range(i);
+        let ok = match &self.map {
+            Some(map) => {
+                // SAFETY: the chunk is present, so no writer touches it, and the punch lock
+                // keeps it from becoming a hole while we read it.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(map.as_ptr().add(r.start as usize), (r.end - r.start) as usize)
+                };
+                let recorded = self.checksums.lock()[i as usize];
+                // All zeros: written with hashing turned off, nothing to check against.
+                recorded == [0u8; 32] || *blake3::hash(bytes).as_bytes() == recorded
+            }
+            None => true,
+        };
+        if ok {
+            self.verified.set(i);
+        } else {
+            tracing::warn!(path = %self.key.path, chunk = i, "cached chunk failed its checksum; fetching it again");
+            if self.present.clear(i) {
+                self.shared.sub_used(r.end - r.start);
+            }
+            self.dirty.store(true, Ordering::Release);
+        }
+        ok
+    }
+
+    /// Prepares chunk `i` for writing: reserves its disk blocks.
+    pub fn begin_chunk(&self, i: u64, hash: bool) -> Result<ChunkWriter<'_>, CacheError> {
+        let range = self.chunk_range(i);
+        let len = range.end - range.start;
+        if !self.claimed.set(i) {
+            return Err(CacheError::io(
+                &self.data_path,
+                io::Error::other(ChunkError::Busy { index: i }),
+            ));
+        }
+        let writer = ChunkWriter {
+            file: self,
+            index: i,
+            range: range.clone(),
+            written: 0,
+            hasher: hash.then(blake3::Hasher::new),
+        };
+        if self.mmap_writes {
+            if let Err(e) = fallocate(&self.file, range.start, len) {
+                return Err(if e.raw_os_error() == Some(libc::ENOSPC) {
+                    CacheError::Full
+                } else {
+                    CacheError::io(&self.data_path, e)
+                });
+            }
+            if let Some(map) = &self.map {
+                // Fault the pages in with one call rather than one trap per page.
+                let _ = map.advise_range(Advice::PopulateWrite, range.start as usize, len as usize);
+            }
+        }
+        Ok(writer)
+    }
+
+    /// Calls `f` with the bytes of `range` when every chunk under it is ready; `None` when one
+    /// is missing (the caller fetches it and tries again).
+    pub fn read_with<R>(&self, range: Range<u64>, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        let range = range.start.min(self.key.size)..range.end.min(self.key.size);
+        if range.is_empty() {
+            return Some(f(&[]));
+        }
+        let chunks = self.chunks_of(&range);
+        let _g = self.punch.read();
+        if !chunks.clone().all(|i| self.is_ready(i)) {
+            return None;
+        }
+        let tick = self.shared.tick();
+        for i in chunks {
+            self.ticks[i as usize].store(tick, Ordering::Relaxed);
+        }
+        let map = self.map.as_ref()?;
+        // SAFETY: every chunk under `range` is present (no writer touches it) and the punch
+        // read lock keeps it from becoming a hole until `f` returns.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                map.as_ptr().add(range.start as usize),
+                (range.end - range.start) as usize,
+            )
+        };
+        Some(f(bytes))
+    }
+
+    /// Last use of chunk `i` (for eviction).
+    pub(super) fn tick_of(&self, i: u64) -> u32 {
+        self.ticks[i as usize].load(Ordering::Relaxed)
+    }
+
+    /// Turns a present chunk back into a hole, freeing its disk space. Returns the bytes freed.
+    pub(super) fn punch(&self, i: u64) -> u64 {
+        let _g = self.punch.write();
+        if !self.present.clear(i) {
+            return 0;
+        }
+        self.verified.clear(i);
+        let r = self.chunk_range(i);
+        if let Err(e) = punch_hole(&self.file, r.start, r.end - r.start) {
+            tracing::warn!(path = %self.key.path, "cannot punch a hole in a cache file: {e}");
+        }
+        self.dirty.store(true, Ordering::Release);
+        r.end - r.start
+    }
+
+    /// Writes the metadata if it changed (at most once a second unless `force`).
+    pub fn persist(&self, force: bool) -> Result<(), CacheError> {
+        if !self.dirty.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        {
+            let mut last = self.last_persist.lock();
+            if !force && last.elapsed() < Duration::from_secs(1) {
+                return Ok(());
+            }
+            *last = Instant::now();
+        }
+        self.dirty.store(false, Ordering::Release);
+        let meta = Meta {
+            format: META_FORMAT,
+            remote: self.key.remote.clone(),
+            path: self.key.path.clone(),
+            etag: self.key.etag.clone(),
+            size: self.key.size,
+            chunk_size: self.chunk_size,
+            present: self.present.to_hex(),
+            checksums: hex::encode(self.checksums.lock().as_flattened()),
+        };
+        let tmp = self.meta_path.with_extension("meta.tmp");
+        let write = || -> io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec(&meta).map_err(io::Error::other)?)?;
+            fs::rename(&tmp, &self.meta_path)
+        };
+        write().map_err(|e| {
+            self.dirty.store(true, Ordering::Release);
+            CacheError::io(&self.meta_path, e)
+        })
+    }
+
+    /// Seconds since the epoch, for LRU bookkeeping.
+    pub(super) fn now_secs() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+}
+
+impl ChunkWriter<'_> {
+    /// Bytes this chunk still needs.
+    pub fn remaining(&self) -> u64 {
+        (self.range.end - self.range.start) - self.written
+    }
+
+    /// Appends bytes to the chunk; never more than [`ChunkWriter::remaining`].
+    pub fn write(&mut self, data: &[u8]) -> Result<(), CacheError> {
+        let n = data.len() as u64;
+        assert!(n <= self.remaining(), "chunk overflow");
+        let off = self.range.start + self.written;
+        if let Some(h) = &mut self.hasher {
+            h.update(data);
+        }
+        let f = self.file;
+        match (&f.map, f.mmap_writes) {
+            (Some(map), true) => {
+                // SAFETY: the chunk's bit is clear, so no reader looks at these bytes, and this
+                // writer is the only one of the chunk; the blocks were reserved by fallocate.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), map.as_mut_ptr().add(off as usize), data.len()) };
+            }
+            _ => f.file.write_all_at(data, off).map_err(|e| {
+                if e.raw_os_error() == Some(libc::ENOSPC) {
+                    CacheError::Full
+                } else {
+                    CacheError::io(&f.data_path, e)
+                }
+            })?,
+        }
+        self.written += n;
+        Ok(())
+    }
+
+    /// Publishes the chunk after checking its length and, when given, the remote's digest.
+    pub fn finish(mut self, expected: Option<&[u8; 32]>) -> Result<(), ChunkError> {
+        let len = self.range.end - self.range.start;
+        if self.written != len {
+            return Err(ChunkError::Length {
+                index: self.index,
+                expected: len,
+                got: self.written,
+            });
+        }
+        let digest = self.hasher.take().map(|h| *h.finalize().as_bytes());
+        if let (Some(d), Some(e)) = (&digest, expected)
+            && d != e
+        {
+            return Err(ChunkError::Digest { index: self.index });
+        }
+        let f = self.file;
+        if let Some(d) = digest {
+            f.checksums.lock()[self.index as usize] = d;
+        }
+        f.ticks[self.index as usize].store(f.shared.tick(), Ordering::Relaxed);
+        f.verified.set(self.index);
+        if f.present.set(self.index) {
+            f.shared.add_used(len);
+        }
+        f.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+}
+
+impl Drop for ChunkWriter<'_> {
+    fn drop(&mut self) {
+        self.file.claimed.clear(self.index);
+    }
+}
+
+impl Drop for CacheFile {
+    fn drop(&mut self) {
+        self.shared.closed(self);
+    }
+}

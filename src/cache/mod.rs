@@ -1,0 +1,590 @@
+//! The persistent disk cache: one sparse, memory-mapped file per (remote, path, version) with
+//! its chunk bitmap and checksums beside it ([`file::CacheFile`]), a size limit enforced by
+//! evicting whole idle versions in LRU order (and, only when open versions alone exceed the
+//! limit, their least recently used chunks), and a lock so one daemon owns a cache directory.
+//!
+//! Layout under the cache directory (mode 0700):
+//! ```text
+//! lock                      held (flock) by the daemon using this directory; says who
+//! stats.json                cumulative hit/miss counters
+//! remotes/<rid>/remote.json the remote's id (URL)
+//! remotes/<rid>/<aa>/<h>.data, <h>.meta   one cached version
+//! pending/                  writes not yet uploaded (write-back); never evicted
+//! ```
+//! This module knows nothing of HTTP or FUSE: callers hand it keys and bytes.
+
+mod bitmap;
+pub mod file;
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+pub use file::{CacheFile, ChunkError, ChunkWriter, VersionKey};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache directory {dir} is in use by another artifactfs mount ({holder}); pick another with --cache-dir")]
+    Locked { dir: PathBuf, holder: String },
+    #[error("cache {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("the cache disk is full")]
+    Full,
+}
+
+impl CacheError {
+    pub(crate) fn io(path: &Path, source: io::Error) -> Self {
+        CacheError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub dir: PathBuf,
+    /// Bytes of cached data kept at most.
+    pub max_size: u64,
+    /// Granularity of the chunk bitmap.
+    pub chunk_size: u64,
+}
+
+/// Cumulative counters, persisted in `stats.json`.
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counters {
+    /// Bytes read that were already in the cache.
+    pub hit_bytes: u64,
+    /// Bytes read that had to be fetched first.
+    pub miss_bytes: u64,
+    /// Bytes fetched from remotes (including readahead).
+    pub fetched_bytes: u64,
+    /// Versions evicted whole, and chunks punched out of open versions.
+    pub evicted_versions: u64,
+    pub punched_chunks: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct LiveCounters {
+    pub hit_bytes: AtomicU64,
+    pub miss_bytes: AtomicU64,
+    pub fetched_bytes: AtomicU64,
+    pub evicted_versions: AtomicU64,
+    pub punched_chunks: AtomicU64,
+}
+
+impl LiveCounters {
+    pub fn snapshot(&self) -> Counters {
+        Counters {
+            hit_bytes: self.hit_bytes.load(Ordering::Relaxed),
+            miss_bytes: self.miss_bytes.load(Ordering::Relaxed),
+            fetched_bytes: self.fetched_bytes.load(Ordering::Relaxed),
+            evicted_versions: self.evicted_versions.load(Ordering::Relaxed),
+            punched_chunks: self.punched_chunks.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct IdleEntry {
+    meta_path: PathBuf,
+    bytes: u64,
+    last_access: u64,
+}
+
+/// State shared by the cache and its open files.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    root: PathBuf,
+    chunk_size: u64,
+    max_size: u64,
+    used: AtomicU64,
+    clock: AtomicU32,
+    idle: Mutex<HashMap<PathBuf, IdleEntry>>,
+    open: Mutex<HashMap<PathBuf, Weak<CacheFile>>>,
+    pressure: tokio::sync::Notify,
+    pub(crate) counters: LiveCounters,
+}
+
+impl Shared {
+    fn add_used(&self, n: u64) {
+        let now = self.used.fetch_add(n, Ordering::AcqRel) + n;
+        if now > self.max_size {
+            self.pressure.notify_one();
+        }
+    }
+
+    fn sub_used(&self, n: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| Some(u.saturating_sub(n)));
+    }
+
+    fn tick(&self) -> u32 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn present_bytes(f: &CacheFile) -> u64 {
+        (0..f.chunks())
+            .filter(|&i| f.is_present(i))
+            .map(|i| {
+                let r = f.chunk_range(i);
+                r.end - r.start
+            })
+            .sum()
+    }
+
+    /// Called when the last user of an open version lets go of it. Runs under the `open`
+    /// lock so it cannot interleave with a new open of the same version.
+    fn closed(&self, f: &CacheFile) {
+        let mut open = self.open.lock();
+        match open.get(&f.data_path) {
+            // Opened again while this instance was being dropped: the new one owns it now.
+            Some(w) if w.strong_count() > 0 => return,
+            Some(_) => {
+                open.remove(&f.data_path);
+            }
+            None => {}
+        }
+        let bytes = Self::present_bytes(f);
+        if f.retired.load(Ordering::Acquire) {
+            remove_entry(&f.data_path, &f.meta_path);
+            self.sub_used(bytes);
+            return;
+        }
+        if let Err(e) = f.persist(true) {
+            tracing::warn!("cannot save cache metadata: {e}");
+        }
+        self.idle.lock().insert(
+            f.data_path.clone(),
+            IdleEntry {
+                meta_path: f.meta_path.clone(),
+                bytes,
+                last_access: CacheFile::now_secs(),
+            },
+        );
+    }
+}
+
+fn remove_entry(data: &Path, meta: &Path) {
+    for p in [meta, data] {
+        if let Err(e) = fs::remove_file(p)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!("cannot remove {}: {e}", p.display());
+        }
+    }
+}
+
+fn hex16(data: &[u8]) -> String {
+    blake3::hash(data).to_hex()[..32].to_string()
+}
+
+/// The cache directory of one daemon.
+#[derive(Debug)]
+pub struct Cache {
+    shared: Arc<Shared>,
+    _lock: File,
+}
+
+impl Cache {
+    /// Locks and opens the cache directory, cleaning up what an earlier run left half-done.
+    /// `owner` describes this daemon in the lock file (shown to a second daemon).
+    pub fn open(cfg: &CacheConfig, owner: &str) -> Result<Arc<Cache>, CacheError> {
+        let root = cfg.dir.clone();
+        let lock = lock_dir(&root, owner)?;
+        let shared = Arc::new(Shared {
+            root: root.clone(),
+            chunk_size: cfg.chunk_size,
+            max_size: cfg.max_size,
+            used: AtomicU64::new(0),
+            clock: AtomicU32::new(1),
+            idle: Mutex::new(HashMap::new()),
+            open: Mutex::new(HashMap::new()),
+            pressure: tokio::sync::Notify::new(),
+            counters: LiveCounters::default(),
+        });
+        fs::create_dir_all(root.join("pending")).map_err(|e| CacheError::io(&root, e))?;
+        let (entries, used) = scan(&root.join("remotes"));
+        shared.used.store(used, Ordering::Release);
+        *shared.idle.lock() = entries;
+        let cache = Arc::new(Cache { shared, _lock: lock });
+        if used > cfg.max_size {
+            cache.evict();
+        }
+        Ok(cache)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.shared.root
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.shared.chunk_size
+    }
+
+    pub fn max_size(&self) -> u64 {
+        self.shared.max_size
+    }
+
+    /// Bytes of cached data on disk now.
+    pub fn used(&self) -> u64 {
+        self.shared.used.load(Ordering::Acquire)
+    }
+
+    pub fn counters(&self) -> &LiveCounters {
+        &self.shared.counters
+    }
+
+    fn paths(&self, key: &VersionKey) -> (PathBuf, PathBuf, PathBuf) {
+        let rid = hex16(key.remote.as_bytes());
+        let mut name_src = key.path.as_bytes().to_vec();
+        name_src.push(0);
+        name_src.extend_from_slice(key.etag.as_bytes());
+        let h = hex16(&name_src);
+        let remote_dir = self.shared.root.join("remotes").join(rid);
+        let dir = remote_dir.join(&h[..2]);
+        (remote_dir, dir.join(format!("{h}.data")), dir.join(format!("{h}.meta")))
+    }
+
+    /// The cache file of a version, shared by everyone who has it open.
+    pub fn open_version(&self, key: VersionKey) -> Result<Arc<CacheFile>, CacheError> {
+        let (remote_dir, data, meta) = self.paths(&key);
+        let mut open = self.shared.open.lock();
+        if let Some(f) = open.get(&data).and_then(Weak::upgrade) {
+            // Wanted again: a version that came back is current again.
+            f.retired.store(false, Ordering::Release);
+            return Ok(f);
+        }
+        let remote_file = remote_dir.join("remote.json");
+        if !remote_file.exists() {
+            fs::create_dir_all(&remote_dir).map_err(|e| CacheError::io(&remote_dir, e))?;
+            let body = serde_json::json!({ "remote": key.remote }).to_string();
+            fs::write(&remote_file, body).map_err(|e| CacheError::io(&remote_file, e))?;
+        }
+        let before = self.shared.idle.lock().remove(&data).map(|e| e.bytes).unwrap_or(0);
+        let f = Arc::new(CacheFile::open(self.shared.clone(), key, data.clone(), meta)?);
+        let now = Shared::present_bytes(&f);
+        if now >= before {
+            self.shared.add_used(now - before);
+        } else {
+            self.shared.sub_used(before - now);
+        }
+        open.insert(data, Arc::downgrade(&f));
+        Ok(f)
+    }
+
+    /// Marks a version as superseded: its cache file is deleted now, or when its last reader
+    /// closes it.
+    pub fn retire(&self, key: &VersionKey) {
+        let (_, data, meta) = self.paths(key);
+        if let Some(f) = self.shared.open.lock().get(&data).and_then(Weak::upgrade) {
+            f.retired.store(true, std::sync::atomic::Ordering::Release);
+            return;
+        }
+        if let Some(e) = self.shared.idle.lock().remove(&data) {
+            remove_entry(&data, &e.meta_path);
+            self.shared.sub_used(e.bytes);
+        } else if data.exists() {
+            remove_entry(&data, &meta);
+        }
+    }
+
+    /// Brings the cache under its limit: first whole idle versions, oldest first; then, if
+    /// open versions alone are over the limit, their least recently used chunks. Returns the
+    /// bytes freed.
+    pub fn evict(&self) -> u64 {
+        let s = &self.shared;
+        let max = s.max_size;
+        let target = max / 10 * 9;
+        if s.used.load(Ordering::Acquire) <= max {
+            return 0;
+        }
+        let mut freed = 0;
+        let mut idle: Vec<(PathBuf, PathBuf, u64, u64)> = s
+            .idle
+            .lock()
+            .iter()
+            .map(|(d, e)| (d.clone(), e.meta_path.clone(), e.bytes, e.last_access))
+            .collect();
+        idle.sort_by_key(|e| e.3);
+        for (data, meta, bytes, _) in idle {
+            if s.used.load(Ordering::Acquire) <= target {
+                break;
+            }
+            if s.idle.lock().remove(&data).is_none() {
+                continue; // opened meanwhile
+            }
+            remove_entry(&data, &meta);
+            s.sub_used(bytes);
+            freed += bytes;
+            s.counters.evicted_versions.fetch_add(1, Ordering::Relaxed);
+        }
+        if s.used.load(Ordering::Acquire) > max {
+            let open: Vec<Arc<CacheFile>> = s.open.lock().values().filter_map(Weak::upgrade).collect();
+            let mut chunks: Vec<(u32, usize, u64)> = Vec::new();
+            for (fi, f) in open.iter().enumerate() {
+                for i in (0..f.chunks()).filter(|&i| f.is_present(i)) {
+                    chunks.push((f.tick_of(i), fi, i));
+                }
+            }
+            chunks.sort_unstable();
+            for (_, fi, i) in chunks {
+                if s.used.load(Ordering::Acquire) <= target {
+                    break;
+                }
+                let n = open[fi].punch(i);
+                s.sub_used(n);
+                freed += n;
+                s.counters.punched_chunks.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if freed > 0 {
+            tracing::debug!(freed, used = s.used.load(Ordering::Acquire), "cache eviction");
+        }
+        freed
+    }
+
+    /// Runs eviction whenever the cache goes over its limit, until the cache is dropped.
+    pub async fn run_evictor(self: Arc<Self>) {
+        let weak = Arc::downgrade(&self);
+        let shared = self.shared.clone();
+        drop(self);
+        loop {
+            shared.pressure.notified().await;
+            let Some(cache) = weak.upgrade() else { return };
+            let _ = tokio::task::spawn_blocking(move || cache.evict()).await;
+        }
+    }
+
+    /// Saves the metadata of every open version and the counters.
+    pub fn persist(&self) {
+        let open: Vec<Arc<CacheFile>> = self.shared.open.lock().values().filter_map(Weak::upgrade).collect();
+        for f in open {
+            if let Err(e) = f.persist(true) {
+                tracing::warn!("{e}");
+            }
+        }
+        let path = self.shared.root.join("stats.json");
+        let mut total = read_counters(&self.shared.root);
+        let now = self.shared.counters.snapshot();
+        total.hit_bytes += now.hit_bytes;
+        total.miss_bytes += now.miss_bytes;
+        total.fetched_bytes += now.fetched_bytes;
+        total.evicted_versions += now.evicted_versions;
+        total.punched_chunks += now.punched_chunks;
+        // Counted once: the live counters start again from zero.
+        let c = &self.shared.counters;
+        c.hit_bytes.fetch_sub(now.hit_bytes, Ordering::Relaxed);
+        c.miss_bytes.fetch_sub(now.miss_bytes, Ordering::Relaxed);
+        c.fetched_bytes.fetch_sub(now.fetched_bytes, Ordering::Relaxed);
+        c.evicted_versions.fetch_sub(now.evicted_versions, Ordering::Relaxed);
+        c.punched_chunks.fetch_sub(now.punched_chunks, Ordering::Relaxed);
+        let tmp = path.with_extension("json.tmp");
+        let r = serde_json::to_vec_pretty(&total)
+            .map_err(io::Error::other)
+            .and_then(|b| fs::write(&tmp, b))
+            .and_then(|_| fs::rename(&tmp, &path));
+        if let Err(e) = r {
+            tracing::warn!("cannot save cache counters: {e}");
+        }
+    }
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        self.persist();
+    }
+}
+
+fn lock_dir(root: &Path, owner: &str) -> Result<File, CacheError> {
+    fs::create_dir_all(root).map_err(|e| CacheError::io(root, e))?;
+    fs::set_permissions(root, fs::Permissions::from_mode(0o700)).map_err(|e| CacheError::io(root, e))?;
+    let path = root.join("lock");
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| CacheError::io(&path, e))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            return Err(CacheError::Locked {
+                dir: root.to_path_buf(),
+                holder: holder.trim().replace('\n', ", "),
+            });
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(CacheError::io(&path, e)),
+    }
+    f.set_len(0).map_err(|e| CacheError::io(&path, e))?;
+    f.write_all(format!("pid {}\n{owner}\n", std::process::id()).as_bytes())
+        .map_err(|e| CacheError::io(&path, e))?;
+    Ok(f)
+}
+
+/// Finds the cached versions on disk and deletes what an interrupted run left: temporary
+/// files, data without metadata, metadata without data.
+fn scan(remotes: &Path) -> (HashMap<PathBuf, IdleEntry>, u64) {
+    let mut entries = HashMap::new();
+    let mut used = 0;
+    for dir in subdirs(remotes).into_iter().flat_map(|r| subdirs(&r)) {
+        let Ok(rd) = fs::read_dir(&dir) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            match p.extension().and_then(|x| x.to_str()) {
+                Some("data") => {
+                    let meta = p.with_extension("meta");
+                    match (fs::metadata(&p), fs::metadata(&meta)) {
+                        (Ok(dm), Ok(mm)) => {
+                            let bytes = dm.blocks() * 512;
+                            used += bytes;
+                            let last_access = mm.mtime().max(0) as u64;
+                            entries.insert(
+                                p,
+                                IdleEntry {
+                                    meta_path: meta,
+                                    bytes,
+                                    last_access,
+                                },
+                            );
+                        }
+                        _ => remove_entry(&p, &meta),
+                    }
+                }
+                Some("meta") if !p.with_extension("data").exists() => remove_entry(&p, &p),
+                Some("tmp") => remove_entry(&p, &p),
+                _ => {}
+            }
+        }
+    }
+    (entries, used)
+}
+
+fn subdirs(p: &Path) -> Vec<PathBuf> {
+    fs::read_dir(p)
+        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
+        .unwrap_or_default()
+}
+
+fn read_counters(root: &Path) -> Counters {
+    fs::read(root.join("stats.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// What `artifactfs cache stats` shows.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CacheStats {
+    pub dir: PathBuf,
+    /// Who holds the directory now, if a daemon does.
+    pub in_use_by: Option<String>,
+    pub bytes: u64,
+    pub versions: u64,
+    pub complete_versions: u64,
+    /// Seconds since the epoch of the least recently used version.
+    pub oldest_access: Option<u64>,
+    pub remotes: Vec<RemoteStats>,
+    pub counters: Counters,
+    pub pending_uploads: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RemoteStats {
+    pub remote: String,
+    pub versions: u64,
+    pub bytes: u64,
+}
+
+/// Reads the statistics of a cache directory without locking it (it may be in use).
+pub fn stats(dir: &Path) -> io::Result<CacheStats> {
+    let mut out = CacheStats {
+        dir: dir.to_path_buf(),
+        in_use_by: holder(dir),
+        bytes: 0,
+        versions: 0,
+        complete_versions: 0,
+        oldest_access: None,
+        remotes: Vec::new(),
+        counters: read_counters(dir),
+        pending_uploads: fs::read_dir(dir.join("pending")).map(|r| r.count() as u64).unwrap_or(0),
+    };
+    for rdir in subdirs(&dir.join("remotes")) {
+        let remote = fs::read(rdir.join("remote.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["remote"].as_str().map(str::to_string))
+            .unwrap_or_else(|| rdir.display().to_string());
+        let mut rs = RemoteStats {
+            remote,
+            versions: 0,
+            bytes: 0,
+        };
+        for sub in subdirs(&rdir) {
+            let Ok(rd) = fs::read_dir(&sub) else { continue };
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.extension().and_then(|x| x.to_str()) != Some("meta") {
+                    continue;
+                }
+                let Ok(dm) = fs::metadata(p.with_extension("data")) else {
+                    continue;
+                };
+                rs.versions += 1;
+                rs.bytes += dm.blocks() * 512;
+                if let Ok(mm) = fs::metadata(&p) {
+                    let t = mm.mtime().max(0) as u64;
+                    out.oldest_access = Some(out.oldest_access.map_or(t, |o| o.min(t)));
+                }
+                if let Some(m) = file::Meta::load(&p)
+                    && m.present_count() == Some(m.size.div_ceil(m.chunk_size.max(1)))
+                {
+                    out.complete_versions += 1;
+                }
+            }
+        }
+        out.bytes += rs.bytes;
+        out.versions += rs.versions;
+        out.remotes.push(rs);
+    }
+    out.remotes.sort_by(|a, b| a.remote.cmp(&b.remote));
+    Ok(out)
+}
+
+/// Who holds the lock of `dir`, if anyone.
+fn holder(dir: &Path) -> Option<String> {
+    let mut f = File::open(dir.join("lock")).ok()?;
+    match f.try_lock_shared() {
+        Ok(()) => None,
+        Err(_) => {
+            let mut s = String::new();
+            let _ = f.read_to_string(&mut s);
+            Some(s.trim().replace('\n', ", "))
+        }
+    }
+}
+
+/// Deletes every cached version (not the pending uploads). Refuses while a daemon uses `dir`.
+pub fn clear(dir: &Path) -> Result<u64, CacheError> {
+    let _lock = lock_dir(dir, "artifactfs cache clear")?;
+    let before = stats(dir).map(|s| s.bytes).unwrap_or(0);
+    let remotes = dir.join("remotes");
+    match fs::remove_dir_all(&remotes) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(CacheError::io(&remotes, e)),
+    }
+    let _ = fs::remove_file(dir.join("stats.json"));
+    Ok(before)
+}

@@ -1,0 +1,649 @@
+//! The read engine: turns "bytes `a..b` of version V" into cached chunks. Missing chunks are
+//! fetched with ranged GETs ("flights") that run in parallel, bounded per remote; every
+//! chunk has at most one flight, which all readers of the chunk wait on; sequential readers
+//! grow a readahead window; every response is checked against the version it must belong to
+//! (status, `Content-Range`, length, ETag, and blake3 digests when the remote offers them).
+//!
+//! It owns no FUSE types and no inode logic: `fs/` asks it for versions and bytes.
+
+pub mod plan;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::{Buf, BytesMut};
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use tokio::runtime::Handle;
+use tokio::sync::{OnceCell, Semaphore, watch};
+
+use crate::cache::{Cache, CacheError, CacheFile, ChunkError, VersionKey};
+use crate::store::{Content, Digests, DynStore, ETag, GetResponse, StoreError};
+pub use plan::{Readahead, ReadaheadConfig};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadConfig {
+    /// Largest ranged GET.
+    pub max_request: u64,
+    pub readahead: ReadaheadConfig,
+    /// Reads that arrive this close to the sequential position still count as sequential
+    /// (the kernel's own readahead requests arrive out of order).
+    pub sequential_slack: u64,
+    /// Ranged GETs in flight at once for this remote.
+    pub concurrency: usize,
+    /// Bytes the engine may hold in memory for transfers at once, across all files.
+    pub memory_budget: u64,
+    /// Hash every chunk (blake3): checked against the remote's digests when it offers them,
+    /// and recorded so chunks found on disk later can be checked again.
+    pub verify: bool,
+    /// Further tries of a transfer that broke off or delivered bad bytes.
+    pub retries: usize,
+}
+
+impl Default for ReadConfig {
+    fn default() -> Self {
+        ReadConfig {
+            max_request: 8 << 20,
+            readahead: ReadaheadConfig {
+                initial: 4 << 20,
+                max: 64 << 20,
+            },
+            sequential_slack: 8 << 20,
+            concurrency: 16,
+            memory_budget: 64 << 20,
+            verify: true,
+            retries: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReadError {
+    #[error("the remote version changed")]
+    Stale,
+    #[error("{0}")]
+    Remote(StoreError),
+    #[error("{0}")]
+    Cache(Arc<CacheError>),
+    #[error("bad data from the remote: {0}")]
+    Integrity(String),
+}
+
+impl ReadError {
+    fn is_transient(&self) -> bool {
+        match self {
+            ReadError::Remote(e) => e.is_transient(),
+            ReadError::Integrity(_) => true,
+            _ => false,
+        }
+    }
+}
+
+impl From<CacheError> for ReadError {
+    fn from(e: CacheError) -> Self {
+        ReadError::Cache(Arc::new(e))
+    }
+}
+
+impl From<ChunkError> for ReadError {
+    fn from(e: ChunkError) -> Self {
+        ReadError::Integrity(e.to_string())
+    }
+}
+
+/// Memory budget units (64 KiB).
+const UNIT: u64 = 64 << 10;
+
+/// The read engine of one remote.
+#[derive(Debug)]
+pub struct Reader {
+    store: DynStore,
+    cache: Option<Arc<Cache>>,
+    cfg: ReadConfig,
+    rt: Handle,
+    requests: Semaphore,
+    budget: Semaphore,
+    /// Set once the remote answered a ranged GET with the whole file.
+    whole_file: AtomicBool,
+    versions: Mutex<HashMap<(String, ETag), Weak<Version>>>,
+}
+
+impl Reader {
+    /// `cache` is `None` to read without caching (every read goes to the remote).
+    pub fn new(store: DynStore, cache: Option<Arc<Cache>>, cfg: ReadConfig, rt: Handle) -> Arc<Self> {
+        let units = (cfg.memory_budget / UNIT).max(1) as usize;
+        Arc::new(Reader {
+            requests: Semaphore::new(cfg.concurrency.max(1)),
+            budget: Semaphore::new(units.min(Semaphore::MAX_PERMITS)),
+            store,
+            cache,
+            cfg,
+            rt,
+            whole_file: AtomicBool::new(false),
+            versions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn store(&self) -> &DynStore {
+        &self.store
+    }
+
+    pub fn config(&self) -> &ReadConfig {
+        &self.cfg
+    }
+
+    /// The one [`Version`] object of `(path, etag)`: everyone reading that version shares its
+    /// cache file and its in-flight fetches.
+    pub fn open_version(self: &Arc<Self>, path: &str, etag: &ETag, size: u64) -> Arc<Version> {
+        let key = (path.to_string(), etag.clone());
+        let mut map = self.versions.lock();
+        if let Some(v) = map.get(&key).and_then(Weak::upgrade) {
+            return v;
+        }
+        let file = match (&self.cache, size) {
+            (Some(cache), 1..) => {
+                let vk = VersionKey {
+                    remote: self.store.id().to_string(),
+                    path: path.to_string(),
+                    etag: etag.as_str().to_string(),
+                    size,
+                };
+                match cache.open_version(vk) {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        tracing::warn!(path, "reading without the cache: {e}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let v = Arc::new(Version {
+            reader: self.clone(),
+            path: path.to_string(),
+            etag: etag.clone(),
+            size,
+            file,
+            flights: Mutex::new(Vec::new()),
+            digests: OnceCell::new(),
+            stale: AtomicBool::new(false),
+        });
+        map.insert(key, Arc::downgrade(&v));
+        v
+    }
+
+    fn count<T>(&self, f: impl FnOnce(&crate::cache::LiveCounters) -> T) {
+        if let Some(c) = &self.cache {
+            f(c.counters());
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Progress {
+    /// Chunks before this one are in the cache.
+    done: u64,
+    finished: bool,
+    error: Option<ReadError>,
+}
+
+/// One ranged GET filling consecutive chunks, in order.
+#[derive(Debug)]
+struct Flight {
+    chunks: Range<u64>,
+    progress: watch::Sender<Progress>,
+}
+
+/// One version of one artifact, as long as someone reads it.
+#[derive(Debug)]
+pub struct Version {
+    reader: Arc<Reader>,
+    pub path: String,
+    pub etag: ETag,
+    pub size: u64,
+    file: Option<Arc<CacheFile>>,
+    flights: Mutex<Vec<Arc<Flight>>>,
+    digests: OnceCell<Option<Arc<Digests>>>,
+    stale: AtomicBool,
+}
+
+impl Version {
+    /// The remote said this version is gone.
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Acquire)
+    }
+
+    /// Whether every byte is in the cache.
+    pub fn is_complete(&self) -> bool {
+        self.size == 0 || self.file.as_ref().is_some_and(|f| f.is_complete())
+    }
+
+    pub fn cache_file(&self) -> Option<&Arc<CacheFile>> {
+        self.file.as_ref()
+    }
+
+    /// Reads up to `len` bytes at `offset` and hands them to `reply` (which may run on the
+    /// calling thread, with the bytes borrowed straight from the cache mapping). `ra` is the
+    /// reader's readahead state.
+    pub async fn read<R>(
+        self: &Arc<Self>,
+        ra: &Mutex<Readahead>,
+        offset: u64,
+        len: u32,
+        reply: impl FnOnce(Result<&[u8], ReadError>) -> R,
+    ) -> R {
+        let end = offset.saturating_add(len as u64).min(self.size);
+        let range = offset.min(end)..end;
+        let cfg = &self.reader.cfg;
+        let prefetch = ra
+            .lock()
+            .on_read(&range, self.size, &cfg.readahead, cfg.sequential_slack);
+        let mut reply = Some(reply);
+        let Some(file) = self.file.clone() else {
+            let reply = reply.take().expect("reply unused");
+            return self.read_direct(range, reply).await;
+        };
+        if let Some(r) = file.read_with(range.clone(), |b| (reply.take().expect("reply unused"))(Ok(b))) {
+            self.reader
+                .count(|c| c.hit_bytes.fetch_add(range.end - range.start, Ordering::Relaxed));
+            self.prefetch(prefetch);
+            return r;
+        }
+        self.reader
+            .count(|c| c.miss_bytes.fetch_add(range.end - range.start, Ordering::Relaxed));
+        // Fetch what the read needs and what readahead wants in one plan, so the first
+        // request covers both.
+        let union = range.start..prefetch.end.max(range.end);
+        self.start_flights(file.chunks_of(&union));
+        loop {
+            match self.ensure(&file, range.clone()).await {
+                Ok(()) => {
+                    if let Some(r) = file.read_with(range.clone(), |b| (reply.take().expect("reply unused"))(Ok(b))) {
+                        return r;
+                    }
+                    // A chunk was evicted between fetching and reading: fetch it again.
+                }
+                Err(ReadError::Cache(e)) if matches!(*e, CacheError::Full) => {
+                    tracing::warn!(path = %self.path, "cache disk full; reading without caching");
+                    return self.read_direct(range, reply.take().expect("reply unused")).await;
+                }
+                Err(e) => return (reply.take().expect("reply unused"))(Err(e)),
+            }
+        }
+    }
+
+    /// Fetches `bytes` into the cache in the background (readahead, warm-up).
+    pub fn prefetch(self: &Arc<Self>, bytes: Range<u64>) {
+        let Some(file) = &self.file else { return };
+        if bytes.is_empty() {
+            return;
+        }
+        let chunks = file.chunks_of(&bytes);
+        let unverified: Vec<u64> = chunks
+            .clone()
+            .filter(|&i| file.is_present(i) && !file.is_ready(i))
+            .collect();
+        if !unverified.is_empty() {
+            let f = file.clone();
+            self.reader.rt.spawn_blocking(move || {
+                unverified.into_iter().for_each(|i| {
+                    f.verify(i);
+                })
+            });
+        }
+        self.start_flights(chunks);
+    }
+
+    /// Waits until every chunk under `bytes` is ready, fetching what is missing.
+    async fn ensure(self: &Arc<Self>, file: &Arc<CacheFile>, bytes: Range<u64>) -> Result<(), ReadError> {
+        let chunks = file.chunks_of(&bytes);
+        let unverified: Vec<u64> = chunks
+            .clone()
+            .filter(|&i| file.is_present(i) && !file.is_ready(i))
+            .collect();
+        if !unverified.is_empty() {
+            let f = file.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                unverified.into_iter().for_each(|i| {
+                    f.verify(i);
+                })
+            })
+            .await;
+        }
+        let mut i = chunks.start;
+        let mut restarts = 0;
+        while i < chunks.end {
+            if file.is_ready(i) {
+                i += 1;
+                continue;
+            }
+            let flight = self.flights.lock().iter().find(|f| f.chunks.contains(&i)).cloned();
+            let Some(flight) = flight else {
+                // Missing and nobody fetching it (a flight failed, or it was evicted).
+                restarts += 1;
+                if restarts > chunks.end - chunks.start + 2 {
+                    return Err(ReadError::Integrity(format!("chunk {i} keeps disappearing")));
+                }
+                self.start_flights(i..chunks.end);
+                continue;
+            };
+            let mut rx = flight.progress.subscribe();
+            let p = rx
+                .wait_for(|p| p.done > i || p.finished)
+                .await
+                .map(|p| p.clone())
+                .map_err(|_| ReadError::Integrity("fetch abandoned".into()))?;
+            if p.done <= i
+                && let Some(e) = p.error
+            {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts flights for the missing chunks of `chunks` that nobody fetches yet.
+    fn start_flights(self: &Arc<Self>, chunks: Range<u64>) {
+        let Some(file) = &self.file else { return };
+        let r = &self.reader;
+        let max_chunks = if r.whole_file.load(Ordering::Acquire) {
+            u64::MAX
+        } else {
+            (r.cfg.max_request / file.chunk_size()).max(1)
+        };
+        let mut flights = self.flights.lock();
+        let runs = plan::runs(chunks, max_chunks, |i| {
+            !file.is_present(i) && !flights.iter().any(|f| f.chunks.contains(&i))
+        });
+        for run in runs {
+            let (tx, _) = watch::channel(Progress {
+                done: run.start,
+                finished: false,
+                error: None,
+            });
+            let flight = Arc::new(Flight {
+                chunks: run,
+                progress: tx,
+            });
+            flights.push(flight.clone());
+            r.rt.spawn(self.clone().fly(flight));
+        }
+    }
+
+    async fn fly(self: Arc<Self>, flight: Arc<Flight>) {
+        let result = self.fly_inner(&flight).await;
+        if let Err(e) = &result {
+            match e {
+                ReadError::Stale => tracing::info!(path = %self.path, "remote version changed while reading"),
+                e => tracing::warn!(path = %self.path, chunks = ?flight.chunks, "fetch failed: {e}"),
+            }
+        }
+        self.flights.lock().retain(|f| !Arc::ptr_eq(f, &flight));
+        flight.progress.send_modify(|p| {
+            p.finished = true;
+            p.error = result.err();
+        });
+    }
+
+    async fn fly_inner(&self, flight: &Flight) -> Result<(), ReadError> {
+        let r = &self.reader;
+        let file = self.file.as_ref().expect("flights need a cache file");
+        let bytes = file.chunk_range(flight.chunks.end - 1).end - file.chunk_range(flight.chunks.start).start;
+        let _budget = r
+            .budget
+            .acquire_many((bytes.min(1 << 20) / UNIT).max(1) as u32)
+            .await
+            .map_err(|_| ReadError::Integrity("shutting down".into()))?;
+        let _permit = r
+            .requests
+            .acquire()
+            .await
+            .map_err(|_| ReadError::Integrity("shutting down".into()))?;
+        let digests = self.digests().await?;
+        let mut next = flight.chunks.start;
+        let mut backoff = retry_delays(r.cfg.retries);
+        loop {
+            match self.fetch_run(file, flight, &mut next, digests.as_deref()).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() => match backoff.next() {
+                    Some(d) => {
+                        tracing::debug!(path = %self.path, chunk = next, "retrying in {d:?}: {e}");
+                        tokio::time::sleep(d).await;
+                    }
+                    None => return Err(e),
+                },
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One ranged GET for chunks `next..flight.chunks.end`; advances `next` as chunks land.
+    async fn fetch_run(
+        &self,
+        file: &CacheFile,
+        flight: &Flight,
+        next: &mut u64,
+        digests: Option<&Digests>,
+    ) -> Result<(), ReadError> {
+        let r = &self.reader;
+        let asked = file.chunk_range(*next).start..file.chunk_range(flight.chunks.end - 1).end;
+        let whole = r.whole_file.load(Ordering::Acquire);
+        let resp = r
+            .store
+            .get(&self.path, (!whole).then(|| asked.clone()), Some(&self.etag))
+            .await
+            .map_err(|e| self.store_error(e))?;
+        let mut skip = self.check_response(&resp, &asked)?;
+        let mut body = resp.body;
+        let hash = r.cfg.verify;
+        let mut writer = file.begin_chunk(*next, hash)?;
+        while let Some(piece) = body.next().await {
+            let mut piece = piece.map_err(|e| self.store_error(e))?;
+            let n = skip.min(piece.len() as u64);
+            piece.advance(n as usize);
+            skip -= n;
+            while !piece.is_empty() {
+                let n = writer.remaining().min(piece.len() as u64) as usize;
+                writer.write(&piece[..n])?;
+                piece.advance(n);
+                r.count(|c| c.fetched_bytes.fetch_add(n as u64, Ordering::Relaxed));
+                if writer.remaining() == 0 {
+                    let expected = digests.and_then(|d| d.digests.get(*next as usize));
+                    writer.finish(expected)?;
+                    *next += 1;
+                    let done = *next;
+                    flight.progress.send_modify(|p| p.done = done);
+                    if let Err(e) = file.persist(false) {
+                        tracing::warn!("{e}");
+                    }
+                    if done == flight.chunks.end {
+                        return Ok(());
+                    }
+                    writer = file.begin_chunk(done, hash)?;
+                }
+            }
+        }
+        Err(ReadError::Remote(StoreError::BodyCut(format!(
+            "{}: body ended in chunk {} of {:?}",
+            self.path, next, flight.chunks
+        ))))
+    }
+
+    fn store_error(&self, e: StoreError) -> ReadError {
+        match e {
+            StoreError::PreconditionFailed | StoreError::NotFound => {
+                self.stale.store(true, Ordering::Release);
+                ReadError::Stale
+            }
+            e => ReadError::Remote(e),
+        }
+    }
+
+    /// Accepts a response only if it carries bytes of this version at the asked offsets.
+    /// Returns how many leading bytes of the body to skip (for a whole-file answer).
+    fn check_response(&self, resp: &GetResponse, asked: &Range<u64>) -> Result<u64, ReadError> {
+        if let Some(t) = &resp.etag
+            && *t != self.etag
+        {
+            tracing::warn!(path = %self.path, expected = %self.etag, got = %t, "the remote answered with another version");
+            self.stale.store(true, Ordering::Release);
+            return Err(ReadError::Stale);
+        }
+        match &resp.content {
+            Content::Partial { range, total } => {
+                if total.is_some_and(|t| t != self.size) {
+                    self.stale.store(true, Ordering::Release);
+                    return Err(ReadError::Stale);
+                }
+                if range != asked {
+                    return Err(ReadError::Integrity(format!(
+                        "asked for bytes {asked:?}, the response carries {range:?}"
+                    )));
+                }
+                Ok(0)
+            }
+            Content::Whole { size } => {
+                // A 200 is the whole file; it is taken only when it provably is this version.
+                if resp.etag.is_none() {
+                    return Err(ReadError::Integrity(
+                        "a 200 answer without an ETag cannot be matched to the version".into(),
+                    ));
+                }
+                if size.is_some_and(|s| s != self.size) {
+                    return Err(ReadError::Integrity(format!(
+                        "a 200 answer of {size:?} bytes for a file of {}",
+                        self.size
+                    )));
+                }
+                if !self.reader.whole_file.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        remote = self.reader.store.id(),
+                        "the remote answers ranged requests with whole files; reading whole files from now on"
+                    );
+                }
+                Ok(asked.start)
+            }
+        }
+    }
+
+    /// The remote's chunk digests of this version, fetched once, when the remote offers them
+    /// at the cache's chunk size.
+    async fn digests(&self) -> Result<Option<Arc<Digests>>, ReadError> {
+        let r = &self.reader;
+        let Some(file) = &self.file else { return Ok(None) };
+        if !r.cfg.verify || r.store.capabilities().digest_chunk_size != Some(file.chunk_size()) {
+            return Ok(None);
+        }
+        let got = self
+            .digests
+            .get_or_try_init(|| async {
+                match r.store.digests(&self.path, &self.etag).await {
+                    Ok(Some(d)) if d.digests.len() as u64 == file.chunks() => Ok(Some(Arc::new(d))),
+                    Ok(_) => Ok(None),
+                    Err(e) => Err(self.store_error(e)),
+                }
+            })
+            .await;
+        match got {
+            Ok(d) => Ok(d.clone()),
+            Err(ReadError::Stale) => Err(ReadError::Stale),
+            Err(e) => {
+                tracing::warn!(path = %self.path, "no chunk digests, checking length and ETag only: {e}");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Reads `range` straight from the remote into memory (no cache file, or a full disk).
+    async fn read_direct<R>(&self, range: Range<u64>, reply: impl FnOnce(Result<&[u8], ReadError>) -> R) -> R {
+        if range.is_empty() {
+            return reply(Ok(&[]));
+        }
+        let r = &self.reader;
+        let len = range.end - range.start;
+        let units = len.div_ceil(UNIT).max(1).min(r.budget_units() as u64) as u32;
+        let Ok(_budget) = r.budget.acquire_many(units).await else {
+            return reply(Err(ReadError::Integrity("shutting down".into())));
+        };
+        let mut backoff = retry_delays(r.cfg.retries);
+        loop {
+            match self.fetch_direct(&range).await {
+                Ok(buf) => return reply(Ok(&buf)),
+                Err(e) if e.is_transient() => match backoff.next() {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => return reply(Err(e)),
+                },
+                Err(e) => return reply(Err(e)),
+            }
+        }
+    }
+
+    async fn fetch_direct(&self, range: &Range<u64>) -> Result<BytesMut, ReadError> {
+        let r = &self.reader;
+        let _permit = r
+            .requests
+            .acquire()
+            .await
+            .map_err(|_| ReadError::Integrity("shutting down".into()))?;
+        let whole = r.whole_file.load(Ordering::Acquire);
+        let resp = r
+            .store
+            .get(&self.path, (!whole).then(|| range.clone()), Some(&self.etag))
+            .await
+            .map_err(|e| self.store_error(e))?;
+        let mut skip = self.check_response(&resp, range)?;
+        let want = (range.end - range.start) as usize;
+        let mut buf = BytesMut::with_capacity(want);
+        let mut body = resp.body;
+        while let Some(piece) = body.next().await {
+            let mut piece = piece.map_err(|e| self.store_error(e))?;
+            let n = skip.min(piece.len() as u64);
+            piece.advance(n as usize);
+            skip -= n;
+            let take = piece.len().min(want - buf.len());
+            buf.extend_from_slice(&piece[..take]);
+            r.count(|c| c.fetched_bytes.fetch_add(take as u64, Ordering::Relaxed));
+            if buf.len() == want {
+                return Ok(buf);
+            }
+        }
+        Err(ReadError::Remote(StoreError::BodyCut(format!(
+            "{}: body ended after {} of {want} bytes",
+            self.path,
+            buf.len()
+        ))))
+    }
+}
+
+impl Drop for Version {
+    fn drop(&mut self) {
+        let key = (std::mem::take(&mut self.path), self.etag.clone());
+        let mut map = self.reader.versions.lock();
+        if map.get(&key).is_some_and(|w| w.strong_count() == 0) {
+            map.remove(&key);
+        }
+    }
+}
+
+impl Reader {
+    fn budget_units(&self) -> usize {
+        (self.cfg.memory_budget / UNIT).max(1) as usize
+    }
+}
+
+/// Delays between tries of a transfer: exponential with jitter, `retries` of them.
+fn retry_delays(retries: usize) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_jitter()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(5))
+        .with_max_times(retries)
+        .build()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,135 @@
+//! Pure planning of reads: which chunks a read needs, how far to read ahead, and how to cut
+//! the missing chunks into ranged requests. No I/O here, so every rule is unit-tested.
+
+use std::ops::Range;
+
+/// Readahead settings (bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadaheadConfig {
+    /// Window after the first sequential read.
+    pub initial: u64,
+    /// The window doubles per sequential read up to this.
+    pub max: u64,
+}
+
+/// Per-handle readahead state: a window that grows while reads are sequential and collapses
+/// on a random read, so random readers fetch only what they touch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Readahead {
+    /// Furthest byte read so far by the sequential stream.
+    next: u64,
+    window: u64,
+}
+
+impl Readahead {
+    /// Records a read of `range` and returns the bytes to prefetch beyond it (possibly empty).
+    ///
+    /// A read counts as sequential when it starts within `slack` of where the stream was:
+    /// the kernel issues several readahead requests at once and they reach us in any order.
+    pub fn on_read(&mut self, range: &Range<u64>, size: u64, cfg: &ReadaheadConfig, slack: u64) -> Range<u64> {
+        let sequential =
+            range.start <= self.next.saturating_add(slack) && range.start.saturating_add(slack) >= self.next;
+        if sequential {
+            self.window = if self.window == 0 {
+                cfg.initial
+            } else {
+                (self.window * 2).min(cfg.max)
+            };
+            self.next = self.next.max(range.end);
+        } else {
+            self.window = 0;
+            self.next = range.end;
+        }
+        let start = self.next.min(size);
+        start..self.next.saturating_add(self.window).min(size)
+    }
+
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+}
+
+/// Cuts the chunks in `wanted` that `missing` says are missing into runs of at most
+/// `max_chunks` consecutive chunks: one ranged request each.
+pub fn runs(wanted: Range<u64>, max_chunks: u64, mut missing: impl FnMut(u64) -> bool) -> Vec<Range<u64>> {
+    let max_chunks = max_chunks.max(1);
+    let mut out = Vec::new();
+    let mut i = wanted.start;
+    while i < wanted.end {
+        if !missing(i) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < wanted.end && i - start < max_chunks && missing(i) {
+            i += 1;
+        }
+        out.push(start..i);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const CFG: ReadaheadConfig = ReadaheadConfig {
+        initial: 4 * MIB,
+        max: 64 * MIB,
+    };
+
+    #[test]
+    fn sequential_reads_grow_the_window_to_its_bound() {
+        let mut ra = Readahead::default();
+        let size = 1 << 40;
+        let mut windows = Vec::new();
+        for i in 0..8 {
+            let r = ra.on_read(&(i * MIB..(i + 1) * MIB), size, &CFG, 2 * MIB);
+            assert_eq!(r.start, (i + 1) * MIB, "prefetch starts where the stream is");
+            windows.push(ra.window() / MIB);
+        }
+        assert_eq!(windows, vec![4, 8, 16, 32, 64, 64, 64, 64]);
+    }
+
+    #[test]
+    fn reordered_kernel_requests_still_count_as_sequential() {
+        let mut ra = Readahead::default();
+        ra.on_read(&(0..MIB), 1 << 40, &CFG, 2 * MIB);
+        ra.on_read(&(2 * MIB..3 * MIB), 1 << 40, &CFG, 2 * MIB);
+        ra.on_read(&(MIB..2 * MIB), 1 << 40, &CFG, 2 * MIB);
+        assert_eq!(ra.window(), 16 * MIB);
+    }
+
+    #[test]
+    fn a_random_read_collapses_the_window() {
+        let mut ra = Readahead::default();
+        for i in 0..4 {
+            ra.on_read(&(i * MIB..(i + 1) * MIB), 1 << 40, &CFG, 2 * MIB);
+        }
+        let r = ra.on_read(&(900 * MIB..900 * MIB + 4096), 1 << 40, &CFG, 2 * MIB);
+        assert!(r.is_empty());
+        assert_eq!(ra.window(), 0);
+        // Random 4 KiB reads keep fetching nothing extra.
+        let r = ra.on_read(&(5 * MIB..5 * MIB + 4096), 1 << 40, &CFG, 2 * MIB);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn prefetch_stops_at_the_end_of_the_file() {
+        let mut ra = Readahead::default();
+        let r = ra.on_read(&(0..MIB), 3 * MIB, &CFG, 2 * MIB);
+        assert_eq!(r, MIB..3 * MIB);
+        let r = ra.on_read(&(2 * MIB..3 * MIB), 3 * MIB, &CFG, 2 * MIB);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn runs_skip_present_chunks_and_respect_the_request_size() {
+        let present = [2u64, 3, 9];
+        let r = runs(0..12, 4, |i| !present.contains(&i));
+        assert_eq!(r, vec![0..2, 4..8, 8..9, 10..12]);
+        assert!(runs(0..0, 4, |_| true).is_empty());
+        assert_eq!(runs(5..6, 0, |_| true), vec![5..6]);
+    }
+}

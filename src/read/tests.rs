@@ -1,0 +1,405 @@
+//! The read engine against the in-memory store, with and without injected faults, over a
+//! real cache directory.
+
+use std::sync::atomic::Ordering;
+
+use super::*;
+use crate::cache::CacheConfig;
+use crate::store::faulty::{Fault, FaultyStore, Op};
+use crate::store::memory::MemoryStore;
+use crate::store::{ETag, StoreError};
+
+const MIB: u64 = 1 << 20;
+
+struct Env {
+    dir: tempfile::TempDir,
+    mem: Arc<MemoryStore>,
+    faulty: Arc<FaultyStore>,
+    cache: Arc<Cache>,
+    reader: Arc<Reader>,
+}
+
+fn cache_in(dir: &std::path::Path, max: u64) -> Arc<Cache> {
+    Cache::open(
+        &CacheConfig {
+            dir: dir.to_path_buf(),
+            max_size: max,
+            chunk_size: MIB,
+        },
+        "test",
+    )
+    .unwrap()
+}
+
+fn env_with(max_cache: u64, cfg: ReadConfig) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let faulty = FaultyStore::new(mem.clone());
+    let cache = cache_in(dir.path(), max_cache);
+    let reader = Reader::new(faulty.clone(), Some(cache.clone()), cfg, Handle::current());
+    Env {
+        dir,
+        mem,
+        faulty,
+        cache,
+        reader,
+    }
+}
+
+fn env() -> Env {
+    env_with(1 << 40, fast_retries())
+}
+
+fn fast_retries() -> ReadConfig {
+    ReadConfig {
+        retries: 3,
+        ..ReadConfig::default()
+    }
+}
+
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 33) as u8
+        })
+        .collect()
+}
+
+async fn read(v: &Arc<Version>, ra: &Mutex<Readahead>, off: u64, len: u32) -> Result<Vec<u8>, ReadError> {
+    v.read(ra, off, len, |r| r.map(<[u8]>::to_vec)).await
+}
+
+async fn read_all(v: &Arc<Version>, piece: u32) -> Vec<u8> {
+    let ra = Mutex::new(Readahead::default());
+    let mut out = Vec::new();
+    loop {
+        let b = read(v, &ra, out.len() as u64, piece).await.unwrap();
+        if b.is_empty() {
+            return out;
+        }
+        out.extend_from_slice(&b);
+    }
+}
+
+fn open(e: &Env, path: &str, etag: &ETag, size: usize) -> Arc<Version> {
+    e.reader.open_version(path, etag, size as u64)
+}
+
+/// Waits for background flights (readahead) of a version to finish.
+async fn settle(v: &Arc<Version>) {
+    for _ in 0..500 {
+        if v.flights.lock().is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("flights never finished");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_read_fetches_each_byte_once() {
+    let e = env();
+    let d = data(37 * MIB as usize + 123, 1);
+    let t = e.mem.insert("big", d.clone());
+    let v = open(&e, "big", &t, d.len());
+    assert_eq!(read_all(&v, 128 << 10).await, d);
+    settle(&v).await;
+    assert_eq!(e.mem.bytes_served(), d.len() as u64, "every byte fetched exactly once");
+    assert!(v.is_complete());
+    // Readahead made the requests large: far fewer GETs than 1 MiB chunks.
+    let gets = e.mem.stats.gets.load(Ordering::Relaxed);
+    assert!(gets <= 10, "{gets} GETs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_of_one_chunk_share_one_fetch() {
+    let e = env();
+    let d = data(32 * MIB as usize, 2);
+    let t = e.mem.insert("f", d.clone());
+    let v = open(&e, "f", &t, d.len());
+    let mut tasks = Vec::new();
+    let o = 20 * MIB + 100;
+    for _ in 0..8 {
+        let v = v.clone();
+        tasks.push(tokio::spawn(async move {
+            let ra = Mutex::new(Readahead::default());
+            // Same offset, far from the start: a random read, no readahead, one chunk.
+            read(&v, &ra, o, 4096).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), &d[o as usize..][..4096]);
+    }
+    assert_eq!(e.mem.stats.gets.load(Ordering::Relaxed), 1);
+    assert_eq!(e.mem.bytes_served(), MIB);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_reads_fetch_only_the_chunks_they_touch() {
+    let e = env();
+    let d = data(64 * MIB as usize, 3);
+    let t = e.mem.insert("f", d.clone());
+    let v = open(&e, "f", &t, d.len());
+    let ra = Mutex::new(Readahead::default());
+    let offsets = [40 * MIB + 5, 3 * MIB + 77, 60 * MIB, 17 * MIB + 4000, 33 * MIB + 1];
+    for &o in &offsets {
+        assert_eq!(read(&v, &ra, o, 4096).await.unwrap(), &d[o as usize..][..4096]);
+    }
+    settle(&v).await;
+    // The first read counts as the start of a stream and may read ahead once; the others not.
+    let served = e.mem.bytes_served();
+    assert!(
+        served <= (offsets.len() as u64 + 4) * MIB,
+        "{served} bytes for {} random reads",
+        offsets.len()
+    );
+    // A read straddling two chunks needs both.
+    let o = 10 * MIB - 10;
+    assert_eq!(read(&v, &ra, o, 20).await.unwrap(), &d[o as usize..][..20]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_reader_resumes_from_the_chunks_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let d = data(20 * MIB as usize, 4);
+    let t = mem.insert("f", d.clone());
+    {
+        let cache = cache_in(dir.path(), 1 << 40);
+        let reader = Reader::new(mem.clone(), Some(cache), ReadConfig::default(), Handle::current());
+        let v = reader.open_version("f", &t, d.len() as u64);
+        let ra = Mutex::new(Readahead::default());
+        // Random reads of 5 chunks, no readahead beyond the first.
+        for c in [0u64, 7, 8, 15, 19] {
+            read(&v, &ra, c * MIB + 3 * MIB / 4, 1000).await.unwrap();
+        }
+        settle(&v).await;
+    }
+    let first = mem.bytes_served();
+    let cache = cache_in(dir.path(), 1 << 40);
+    let reader = Reader::new(mem.clone(), Some(cache), ReadConfig::default(), Handle::current());
+    let v = reader.open_version("f", &t, d.len() as u64);
+    assert_eq!(read_all(&v, 1 << 20).await, d);
+    settle(&v).await;
+    assert_eq!(
+        first + mem.bytes_served() - first,
+        d.len() as u64,
+        "no chunk fetched twice across the restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_chunk_on_disk_is_detected_and_fetched_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let d = data(3 * MIB as usize, 5);
+    let t = mem.insert("f", d.clone());
+    let data_file;
+    {
+        let cache = cache_in(dir.path(), 1 << 40);
+        let reader = Reader::new(mem.clone(), Some(cache), ReadConfig::default(), Handle::current());
+        let v = reader.open_version("f", &t, d.len() as u64);
+        assert_eq!(read_all(&v, 1 << 20).await, d);
+        settle(&v).await;
+        data_file = v.cache_file().unwrap().data_path().to_path_buf();
+    }
+    // Bit rot in chunk 1 while nobody had the cache open.
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(&data_file).unwrap();
+    f.write_all_at(&[d[MIB as usize + 10] ^ 1], MIB + 10).unwrap();
+    drop(f);
+    let before = mem.bytes_served();
+    let cache = cache_in(dir.path(), 1 << 40);
+    let reader = Reader::new(mem.clone(), Some(cache), ReadConfig::default(), Handle::current());
+    let v = reader.open_version("f", &t, d.len() as u64);
+    assert_eq!(read_all(&v, 1 << 20).await, d);
+    assert_eq!(
+        mem.bytes_served() - before,
+        MIB,
+        "exactly the bad chunk was fetched again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_bodies_and_failing_requests_are_retried_without_wrong_bytes() {
+    let e = env();
+    let d = data(9 * MIB as usize, 6);
+    let t = e.mem.insert("f", d.clone());
+    e.faulty.inject(
+        Fault::CutBody {
+            after: MIB + 17,
+            error: false,
+        },
+        1,
+    );
+    e.faulty.inject(Fault::CutBody { after: 5, error: true }, 1);
+    e.faulty
+        .inject(Fault::Fail(Op::Get, StoreError::Unavailable("injected".into())), 2);
+    let v = open(&e, "f", &t, d.len());
+    assert_eq!(read_all(&v, 1 << 20).await, d);
+    settle(&v).await;
+    assert_eq!(e.faulty.pending(), 0, "every fault fired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_file_answers_to_ranged_requests_are_used_only_as_the_whole_file() {
+    let e = env();
+    let d = data(6 * MIB as usize + 5, 7);
+    let t = e.mem.insert("f", d.clone());
+    e.faulty.inject_always(Fault::IgnoreRange);
+    let v = open(&e, "f", &t, d.len());
+    let ra = Mutex::new(Readahead::default());
+    let o = 4 * MIB + 3;
+    assert_eq!(read(&v, &ra, o, 5000).await.unwrap(), &d[o as usize..][..5000]);
+    assert_eq!(read_all(&v, 1 << 20).await, d);
+    assert!(e.reader.whole_file.load(Ordering::Relaxed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_with_another_range_is_never_taken_as_the_asked_one() {
+    let e = env();
+    let d = data(4 * MIB as usize, 8);
+    let t = e.mem.insert("f", d.clone());
+    e.faulty.inject(Fault::ShiftRange(MIB), 2);
+    let v = open(&e, "f", &t, d.len());
+    let ra = Mutex::new(Readahead::default());
+    assert_eq!(read(&v, &ra, 100, 5000).await.unwrap(), &d[100..5100]);
+    assert_eq!(read_all(&v, 1 << 20).await, d);
+    // Always shifted: the read fails rather than return the wrong bytes.
+    let t2 = e.mem.insert("g", d.clone());
+    e.faulty.inject_always(Fault::ShiftRange(MIB));
+    let v = open(&e, "g", &t2, d.len());
+    let err = read(&v, &ra, 2 * MIB, 10).await.unwrap_err();
+    assert!(matches!(err, ReadError::Integrity(_)), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bit_rot_on_the_wire_is_caught_by_the_digests() {
+    let e = env();
+    let d = data(3 * MIB as usize, 9);
+    let t = e.mem.insert("f", d.clone());
+    e.faulty.inject(Fault::CorruptBody, 2);
+    let v = open(&e, "f", &t, d.len());
+    assert_eq!(read_all(&v, 1 << 20).await, d);
+    assert_eq!(e.faulty.pending(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_of_another_version_is_refused_as_stale() {
+    let e = env();
+    let d = data(2 * MIB as usize, 10);
+    let t = e.mem.insert("f", d.clone());
+    e.faulty.inject(Fault::FlipEtag, 1);
+    let v = open(&e, "f", &t, d.len());
+    let ra = Mutex::new(Readahead::default());
+    assert!(matches!(read(&v, &ra, 0, 10).await, Err(ReadError::Stale)));
+    assert!(v.is_stale());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_remote_never_mixes_versions() {
+    let e = env();
+    let old = data(32 * MIB as usize, 11);
+    let t = e.mem.insert("f", old.clone());
+    let v = open(&e, "f", &t, old.len());
+    let ra = Mutex::new(Readahead::default());
+    // One chunk only (a random read far from the start, no readahead).
+    let o = 20 * MIB + MIB / 2;
+    assert_eq!(read(&v, &ra, o, 10).await.unwrap(), &old[o as usize..][..10]);
+    settle(&v).await;
+    e.mem.insert("f", data(32 * MIB as usize, 12));
+    // Cached bytes of the old version are still the old bytes...
+    assert_eq!(read(&v, &ra, o, 10).await.unwrap(), &old[o as usize..][..10]);
+    // ...and bytes not cached are refused, never taken from the new version.
+    assert!(matches!(read(&v, &ra, 28 * MIB, 10).await, Err(ReadError::Stale)));
+    assert!(v.is_stale());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_larger_than_the_cache_reads_correctly_within_the_limit() {
+    let e = env_with(6 * MIB, fast_retries());
+    let d = data(40 * MIB as usize, 13);
+    let t = e.mem.insert("f", d.clone());
+    tokio::spawn(e.cache.clone().run_evictor());
+    let v = open(&e, "f", &t, d.len());
+    let ra = Mutex::new(Readahead::default());
+    let mut out = Vec::new();
+    while (out.len() as u64) < d.len() as u64 {
+        let b = read(&v, &ra, out.len() as u64, 1 << 20).await.unwrap();
+        out.extend_from_slice(&b);
+        e.cache.evict();
+    }
+    assert_eq!(out, d);
+    settle(&v).await;
+    e.cache.evict();
+    assert!(e.cache.used() <= 6 * MIB, "cache holds {} bytes", e.cache.used());
+    assert!(e.cache.counters().punched_chunks.load(Ordering::Relaxed) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_versions_are_evicted_oldest_first_but_never_open_ones() {
+    let e = env_with(5 * MIB, fast_retries());
+    let mut versions = Vec::new();
+    for i in 0..3 {
+        let d = data(2 * MIB as usize, 20 + i);
+        let t = e.mem.insert(&format!("f{i}"), d.clone());
+        let v = open(&e, &format!("f{i}"), &t, d.len());
+        assert_eq!(read_all(&v, 1 << 20).await, d);
+        settle(&v).await;
+        versions.push((v, t, d));
+    }
+    // f0 and f1 closed (f0 first), f2 open: 6 MiB > 5 MiB.
+    let (v2, _, _) = versions.pop().unwrap();
+    let (v1, t1, d1) = versions.pop().unwrap();
+    let (v0, t0, _) = versions.pop().unwrap();
+    drop(v0);
+    std::thread::sleep(Duration::from_millis(1100));
+    drop(v1);
+    e.cache.evict();
+    assert!(e.cache.used() <= 5 * MIB);
+    assert!(v2.is_complete(), "the open version kept its chunks");
+    // f1 (the more recent) survived: reading it fetches nothing.
+    let before = e.mem.bytes_served();
+    let v1 = open(&e, "f1", &t1, d1.len());
+    assert_eq!(read_all(&v1, 1 << 20).await, d1);
+    assert_eq!(e.mem.bytes_served(), before);
+    let v0 = open(&e, "f0", &t0, 2 * MIB as usize);
+    assert!(!v0.is_complete(), "f0 was evicted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_cache_reads_go_straight_to_the_remote() {
+    let mem = Arc::new(MemoryStore::new());
+    let d = data(3 * MIB as usize + 1, 14);
+    let t = mem.insert("f", d.clone());
+    let reader = Reader::new(mem.clone(), None, ReadConfig::default(), Handle::current());
+    let v = reader.open_version("f", &t, d.len() as u64);
+    assert_eq!(read_all(&v, 1 << 20).await, d);
+    // The empty file needs no request at all.
+    let t0 = mem.insert("empty", Vec::new());
+    let gets = mem.stats.gets.load(Ordering::Relaxed);
+    let v = reader.open_version("empty", &t0, 0);
+    assert!(read_all(&v, 4096).await.is_empty());
+    assert_eq!(mem.stats.gets.load(Ordering::Relaxed), gets);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_failure_is_an_error_not_a_hang() {
+    let e = env();
+    let d = data(MIB as usize, 15);
+    let t = e.mem.insert("f", d.clone());
+    e.faulty.inject_always(Fault::Fail(
+        Op::Get,
+        StoreError::Unavailable("connection refused".into()),
+    ));
+    let v = open(&e, "f", &t, d.len());
+    let ra = Mutex::new(Readahead::default());
+    let err = read(&v, &ra, 0, 10).await.unwrap_err();
+    assert!(err.to_string().contains("connection refused"), "{err}");
+    // Once the remote is back, the same version reads fine.
+    e.faulty.clear();
+    assert_eq!(read(&v, &ra, 0, 10).await.unwrap(), &d[..10]);
+    drop(e.dir);
+}

@@ -1,0 +1,379 @@
+//! Client of the built-in artifact server (`artifactfs serve`, `docs/PROTOCOL.md`).
+
+use std::ops::Range;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use http::StatusCode;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::Url;
+use reqwest::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, ETAG, IF_MATCH, IF_NONE_MATCH, RANGE};
+
+use super::http::{self as h, HttpConfig};
+use super::{
+    Capabilities, Content, Digests, DirEntry, ETag, GetResponse, Head, Listing, ObjectMeta, Revalidated, Store,
+    StoreError, StoreResult,
+};
+use crate::protocol::{self, DigestList, KIND_HEADER, ListPage, ServerInfo};
+
+/// Characters left as they are in a path segment; everything else is percent-encoded.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+
+#[derive(Debug)]
+pub struct ArtifactStore {
+    id: String,
+    /// Always ends with `/`.
+    base: Url,
+    client: reqwest::Client,
+    cfg: HttpConfig,
+    info: ServerInfo,
+}
+
+impl ArtifactStore {
+    /// Connects to the server at `url` and checks that it speaks the protocol.
+    pub async fn connect(url: &str, cfg: HttpConfig) -> StoreResult<Self> {
+        let mut base = Url::parse(url).map_err(|e| StoreError::Protocol(format!("bad remote URL {url:?}: {e}")))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(StoreError::Protocol(format!("{url}: not an http(s) URL")));
+        }
+        if !base.path().ends_with('/') {
+            let p = format!("{}/", base.path());
+            base.set_path(&p);
+        }
+        base.set_query(None);
+        base.set_fragment(None);
+        let mut id_url = base.clone();
+        let _ = id_url.set_username("");
+        let _ = id_url.set_password(None);
+        let id = id_url.as_str().trim_end_matches('/').to_string();
+        let client = h::build_client(&cfg)?;
+        let mut info_url = base.clone();
+        info_url.set_query(Some("afs=info"));
+        let what = format!("GET {id}/?afs=info");
+        let resp = h::send(&cfg, &what, || client.get(info_url.clone())).await?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|e| h::body_error(&what, &e))?;
+        if !status.is_success() {
+            return Err(StoreError::Protocol(format!(
+                "{id} is not an artifactfs server ({what} answered HTTP {status}: {})",
+                h::error_message(&body)
+            )));
+        }
+        let info: ServerInfo = serde_json::from_slice(&body)
+            .map_err(|e| StoreError::Protocol(format!("{id} is not an artifactfs server: {what}: {e}")))?;
+        if info.protocol != protocol::PROTOCOL {
+            return Err(StoreError::Protocol(format!(
+                "{id} speaks {}, this client speaks {}",
+                info.protocol,
+                protocol::PROTOCOL
+            )));
+        }
+        Ok(ArtifactStore {
+            id,
+            base,
+            client,
+            cfg,
+            info,
+        })
+    }
+
+    pub fn info(&self) -> &ServerInfo {
+        &self.info
+    }
+
+    fn url_for(&self, path: &str, dir: bool) -> Url {
+        let mut s = self.base.as_str().to_string();
+        for (i, seg) in path.split('/').filter(|s| !s.is_empty()).enumerate() {
+            if i > 0 {
+                s.push('/');
+            }
+            s.extend(utf8_percent_encode(seg, SEGMENT));
+        }
+        if dir && !s.ends_with('/') {
+            s.push('/');
+        }
+        // Segments are encoded and the base parsed already, so this cannot fail.
+        Url::parse(&s).unwrap_or_else(|_| self.base.clone())
+    }
+
+    async fn fail(&self, what: &str, resp: reqwest::Response) -> StoreError {
+        let status = resp.status();
+        let body = resp.bytes().await.unwrap_or_default();
+        match status {
+            StatusCode::NOT_FOUND => StoreError::NotFound,
+            StatusCode::PRECONDITION_FAILED => StoreError::PreconditionFailed,
+            _ => StoreError::Refused {
+                status: status.as_u16(),
+                message: format!("{what}: {}", h::error_message(&body)),
+            },
+        }
+    }
+
+    async fn list_page(
+        &self,
+        dir: &str,
+        after: Option<&str>,
+        validator: Option<&str>,
+    ) -> StoreResult<Revalidated<(ListPage, Option<String>, Option<Duration>)>> {
+        let mut url = self.url_for(dir, true);
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair(protocol::QUERY_KEY, "list");
+            q.append_pair(
+                "limit",
+                &self.info.max_list_limit.min(protocol::LIST_MAX_LIMIT).to_string(),
+            );
+            if let Some(a) = after {
+                q.append_pair("after", a);
+            }
+        }
+        let what = format!("GET {url}");
+        let resp = h::send(&self.cfg, &what, || {
+            let mut r = self.client.get(url.clone());
+            if let Some(v) = validator {
+                r = r.header(IF_NONE_MATCH, v);
+            }
+            r
+        })
+        .await?;
+        match resp.status() {
+            StatusCode::NOT_MODIFIED => return Ok(Revalidated::NotModified),
+            StatusCode::OK => {}
+            _ => return Err(self.fail(&what, resp).await),
+        }
+        let etag = h::header_str(resp.headers(), ETAG.as_str()).map(str::to_string);
+        let max_age = h::parse_max_age(resp.headers());
+        let body = resp.bytes().await.map_err(|e| h::body_error(&what, &e))?;
+        let page: ListPage = serde_json::from_slice(&body).map_err(|e| StoreError::Protocol(format!("{what}: {e}")))?;
+        Ok(Revalidated::Modified((page, etag, max_age)))
+    }
+}
+
+fn mtime_from_ns(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+fn meta_from_headers(headers: &reqwest::header::HeaderMap, size: u64) -> ObjectMeta {
+    ObjectMeta {
+        size,
+        mtime: h::parse_last_modified(headers).unwrap_or(UNIX_EPOCH),
+        etag: h::header_str(headers, ETAG.as_str()).map(ETag::new),
+        max_age: h::parse_max_age(headers),
+    }
+}
+
+#[async_trait]
+impl Store for ArtifactStore {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let c = self.info.capabilities;
+        Capabilities {
+            ranged_reads: c.ranges,
+            listing_etags: c.listing_etags,
+            digest_chunk_size: c.digests.then_some(self.info.chunk_size),
+            // The client side of the write protocol comes with the write-back issue.
+            ..Capabilities::read_only()
+        }
+    }
+
+    async fn list(&self, dir: &str, validator: Option<&str>) -> StoreResult<Revalidated<Listing>> {
+        let mut entries = Vec::new();
+        let mut after: Option<String> = None;
+        let mut first_validator = None;
+        let mut pages = 0;
+        let mut max_age = None;
+        loop {
+            // Only a one-page listing can be revalidated as a whole.
+            let cond = if pages == 0 { validator } else { None };
+            let (page, etag, age) = match self.list_page(dir, after.as_deref(), cond).await? {
+                Revalidated::NotModified => return Ok(Revalidated::NotModified),
+                Revalidated::Modified(p) => p,
+            };
+            if pages == 0 {
+                first_validator = etag;
+                max_age = age;
+            }
+            pages += 1;
+            entries.extend(page.entries.into_iter().map(|e| DirEntry {
+                name: e.name,
+                kind: e.kind,
+                size: e.size,
+                mtime: mtime_from_ns(e.mtime_ns),
+                etag: e.etag.as_deref().map(ETag::from_bare),
+            }));
+            match page.next {
+                Some(n) if after.as_deref() != Some(n.as_str()) => after = Some(n),
+                _ => break,
+            }
+        }
+        Ok(Revalidated::Modified(Listing {
+            entries,
+            validator: if pages == 1 { first_validator } else { None },
+            max_age,
+        }))
+    }
+
+    async fn head(&self, path: &str, if_none_match: Option<&ETag>) -> StoreResult<Revalidated<Head>> {
+        let url = self.url_for(path, false);
+        let what = format!("HEAD {url}");
+        let resp = h::send(&self.cfg, &what, || {
+            let mut r = self.client.head(url.clone());
+            if let Some(t) = if_none_match {
+                r = r.header(IF_NONE_MATCH, t.as_str());
+            }
+            r
+        })
+        .await?;
+        match resp.status() {
+            StatusCode::NOT_MODIFIED => return Ok(Revalidated::NotModified),
+            StatusCode::OK => {}
+            _ => return Err(self.fail(&what, resp).await),
+        }
+        let headers = resp.headers();
+        if h::header_str(headers, KIND_HEADER) == Some("dir") {
+            return Ok(Revalidated::Modified(Head::Dir {
+                mtime: h::parse_last_modified(headers).unwrap_or(UNIX_EPOCH),
+            }));
+        }
+        let size = h::header_str(headers, CONTENT_LENGTH.as_str())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| StoreError::Protocol(format!("{what}: no Content-Length")))?;
+        Ok(Revalidated::Modified(Head::File(meta_from_headers(headers, size))))
+    }
+
+    async fn get(&self, path: &str, range: Option<Range<u64>>, if_match: Option<&ETag>) -> StoreResult<GetResponse> {
+        let url = self.url_for(path, false);
+        let what = match &range {
+            Some(r) => format!("GET {url} [{}-{})", r.start, r.end),
+            None => format!("GET {url}"),
+        };
+        if let Some(r) = &range
+            && r.is_empty()
+        {
+            return Err(StoreError::Protocol(format!("{what}: empty range requested")));
+        }
+        let resp = h::send(&self.cfg, &what, || {
+            let mut r = self.client.get(url.clone()).header(ACCEPT_ENCODING, "identity");
+            if let Some(rg) = &range {
+                r = r.header(RANGE, format!("bytes={}-{}", rg.start, rg.end - 1));
+            }
+            if let Some(t) = if_match {
+                r = r.header(IF_MATCH, t.as_str());
+            }
+            r
+        })
+        .await?;
+        let headers = resp.headers();
+        let content = match resp.status() {
+            StatusCode::PARTIAL_CONTENT => {
+                let cr = h::header_str(headers, CONTENT_RANGE.as_str())
+                    .ok_or_else(|| StoreError::Protocol(format!("{what}: 206 without Content-Range")))?;
+                let (range, total) = h::parse_content_range(cr)
+                    .ok_or_else(|| StoreError::Protocol(format!("{what}: bad Content-Range {cr:?}")))?;
+                Content::Partial { range, total }
+            }
+            StatusCode::OK => Content::Whole {
+                size: resp.content_length(),
+            },
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                let size = h::header_str(headers, CONTENT_RANGE.as_str())
+                    .and_then(|v| v.strip_prefix("bytes */"))
+                    .and_then(|v| v.parse().ok());
+                return Err(StoreError::RangeNotSatisfiable { size });
+            }
+            _ => return Err(self.fail(&what, resp).await),
+        };
+        let etag = h::header_str(headers, ETAG.as_str()).map(ETag::new);
+        let body = resp
+            .bytes_stream()
+            .map(move |r| r.map_err(|e| h::body_error(&what, &e)))
+            .boxed();
+        Ok(GetResponse { etag, content, body })
+    }
+
+    async fn digests(&self, path: &str, etag: &ETag) -> StoreResult<Option<Digests>> {
+        if !self.info.capabilities.digests {
+            return Ok(None);
+        }
+        let mut url = self.url_for(path, false);
+        url.query_pairs_mut().append_pair(protocol::QUERY_KEY, "digests");
+        let what = format!("GET {url}");
+        let resp = h::send(&self.cfg, &what, || {
+            self.client.get(url.clone()).header(IF_MATCH, etag.as_str())
+        })
+        .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(self.fail(&what, resp).await);
+        }
+        let body = resp.bytes().await.map_err(|e| h::body_error(&what, &e))?;
+        let list: DigestList =
+            serde_json::from_slice(&body).map_err(|e| StoreError::Protocol(format!("{what}: {e}")))?;
+        if ETag::from_bare(&list.etag) != *etag {
+            return Err(StoreError::PreconditionFailed);
+        }
+        let digests = list
+            .digests
+            .iter()
+            .map(|d| {
+                let mut out = [0u8; 32];
+                hex::decode_to_slice(d, &mut out).map(|_| out)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Protocol(format!("{what}: bad digest: {e}")))?;
+        let expect = list.size.div_ceil(list.chunk_size.max(1));
+        if list.chunk_size == 0 || digests.len() as u64 != expect {
+            return Err(StoreError::Protocol(format!(
+                "{what}: {} digests for {} bytes",
+                digests.len(),
+                list.size
+            )));
+        }
+        Ok(Some(Digests {
+            chunk_size: list.chunk_size,
+            digests,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(base: &str) -> ArtifactStore {
+        ArtifactStore {
+            id: base.into(),
+            base: Url::parse(base).unwrap(),
+            client: h::build_client(&HttpConfig::default()).unwrap(),
+            cfg: HttpConfig::default(),
+            info: ServerInfo {
+                protocol: protocol::PROTOCOL.into(),
+                server: "t".into(),
+                chunk_size: 1 << 20,
+                max_list_limit: 1000,
+                capabilities: protocol::ServerCapabilities {
+                    ranges: true,
+                    listing_etags: true,
+                    digests: true,
+                    writes: false,
+                },
+            },
+        }
+    }
+
+    #[test]
+    fn urls_encode_each_segment() {
+        let s = store("http://h:1/pre/");
+        assert_eq!(s.url_for("a b/c#d?e", false).as_str(), "http://h:1/pre/a%20b/c%23d%3Fe");
+        assert_eq!(s.url_for("", true).as_str(), "http://h:1/pre/");
+        assert_eq!(s.url_for("d", true).as_str(), "http://h:1/pre/d/");
+        assert_eq!(s.url_for("100%/x", false).as_str(), "http://h:1/pre/100%25/x");
+    }
+}

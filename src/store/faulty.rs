@@ -1,0 +1,282 @@
+//! A store that wraps any other and injects faults into its answers: failed requests, bodies
+//! cut short (with or without an error), a whole object sent for a ranged request (200 for
+//! 206), a response declaring another range than asked, and an ETag that is not the one asked
+//! for. Each fault is armed for a number of matching calls, then disarms itself.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+
+use super::{
+    Capabilities, Digests, DynStore, ETag, GetResponse, Head, Listing, Revalidated, Store, StoreError, StoreResult,
+};
+
+/// Which store call a fault applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    List,
+    Head,
+    Get,
+    Digests,
+}
+
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// The call fails with this error before anything is sent.
+    Fail(Op, StoreError),
+    /// A `GET` body stops after this many bytes; with `error` the stream says so, without it
+    /// the stream just ends (as a server closing the connection early).
+    CutBody { after: u64, error: bool },
+    /// A ranged `GET` is answered with the whole object and `200`.
+    IgnoreRange,
+    /// A ranged `GET` answer declares (and carries) a range shifted by this many bytes.
+    ShiftRange(u64),
+    /// A `GET` answer carries another ETag than the object's.
+    FlipEtag,
+    /// A `GET` body has its first byte flipped (bit rot on the way).
+    CorruptBody,
+}
+
+impl Fault {
+    fn op(&self) -> Op {
+        match self {
+            Fault::Fail(op, _) => *op,
+            _ => Op::Get,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Armed {
+    fault: Fault,
+    /// Calls left; `None` = every call.
+    left: Option<u32>,
+}
+
+#[derive(Debug)]
+pub struct FaultyStore {
+    inner: DynStore,
+    armed: Mutex<Vec<Armed>>,
+}
+
+impl FaultyStore {
+    pub fn new(inner: DynStore) -> Arc<Self> {
+        Arc::new(FaultyStore {
+            inner,
+            armed: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Arms `fault` for the next `times` matching calls.
+    pub fn inject(&self, fault: Fault, times: u32) {
+        self.armed.lock().push(Armed {
+            fault,
+            left: Some(times),
+        });
+    }
+
+    /// Arms `fault` for every matching call until [`FaultyStore::clear`].
+    pub fn inject_always(&self, fault: Fault) {
+        self.armed.lock().push(Armed { fault, left: None });
+    }
+
+    pub fn clear(&self) {
+        self.armed.lock().clear();
+    }
+
+    /// Faults still armed.
+    pub fn pending(&self) -> usize {
+        self.armed.lock().len()
+    }
+
+    fn take(&self, op: Op, pred: impl Fn(&Fault) -> bool) -> Option<Fault> {
+        let mut armed = self.armed.lock();
+        let i = armed.iter().position(|a| a.fault.op() == op && pred(&a.fault))?;
+        let fault = armed[i].fault.clone();
+        if let Some(left) = &mut armed[i].left {
+            *left -= 1;
+            if *left == 0 {
+                armed.remove(i);
+            }
+        }
+        Some(fault)
+    }
+
+    fn fail(&self, op: Op) -> StoreResult<()> {
+        match self.take(op, |f| matches!(f, Fault::Fail(..))) {
+            Some(Fault::Fail(_, e)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+type Body = futures_util::stream::BoxStream<'static, StoreResult<Bytes>>;
+
+fn cut(body: Body, after: u64, error: bool) -> Body {
+    let head = body.scan(after, |left, item| {
+        let out = match item {
+            Ok(_) if *left == 0 => None,
+            Ok(b) => {
+                let n = (b.len() as u64).min(*left);
+                *left -= n;
+                Some(Ok(b.slice(..n as usize)))
+            }
+            Err(e) => Some(Err(e)),
+        };
+        std::future::ready(out)
+    });
+    let tail = error.then(|| Err(StoreError::BodyCut(format!("injected: body cut after {after} bytes"))));
+    head.chain(futures_util::stream::iter(tail)).boxed()
+}
+
+#[async_trait]
+impl Store for FaultyStore {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn list(&self, dir: &str, validator: Option<&str>) -> StoreResult<Revalidated<Listing>> {
+        self.fail(Op::List)?;
+        self.inner.list(dir, validator).await
+    }
+
+    async fn head(&self, path: &str, if_none_match: Option<&ETag>) -> StoreResult<Revalidated<Head>> {
+        self.fail(Op::Head)?;
+        self.inner.head(path, if_none_match).await
+    }
+
+    async fn get(&self, path: &str, range: Option<Range<u64>>, if_match: Option<&ETag>) -> StoreResult<GetResponse> {
+        self.fail(Op::Get)?;
+        if range.is_some() && self.take(Op::Get, |f| matches!(f, Fault::IgnoreRange)).is_some() {
+            return self.inner.get(path, None, if_match).await;
+        }
+        let shifted = match &range {
+            Some(_) => match self.take(Op::Get, |f| matches!(f, Fault::ShiftRange(_))) {
+                Some(Fault::ShiftRange(by)) => Some(by),
+                _ => None,
+            },
+            None => None,
+        };
+        let asked = range.clone().map(|r| match shifted {
+            Some(by) => r.start + by..r.end + by,
+            None => r,
+        });
+        let mut resp = self.inner.get(path, asked, if_match).await?;
+        if self.take(Op::Get, |f| matches!(f, Fault::FlipEtag)).is_some() {
+            resp.etag = Some(ETag::new("\"flipped-by-fault-injection\""));
+        }
+        if let Some(Fault::CutBody { after, error }) = self.take(Op::Get, |f| matches!(f, Fault::CutBody { .. })) {
+            resp.body = cut(resp.body, after, error);
+        }
+        if self.take(Op::Get, |f| matches!(f, Fault::CorruptBody)).is_some() {
+            let mut first = true;
+            resp.body = resp
+                .body
+                .map(move |piece| {
+                    piece.map(|b| {
+                        if std::mem::take(&mut first) && !b.is_empty() {
+                            let mut v = b.to_vec();
+                            v[0] ^= 0xff;
+                            Bytes::from(v)
+                        } else {
+                            b
+                        }
+                    })
+                })
+                .boxed();
+        }
+        Ok(resp)
+    }
+
+    async fn digests(&self, path: &str, etag: &ETag) -> StoreResult<Option<Digests>> {
+        self.fail(Op::Digests)?;
+        self.inner.digests(path, etag).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Content;
+    use crate::store::memory::MemoryStore;
+
+    async fn collect(r: GetResponse) -> (Vec<u8>, Option<StoreError>) {
+        let mut out = Vec::new();
+        let mut body = r.body;
+        while let Some(b) = body.next().await {
+            match b {
+                Ok(b) => out.extend_from_slice(&b),
+                Err(e) => return (out, Some(e)),
+            }
+        }
+        (out, None)
+    }
+
+    #[tokio::test]
+    async fn faults_fire_the_given_number_of_times() {
+        let mem = Arc::new(MemoryStore::new());
+        mem.insert("f", vec![7u8; 300_000]);
+        let s = FaultyStore::new(mem);
+        s.inject(Fault::Fail(Op::Get, StoreError::Unavailable("x".into())), 2);
+        assert!(s.get("f", None, None).await.is_err());
+        assert!(s.get("f", None, None).await.is_err());
+        assert!(s.get("f", None, None).await.is_ok());
+        assert_eq!(s.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn cut_bodies_with_and_without_error() {
+        let mem = Arc::new(MemoryStore::new());
+        mem.insert("f", vec![7u8; 300_000]);
+        let s = FaultyStore::new(mem);
+        s.inject(
+            Fault::CutBody {
+                after: 100_000,
+                error: false,
+            },
+            1,
+        );
+        let (b, e) = collect(s.get("f", None, None).await.unwrap()).await;
+        assert_eq!((b.len(), e.is_none()), (100_000, true));
+        s.inject(
+            Fault::CutBody {
+                after: 100_000,
+                error: true,
+            },
+            1,
+        );
+        let (b, e) = collect(s.get("f", None, None).await.unwrap()).await;
+        assert_eq!(b.len(), 100_000);
+        assert!(matches!(e, Some(StoreError::BodyCut(_))));
+    }
+
+    #[tokio::test]
+    async fn range_faults_change_what_is_declared() {
+        let mem = Arc::new(MemoryStore::new());
+        mem.insert("f", vec![7u8; 300_000]);
+        let s = FaultyStore::new(mem);
+        s.inject(Fault::IgnoreRange, 1);
+        let r = s.get("f", Some(0..10), None).await.unwrap();
+        assert_eq!(r.content, Content::Whole { size: Some(300_000) });
+        s.inject(Fault::ShiftRange(5), 1);
+        let r = s.get("f", Some(0..10), None).await.unwrap();
+        assert_eq!(
+            r.content,
+            Content::Partial {
+                range: 5..15,
+                total: Some(300_000)
+            }
+        );
+        s.inject(Fault::FlipEtag, 1);
+        let r = s.get("f", Some(0..10), None).await.unwrap();
+        assert_eq!(r.etag, Some(ETag::new("\"flipped-by-fault-injection\"")));
+    }
+}

@@ -1,0 +1,213 @@
+//! The HTTP plumbing every HTTP-based store shares: one pooled `reqwest` client, the retry
+//! policy (which failures are retried, with what backoff), and parsers of the response
+//! headers the engine relies on (`Content-Range`, `Cache-Control`, dates).
+
+use std::ops::Range;
+use std::time::{Duration, SystemTime};
+
+use backon::{ExponentialBuilder, Retryable};
+use http::StatusCode;
+use reqwest::header::HeaderMap;
+use serde::{Deserialize, Serialize};
+
+use super::{StoreError, StoreResult};
+
+/// Connection settings of a remote (`[http]` in the config).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Time allowed to open a connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest silence while waiting for response bytes. There is deliberately no total
+    /// request timeout: a large transfer may take as long as it needs while bytes flow.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+    /// Further tries after a connection error, 429 or 5xx.
+    pub retries: usize,
+    /// First backoff delay; doubles per retry, with jitter, up to `retry_max_delay`.
+    #[serde(with = "humantime_serde")]
+    pub retry_min_delay: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max_delay: Duration,
+    /// Idle keep-alive connections kept per host.
+    pub pool_max_idle: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+            retries: 5,
+            retry_min_delay: Duration::from_millis(100),
+            retry_max_delay: Duration::from_secs(5),
+            pool_max_idle: 32,
+        }
+    }
+}
+
+/// The one client a remote uses for all its requests (connection pool, keep-alive).
+pub fn build_client(cfg: &HttpConfig) -> StoreResult<reqwest::Client> {
+    install_crypto_provider();
+    reqwest::Client::builder()
+        .user_agent(concat!("artifactfs/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(cfg.connect_timeout)
+        .read_timeout(cfg.read_timeout)
+        .pool_max_idle_per_host(cfg.pool_max_idle)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .http1_only()
+        .build()
+        .map_err(|e| StoreError::Unavailable(format!("cannot build the HTTP client: {e}")))
+}
+
+fn install_crypto_provider() {
+    // Several clients may race here; only the first install wins and that is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Whether a status is worth retrying (the remote is overloaded or failing for now).
+pub fn status_is_transient(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
+        || matches!(status.as_u16(), 500 | 502 | 503 | 504)
+}
+
+/// Sends the request `make` builds, retrying connection failures and transient statuses with
+/// exponential backoff and jitter. Other statuses are returned for the caller to interpret.
+/// `what` names the request in errors and logs (never with credentials).
+pub async fn send<F>(cfg: &HttpConfig, what: &str, make: F) -> StoreResult<reqwest::Response>
+where
+    F: Fn() -> reqwest::RequestBuilder,
+{
+    let backoff = ExponentialBuilder::default()
+        .with_jitter()
+        .with_min_delay(cfg.retry_min_delay)
+        .with_max_delay(cfg.retry_max_delay)
+        .with_max_times(cfg.retries);
+    let attempt = || async {
+        let resp = make().send().await.map_err(|e| describe_reqwest_error(what, &e))?;
+        let status = resp.status();
+        if status_is_transient(status) {
+            return Err(StoreError::Unavailable(format!("{what}: HTTP {status}")));
+        }
+        Ok(resp)
+    };
+    attempt
+        .retry(backoff)
+        .when(StoreError::is_transient)
+        .notify(|err, delay| tracing::debug!("retrying in {delay:?}: {err}"))
+        .await
+}
+
+fn describe_reqwest_error(what: &str, e: &reqwest::Error) -> StoreError {
+    // reqwest's Display hides the cause chain; the root cause is what a user needs.
+    let mut msg = format!("{what}: {e}");
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        src = s.source();
+    }
+    StoreError::Unavailable(msg)
+}
+
+/// Maps a body-stream error to a store error (a cut body is retried from where it stopped).
+pub fn body_error(what: &str, e: &reqwest::Error) -> StoreError {
+    match describe_reqwest_error(what, e) {
+        StoreError::Unavailable(m) => StoreError::BodyCut(m),
+        other => other,
+    }
+}
+
+/// `Content-Range: bytes a-b/total` → (`a..b+1`, `Some(total)`); `total` is `None` for `*`.
+pub fn parse_content_range(value: &str) -> Option<(Range<u64>, Option<u64>)> {
+    let rest = value.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (a, b) = range.split_once('-')?;
+    let a: u64 = a.trim().parse().ok()?;
+    let b: u64 = b.trim().parse().ok()?;
+    if b < a {
+        return None;
+    }
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse().ok()?),
+    };
+    if let Some(t) = total
+        && b >= t
+    {
+        return None;
+    }
+    Some((a..b + 1, total))
+}
+
+/// `Cache-Control: max-age=N` (`no-cache` / `no-store` count as 0).
+pub fn parse_max_age(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(http::header::CACHE_CONTROL)?.to_str().ok()?;
+    let mut max_age = None;
+    for directive in value.split(',') {
+        let d = directive.trim().to_ascii_lowercase();
+        if d == "no-cache" || d == "no-store" {
+            return Some(Duration::ZERO);
+        }
+        if let Some(n) = d.strip_prefix("max-age=") {
+            max_age = n.trim_matches('"').parse().ok().map(Duration::from_secs);
+        }
+    }
+    max_age
+}
+
+pub fn parse_last_modified(headers: &HeaderMap) -> Option<SystemTime> {
+    let v = headers.get(http::header::LAST_MODIFIED)?.to_str().ok()?;
+    httpdate::parse_http_date(v).ok()
+}
+
+pub fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// A short human summary of an error response body (JSON `error` field, else the text).
+pub fn error_message(body: &[u8]) -> String {
+    if let Ok(e) = serde_json::from_slice::<crate::protocol::ErrorBody>(body) {
+        return e.error;
+    }
+    let text = String::from_utf8_lossy(body);
+    text.chars().take(200).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_forms() {
+        assert_eq!(parse_content_range("bytes 0-9/100"), Some((0..10, Some(100))));
+        assert_eq!(parse_content_range("bytes 5-5/*"), Some((5..6, None)));
+        assert_eq!(parse_content_range("bytes 9-0/100"), None);
+        assert_eq!(parse_content_range("bytes 0-100/100"), None, "end past total");
+        assert_eq!(parse_content_range("bytes */100"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+    }
+
+    #[test]
+    fn max_age_directives() {
+        let mut h = HeaderMap::new();
+        assert_eq!(parse_max_age(&h), None);
+        h.insert("cache-control", "public, max-age=120".parse().unwrap());
+        assert_eq!(parse_max_age(&h), Some(Duration::from_secs(120)));
+        h.insert("cache-control", "no-cache".parse().unwrap());
+        assert_eq!(parse_max_age(&h), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn every_status_is_classified() {
+        // A table over every status: only overload and server failures are retried.
+        for code in 100u16..600 {
+            let Ok(s) = StatusCode::from_u16(code) else { continue };
+            let expect = matches!(code, 408 | 429 | 500 | 502 | 503 | 504);
+            assert_eq!(status_is_transient(s), expect, "status {code}");
+        }
+    }
+}
