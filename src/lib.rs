@@ -6,6 +6,7 @@
 //! built-in artifact server and `cli` the command line.
 
 pub mod cache;
+pub mod fs;
 pub mod protocol;
 pub mod read;
 pub mod store;

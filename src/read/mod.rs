@@ -176,6 +176,19 @@ impl Reader {
         v
     }
 
+    /// The version `(path, etag)` is superseded: its cached bytes go now, or when its last
+    /// reader is done.
+    pub fn retire(&self, path: &str, etag: &ETag, size: u64) {
+        if let Some(c) = &self.cache {
+            c.retire(&VersionKey {
+                remote: self.store.id().to_string(),
+                path: path.to_string(),
+                etag: etag.as_str().to_string(),
+                size,
+            });
+        }
+    }
+
     fn count<T>(&self, f: impl FnOnce(&crate::cache::LiveCounters) -> T) {
         if let Some(c) = &self.cache {
             f(c.counters());

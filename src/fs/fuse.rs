@@ -1,0 +1,293 @@
+//! The thin adapter between the kernel (fuser 0.18) and [`ArtifactFs`]. It converts types,
+//! runs each request, and replies; it decides nothing.
+//!
+//! Each request's future is polled once on the fuser thread that received it: a request
+//! answered from memory or the disk cache completes right there, with no hop. A request that
+//! must wait (for the network, say) is moved onto the tokio runtime and replied to from there,
+//! so fuser threads never wait for the network and tokio threads never block on the kernel.
+
+use std::ffi::OsStr;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
+    Notifier, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, Request,
+};
+use tokio::runtime::Handle;
+
+use super::{ArtifactFs, Attr, FsError, Invalidator, Kind};
+
+pub struct FuseAdapter {
+    fs: Arc<ArtifactFs>,
+    rt: Handle,
+    negative_ttl: Duration,
+}
+
+impl FuseAdapter {
+    pub fn new(fs: Arc<ArtifactFs>, rt: Handle) -> Self {
+        let negative_ttl = fs.config().negative_ttl;
+        FuseAdapter { fs, rt, negative_ttl }
+    }
+
+    /// Polls `fut` once here; if it is not done, finishes it on the runtime. `done` gets the
+    /// output either way.
+    fn run<F, T>(&self, fut: F, done: impl FnOnce(T) + Send + 'static)
+    where
+        F: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let _enter = self.rt.enter();
+        let mut fut = Box::pin(fut);
+        match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(v) => done(v),
+            Poll::Pending => {
+                self.rt.spawn(async move { done(fut.await) });
+            }
+        }
+    }
+}
+
+/// Logs what a user must see, and turns the error into the kernel's errno.
+fn errno(op: &str, e: &FsError) -> Errno {
+    if e.is_failure() {
+        tracing::warn!("{op}: {e}");
+    } else {
+        tracing::debug!("{op}: {e}");
+    }
+    Errno::from_i32(e.errno())
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.mtime,
+        crtime: a.mtime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+    }
+}
+
+impl fuser::Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // readdirplus: `ls -l` gets names and attributes in one round trip.
+        for flags in [
+            InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+        ] {
+            if let Err(missing) = config.add_capabilities(flags) {
+                tracing::debug!("kernel lacks {missing:?}");
+            }
+        }
+        // Let the kernel keep many readahead requests in flight.
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let fs = self.fs.clone();
+        let name = name.to_os_string();
+        let negative_ttl = self.negative_ttl;
+        self.run(async move { fs.lookup(parent.0, &name).await }, move |r| match r {
+            Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
+            // A negative entry: the kernel remembers the name is absent for a while.
+            Err(FsError::NotFound) if !negative_ttl.is_zero() => {
+                let none = FileAttr {
+                    ino: INodeNo(0),
+                    size: 0,
+                    blocks: 0,
+                    atime: SystemTime::UNIX_EPOCH,
+                    mtime: SystemTime::UNIX_EPOCH,
+                    ctime: SystemTime::UNIX_EPOCH,
+                    crtime: SystemTime::UNIX_EPOCH,
+                    kind: FileType::RegularFile,
+                    perm: 0,
+                    nlink: 0,
+                    uid: 0,
+                    gid: 0,
+                    rdev: 0,
+                    blksize: 0,
+                    flags: 0,
+                };
+                reply.entry(&negative_ttl, &none, Generation(0))
+            }
+            Err(e) => reply.error(errno("lookup", &e)),
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let fs = self.fs.clone();
+        self.run(async move { fs.getattr(ino.0).await }, move |r| match r {
+            Ok(e) => reply.attr(&e.ttl, &file_attr(&e.attr)),
+            Err(e) => reply.error(errno("getattr", &e)),
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let fs = self.fs.clone();
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        self.run(async move { fs.open(ino.0, write).await }, move |r| match r {
+            Ok(o) => {
+                let mut f = FopenFlags::empty();
+                if o.keep_cache {
+                    f |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                reply.opened(FileHandle(o.fh), f)
+            }
+            Err(e) => reply.error(errno("open", &e)),
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let fs = self.fs.clone();
+        self.run(
+            async move {
+                fs.read(fh.0, offset, size, move |r| match r {
+                    Ok(bytes) => reply.data(bytes),
+                    Err(e) => reply.error(errno("read", &e)),
+                })
+                .await
+            },
+            |()| {},
+        );
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let fs = self.fs.clone();
+        self.run(async move { fs.opendir(ino.0).await }, move |r| match r {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno("opendir", &e)),
+        });
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let r = self.fs.readdir(fh.0, offset, |item, next| {
+            reply.add(INodeNo(item.ino), next, file_type(item.kind), &item.name)
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("readdir", &e)),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let r = self.fs.readdirplus(fh.0, offset, |item, entry, next| {
+            reply.add(
+                INodeNo(item.ino),
+                next,
+                &item.name,
+                &entry.ttl,
+                &file_attr(&entry.attr),
+                Generation(0),
+            )
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("readdirplus", &e)),
+        }
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.fs.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = self.fs.statfs();
+        reply.statfs(
+            s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+        );
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        reply.ok();
+    }
+}
+
+/// Sends kernel invalidations from a thread of its own: a notification written from a request
+/// thread can deadlock against the kernel waiting for that very request.
+pub struct ChannelInvalidator {
+    tx: parking_lot::Mutex<mpsc::Sender<(u64, String)>>,
+}
+
+impl ChannelInvalidator {
+    pub fn start(notifier: Notifier) -> Arc<Self> {
+        let (tx, rx) = mpsc::channel::<(u64, String)>();
+        let spawned = std::thread::Builder::new()
+            .name("afs-invalidate".into())
+            .spawn(move || {
+                for (parent, name) in rx {
+                    if let Err(e) = notifier.inval_entry(INodeNo(parent), OsStr::new(&name)) {
+                        // ENOENT: the kernel had no such dentry; nothing to forget.
+                        tracing::debug!("invalidate {name:?} in {parent}: {e}");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!("no kernel invalidations: {e}");
+        }
+        Arc::new(ChannelInvalidator {
+            tx: parking_lot::Mutex::new(tx),
+        })
+    }
+}
+
+impl Invalidator for ChannelInvalidator {
+    fn entry(&self, parent: u64, name: &str) {
+        let _ = self.tx.lock().send((parent, name.to_string()));
+    }
+}

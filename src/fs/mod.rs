@@ -1,0 +1,976 @@
+//! The filesystem logic, with no fuser types in it: inodes, versions, handles, listings and
+//! their TTLs, and the rules that keep what the kernel caches honest. `fs::fuse` is the thin
+//! adapter that plugs it into the kernel; tests drive it directly.
+//!
+//! **Versions are inodes.** Every (path, version) the mount has seen gets its own inode
+//! number, derived from the path and the ETag. The kernel's page cache belongs to an inode, so
+//! it can never mix the bytes of two versions, and every open can keep its page cache
+//! (`FOPEN_KEEP_CACHE`). When a path's version changes, the path moves to a new inode; the old
+//! inode keeps serving the handles already open on it (or `ESTALE` for bytes it no longer can
+//! get), and an `open` of it answers `ESTALE`, which makes the kernel look the path up again.
+
+pub mod error;
+pub mod fuse;
+pub mod name;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+
+pub use error::FsError;
+pub use name::ValidName;
+
+use crate::read::{Readahead, Reader, Version};
+use crate::store::{DirEntry, DynStore, ETag, EntryKind, Head, Revalidated, join_path};
+
+/// Inode number of the mount's root.
+pub const ROOT: u64 = 1;
+
+#[derive(Debug, Clone)]
+pub struct FsConfig {
+    /// How long metadata and listings are trusted before they are revalidated.
+    pub metadata_ttl: Duration,
+    /// How long "no such file" is trusted.
+    pub negative_ttl: Duration,
+    /// Serve the cached metadata (with a warning) when revalidation cannot reach the remote.
+    pub stale_if_error: bool,
+    pub uid: u32,
+    pub gid: u32,
+    pub file_mode: u16,
+    pub dir_mode: u16,
+    /// `st_blksize` of files: the preferred I/O size tools read with.
+    pub block_size: u32,
+    /// Directory whose filesystem `statfs` reports (the cache's).
+    pub statfs_dir: Option<PathBuf>,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        FsConfig {
+            metadata_ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(5),
+            stale_if_error: true,
+            uid: 0,
+            gid: 0,
+            file_mode: 0o444,
+            dir_mode: 0o555,
+            block_size: 1 << 20,
+            statfs_dir: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+}
+
+/// Attributes of an inode, as the kernel sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub blocks: u64,
+    pub mtime: SystemTime,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub blksize: u32,
+}
+
+/// A lookup answer: attributes and how long the kernel may trust them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub attr: Attr,
+    pub ttl: Duration,
+}
+
+/// One entry handed out by `readdir`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirItem {
+    pub name: String,
+    pub ino: u64,
+    pub kind: Kind,
+}
+
+/// How an open file is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenReply {
+    pub fh: u64,
+    /// The kernel may keep the inode's page cache: always true, since an inode never changes
+    /// content (a new version is a new inode).
+    pub keep_cache: bool,
+}
+
+/// Sends invalidations to the kernel. Implementations must not block the caller (the FUSE
+/// adapter hands them to a thread of their own).
+pub trait Invalidator: Send + Sync {
+    /// The kernel should forget the dentry `name` in directory `parent`.
+    fn entry(&self, parent: u64, name: &str);
+}
+
+/// What a listing says of one child.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Child {
+    kind: Kind,
+    size: u64,
+    mtime: SystemTime,
+    etag: Option<ETag>,
+}
+
+impl Child {
+    fn from_entry(e: &DirEntry) -> Self {
+        Child {
+            kind: match e.kind {
+                EntryKind::Dir => Kind::Dir,
+                EntryKind::File => Kind::File,
+            },
+            size: e.size,
+            mtime: e.mtime,
+            etag: e.etag.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inode {
+    parent: u64,
+    name: String,
+    path: String,
+    kind: Kind,
+    size: u64,
+    mtime: SystemTime,
+    etag: Option<ETag>,
+    /// Kernel references (lookups not yet forgotten).
+    lookups: u64,
+    /// False once the path moved to another version or disappeared.
+    current: bool,
+    /// Metadata trusted until then.
+    valid_until: Instant,
+}
+
+impl Inode {
+    /// Whether `c` describes the version this inode holds.
+    fn same_version(&self, c: &Child) -> bool {
+        if self.kind != c.kind {
+            return false;
+        }
+        if self.kind == Kind::Dir {
+            return true;
+        }
+        match (&self.etag, &c.etag) {
+            (Some(a), Some(b)) => a == b && self.size == c.size,
+            _ => self.size == c.size && self.mtime == c.mtime,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct DirState {
+    entries: Option<Arc<BTreeMap<ValidName, Child>>>,
+    validator: Option<String>,
+    valid_until: Option<Instant>,
+    /// Lookups answered with a `HEAD` since the directory was last listed; after a few, the
+    /// whole directory is listed instead.
+    heads: u32,
+    /// Serialises refreshes of this directory's listing.
+    refresh: Arc<tokio::sync::Mutex<()>>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    inodes: HashMap<u64, Inode>,
+    by_path: HashMap<String, u64>,
+    dirs: HashMap<u64, DirState>,
+    negative: HashMap<String, Instant>,
+}
+
+#[derive(Debug)]
+struct FileHandle {
+    ino: u64,
+    version: Arc<Version>,
+    readahead: Mutex<Readahead>,
+}
+
+#[derive(Debug)]
+struct DirHandle {
+    items: Vec<DirItem>,
+}
+
+/// Lookups answered by `HEAD` in a directory before it is listed as a whole.
+const HEADS_BEFORE_LISTING: u32 = 2;
+
+pub struct ArtifactFs {
+    store: DynStore,
+    reader: Arc<Reader>,
+    cfg: FsConfig,
+    table: Mutex<Table>,
+    files: Mutex<HashMap<u64, Arc<FileHandle>>>,
+    dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
+    next_fh: AtomicU64,
+    invalidator: OnceLock<Arc<dyn Invalidator>>,
+}
+
+impl std::fmt::Debug for ArtifactFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArtifactFs")
+            .field("remote", &self.store.id())
+            .finish_non_exhaustive()
+    }
+}
+
+fn ino_hash(parts: &[&[u8]]) -> u64 {
+    let mut h = blake3::Hasher::new();
+    for p in parts {
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    let b = h.finalize();
+    // Keep clear of 0 (invalid), 1 (root) and the top bit (some tools treat inode numbers as
+    // signed).
+    (u64::from_le_bytes(b.as_bytes()[..8].try_into().unwrap_or([0; 8])) >> 1).max(2)
+}
+
+impl ArtifactFs {
+    pub fn new(reader: Arc<Reader>, cfg: FsConfig) -> Arc<Self> {
+        let mut table = Table::default();
+        table.inodes.insert(
+            ROOT,
+            Inode {
+                parent: ROOT,
+                name: String::new(),
+                path: String::new(),
+                kind: Kind::Dir,
+                size: 0,
+                mtime: SystemTime::now(),
+                etag: None,
+                lookups: 1,
+                current: true,
+                valid_until: Instant::now(),
+            },
+        );
+        table.by_path.insert(String::new(), ROOT);
+        Arc::new(ArtifactFs {
+            store: reader.store().clone(),
+            reader,
+            cfg,
+            table: Mutex::new(table),
+            files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            invalidator: OnceLock::new(),
+        })
+    }
+
+    /// Connects kernel invalidations (once the mount exists).
+    pub fn set_invalidator(&self, inv: Arc<dyn Invalidator>) {
+        let _ = self.invalidator.set(inv);
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.cfg
+    }
+
+    pub fn reader(&self) -> &Arc<Reader> {
+        &self.reader
+    }
+
+    /// Open file handles (for a clean unmount).
+    pub fn open_files(&self) -> usize {
+        self.files.lock().len()
+    }
+
+    fn invalidate_entry(&self, parent: u64, name: &str) {
+        if let Some(inv) = self.invalidator.get() {
+            inv.entry(parent, name);
+        }
+    }
+
+    fn attr_of(&self, ino: u64, i: &Inode) -> Attr {
+        let (perm, nlink) = match i.kind {
+            Kind::File => (self.cfg.file_mode, 1),
+            Kind::Dir => (self.cfg.dir_mode, 2),
+        };
+        Attr {
+            ino,
+            kind: i.kind,
+            size: i.size,
+            blocks: i.size.div_ceil(512),
+            mtime: i.mtime,
+            perm,
+            nlink,
+            uid: self.cfg.uid,
+            gid: self.cfg.gid,
+            blksize: self.cfg.block_size,
+        }
+    }
+
+    fn ttl_left(until: Instant) -> Duration {
+        until.saturating_duration_since(Instant::now())
+    }
+
+    /// Finds or creates the inode of `child` at `parent/name`; a different version than the
+    /// one known moves the path to a new inode. Returns the inode number.
+    fn upsert(&self, t: &mut Table, parent: u64, name: &ValidName, child: &Child, valid_until: Instant) -> u64 {
+        let parent_path = t.inodes.get(&parent).map(|p| p.path.clone()).unwrap_or_default();
+        let path = join_path(&parent_path, name.as_str());
+        t.negative.remove(&path);
+        if let Some(&ino) = t.by_path.get(&path)
+            && let Some(i) = t.inodes.get_mut(&ino)
+        {
+            if i.same_version(child) {
+                i.size = child.size;
+                i.mtime = child.mtime;
+                if i.etag.is_none() {
+                    i.etag = child.etag.clone();
+                }
+                i.valid_until = valid_until;
+                return ino;
+            }
+            self.supersede(t, ino);
+        }
+        let mut ino = match child.kind {
+            Kind::Dir => ino_hash(&[b"dir", path.as_bytes()]),
+            Kind::File => match &child.etag {
+                Some(e) => ino_hash(&[b"file", path.as_bytes(), e.as_str().as_bytes()]),
+                None => ino_hash(&[
+                    b"file-unknown-etag",
+                    path.as_bytes(),
+                    &child.size.to_le_bytes(),
+                    format!("{:?}", child.mtime).as_bytes(),
+                ]),
+            },
+        };
+        // Another (path, version) already holds this number (a hash collision, or the same
+        // version seen again after being superseded): take the next free one, or reuse it.
+        loop {
+            match t.inodes.get_mut(&ino) {
+                None => break,
+                Some(i) if i.path == path && i.same_version(child) => {
+                    i.current = true;
+                    i.valid_until = valid_until;
+                    t.by_path.insert(path, ino);
+                    return ino;
+                }
+                Some(_) => ino = ino.wrapping_add(1).max(2),
+            }
+        }
+        t.inodes.insert(
+            ino,
+            Inode {
+                parent,
+                name: name.as_str().to_string(),
+                path: path.clone(),
+                kind: child.kind,
+                size: child.size,
+                mtime: child.mtime,
+                etag: child.etag.clone(),
+                lookups: 0,
+                current: true,
+                valid_until,
+            },
+        );
+        t.by_path.insert(path, ino);
+        ino
+    }
+
+    /// The path of `ino` now belongs to another version (or to nothing): the inode stays for
+    /// whoever holds it, the kernel forgets the dentry, the cached bytes are retired.
+    fn supersede(&self, t: &mut Table, ino: u64) {
+        let Some(i) = t.inodes.get_mut(&ino) else { return };
+        if !i.current {
+            return;
+        }
+        i.current = false;
+        if t.by_path.get(&i.path) == Some(&ino) {
+            t.by_path.remove(&i.path);
+        }
+        tracing::info!(path = %i.path, "remote version changed");
+        if let Some(etag) = &i.etag {
+            self.reader.retire(&i.path, etag, i.size);
+        }
+        let (parent, name, lookups, kind) = (i.parent, i.name.clone(), i.lookups, i.kind);
+        self.invalidate_entry(parent, &name);
+        if kind == Kind::Dir {
+            t.dirs.remove(&ino);
+        }
+        if lookups == 0 {
+            t.inodes.remove(&ino);
+        }
+    }
+
+    /// Lists `dir` again if its listing is missing or expired. Returns its entries, or `None`
+    /// when the directory was never listed and `may_skip` says a `HEAD` should do.
+    async fn listing(&self, dir: u64, may_skip: bool) -> Result<Option<Arc<BTreeMap<ValidName, Child>>>, FsError> {
+        let lock = {
+            let mut t = self.table.lock();
+            let d = t.dirs.entry(dir).or_default();
+            match (&d.entries, d.valid_until) {
+                (Some(e), Some(until)) if until > Instant::now() => return Ok(Some(e.clone())),
+                (None, _) if may_skip && d.heads < HEADS_BEFORE_LISTING => return Ok(None),
+                _ => d.refresh.clone(),
+            }
+        };
+        let _guard = lock.lock().await;
+        // Someone else may have refreshed it while we waited.
+        let (path, validator, old) = {
+            let mut t = self.table.lock();
+            let path = match t.inodes.get(&dir) {
+                Some(i) if i.kind == Kind::Dir => i.path.clone(),
+                Some(_) => return Err(FsError::NotDir),
+                None => return Err(FsError::NotFound),
+            };
+            let d = t.dirs.entry(dir).or_default();
+            if let (Some(e), Some(until)) = (&d.entries, d.valid_until)
+                && until > Instant::now()
+            {
+                return Ok(Some(e.clone()));
+            }
+            (path, d.validator.clone(), d.entries.clone())
+        };
+        let validator = if old.is_some() { validator } else { None };
+        match self.store.list(&path, validator.as_deref()).await {
+            Ok(Revalidated::NotModified) => {
+                let mut t = self.table.lock();
+                let until = Instant::now() + self.cfg.metadata_ttl;
+                let d = t.dirs.entry(dir).or_default();
+                d.valid_until = Some(until);
+                let entries = d.entries.clone();
+                // The children are as valid as their listing.
+                if let Some(e) = &entries {
+                    for name in e.keys() {
+                        let p = join_path(&path, name.as_str());
+                        if let Some(&ino) = t.by_path.get(&p)
+                            && let Some(i) = t.inodes.get_mut(&ino)
+                        {
+                            i.valid_until = until;
+                        }
+                    }
+                }
+                Ok(entries)
+            }
+            Ok(Revalidated::Modified(listing)) => {
+                let ttl = listing.max_age.unwrap_or(self.cfg.metadata_ttl);
+                let until = Instant::now() + ttl;
+                let mut entries = BTreeMap::new();
+                for e in &listing.entries {
+                    match ValidName::from_remote(&e.name) {
+                        Ok(n) => {
+                            entries.insert(n, Child::from_entry(e));
+                        }
+                        Err(why) => {
+                            tracing::warn!(dir = %path, name = ?e.name, "skipping a remote name that cannot be a file name: {why}")
+                        }
+                    }
+                }
+                let entries = Arc::new(entries);
+                let mut t = self.table.lock();
+                // Children that changed or disappeared move off their inodes now.
+                let names: Vec<&ValidName> = match &old {
+                    Some(o) => o.keys().chain(entries.keys()).collect(),
+                    None => entries.keys().collect(),
+                };
+                for name in names {
+                    let p = join_path(&path, name.as_str());
+                    let Some(&ino) = t.by_path.get(&p) else { continue };
+                    match entries.get(name) {
+                        Some(c) if t.inodes.get(&ino).is_some_and(|i| i.same_version(c)) => {
+                            if let Some(i) = t.inodes.get_mut(&ino) {
+                                i.size = c.size;
+                                i.mtime = c.mtime;
+                                if i.etag.is_none() {
+                                    i.etag = c.etag.clone();
+                                }
+                                i.valid_until = until;
+                            }
+                        }
+                        _ => self.supersede(&mut t, ino),
+                    }
+                }
+                let d = t.dirs.entry(dir).or_default();
+                d.entries = Some(entries.clone());
+                d.validator = listing.validator;
+                d.valid_until = Some(until);
+                d.heads = 0;
+                Ok(Some(entries))
+            }
+            Err(crate::store::StoreError::NotFound) => {
+                let mut t = self.table.lock();
+                if dir != ROOT {
+                    self.supersede(&mut t, dir);
+                }
+                Err(FsError::NotFound)
+            }
+            Err(e) => match old {
+                Some(old) if self.cfg.stale_if_error => {
+                    tracing::warn!(dir = %path, "cannot revalidate the listing, serving the cached one: {e}");
+                    let mut t = self.table.lock();
+                    let d = t.dirs.entry(dir).or_default();
+                    // Try again soon, not on every call.
+                    d.valid_until = Some(Instant::now() + self.cfg.negative_ttl);
+                    Ok(Some(old))
+                }
+                _ => Err(FsError::remote(&path, e)),
+            },
+        }
+    }
+
+    fn entry_of(&self, t: &Table, ino: u64) -> Result<Entry, FsError> {
+        let i = t.inodes.get(&ino).ok_or(FsError::NotFound)?;
+        Ok(Entry {
+            attr: self.attr_of(ino, i),
+            ttl: Self::ttl_left(i.valid_until),
+        })
+    }
+
+    /// `lookup`: resolves `name` in `parent` and counts a kernel reference on the result.
+    pub async fn lookup(&self, parent: u64, name: &OsStr) -> Result<Entry, FsError> {
+        let name = ValidName::from_kernel(name)?;
+        let parent_path = {
+            let t = self.table.lock();
+            match t.inodes.get(&parent) {
+                Some(i) if i.kind == Kind::Dir => i.path.clone(),
+                Some(_) => return Err(FsError::NotDir),
+                None => return Err(FsError::NotFound),
+            }
+        };
+        let path = join_path(&parent_path, name.as_str());
+        if let Some(entries) = self.listing(parent, true).await? {
+            let child = entries.get(&name).ok_or(FsError::NotFound)?;
+            let mut t = self.table.lock();
+            let until = t
+                .dirs
+                .get(&parent)
+                .and_then(|d| d.valid_until)
+                .unwrap_or_else(Instant::now);
+            let ino = self.upsert(&mut t, parent, &name, child, until);
+            return self.referenced(&mut t, ino);
+        }
+        // Not listed yet: ask about this one path.
+        {
+            let mut t = self.table.lock();
+            if let Some(&until) = t.negative.get(&path) {
+                if until > Instant::now() {
+                    return Err(FsError::NotFound);
+                }
+                t.negative.remove(&path);
+            }
+            if let Some(&ino) = t.by_path.get(&path)
+                && t.inodes.get(&ino).is_some_and(|i| i.valid_until > Instant::now())
+            {
+                return self.referenced(&mut t, ino);
+            }
+            if let Some(d) = t.dirs.get_mut(&parent) {
+                d.heads += 1;
+            }
+        }
+        let head = match self.store.head(&path, None).await {
+            Ok(Revalidated::Modified(h)) => h,
+            Ok(Revalidated::NotModified) => {
+                return Err(FsError::remote(
+                    &path,
+                    crate::store::StoreError::Protocol("304 to an unconditional HEAD".into()),
+                ));
+            }
+            Err(crate::store::StoreError::NotFound) => {
+                let mut t = self.table.lock();
+                t.negative.insert(path, Instant::now() + self.cfg.negative_ttl);
+                if t.negative.len() > 100_000 {
+                    let now = Instant::now();
+                    t.negative.retain(|_, &mut until| until > now);
+                }
+                return Err(FsError::NotFound);
+            }
+            Err(e) => {
+                let mut t = self.table.lock();
+                if self.cfg.stale_if_error
+                    && let Some(&ino) = t.by_path.get(&path)
+                {
+                    tracing::warn!(path, "cannot revalidate, serving the cached entry: {e}");
+                    if let Some(i) = t.inodes.get_mut(&ino) {
+                        i.valid_until = Instant::now() + self.cfg.negative_ttl;
+                    }
+                    return self.referenced(&mut t, ino);
+                }
+                return Err(FsError::remote(&path, e));
+            }
+        };
+        let child = match head {
+            Head::Dir { mtime } => Child {
+                kind: Kind::Dir,
+                size: 0,
+                mtime,
+                etag: None,
+            },
+            Head::File(m) => Child {
+                kind: Kind::File,
+                size: m.size,
+                mtime: m.mtime,
+                etag: m.etag,
+            },
+        };
+        let mut t = self.table.lock();
+        let ino = self.upsert(&mut t, parent, &name, &child, Instant::now() + self.cfg.metadata_ttl);
+        self.referenced(&mut t, ino)
+    }
+
+    fn referenced(&self, t: &mut Table, ino: u64) -> Result<Entry, FsError> {
+        let e = self.entry_of(t, ino)?;
+        if let Some(i) = t.inodes.get_mut(&ino) {
+            i.lookups += 1;
+        }
+        Ok(e)
+    }
+
+    /// `forget`: the kernel dropped `n` references.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT {
+            return;
+        }
+        let mut t = self.table.lock();
+        let Some(i) = t.inodes.get_mut(&ino) else { return };
+        i.lookups = i.lookups.saturating_sub(n);
+        if i.lookups == 0 {
+            // Recreated from the listing when needed again; bounded memory however many
+            // files the kernel has seen.
+            let path = i.path.clone();
+            t.inodes.remove(&ino);
+            t.dirs.remove(&ino);
+            if t.by_path.get(&path) == Some(&ino) {
+                t.by_path.remove(&path);
+            }
+        }
+    }
+
+    /// `getattr`. The metadata of a current inode is revalidated once its TTL passed.
+    pub async fn getattr(&self, ino: u64) -> Result<Entry, FsError> {
+        let (parent, name, kind) = {
+            let t = self.table.lock();
+            let i = t.inodes.get(&ino).ok_or(FsError::NotFound)?;
+            if !i.current || i.valid_until > Instant::now() || ino == ROOT {
+                let mut e = self.entry_of(&t, ino)?;
+                if !i.current {
+                    e.ttl = Duration::ZERO;
+                } else if ino == ROOT {
+                    e.ttl = self.cfg.metadata_ttl;
+                }
+                return Ok(e);
+            }
+            (i.parent, i.name.clone(), i.kind)
+        };
+        self.revalidate(ino, parent, &name, kind).await?;
+        let t = self.table.lock();
+        let mut e = self.entry_of(&t, ino)?;
+        if !t.inodes.get(&ino).is_some_and(|i| i.current) {
+            e.ttl = Duration::ZERO;
+        }
+        Ok(e)
+    }
+
+    /// Checks an inode's version against the remote: through its parent's listing when the
+    /// parent is listed (one request refreshes all siblings), else with a conditional `HEAD`.
+    async fn revalidate(&self, ino: u64, parent: u64, name: &str, kind: Kind) -> Result<(), FsError> {
+        let listed = self.table.lock().dirs.get(&parent).is_some_and(|d| d.entries.is_some());
+        if listed {
+            let entries = match self.listing(parent, false).await {
+                Ok(e) => e,
+                Err(FsError::NotFound) => None,
+                Err(e) => return Err(e),
+            };
+            let gone = ValidName::from_remote(name)
+                .ok()
+                .and_then(|n| entries.as_ref()?.get(&n).cloned())
+                .is_none();
+            if gone {
+                let mut t = self.table.lock();
+                self.supersede(&mut t, ino);
+            }
+            return Ok(());
+        }
+        if kind == Kind::Dir {
+            let mut t = self.table.lock();
+            if let Some(i) = t.inodes.get_mut(&ino) {
+                i.valid_until = Instant::now() + self.cfg.metadata_ttl;
+            }
+            return Ok(());
+        }
+        let (path, etag) = {
+            let t = self.table.lock();
+            let i = t.inodes.get(&ino).ok_or(FsError::NotFound)?;
+            (i.path.clone(), i.etag.clone())
+        };
+        let answer = self.store.head(&path, etag.as_ref()).await;
+        let mut t = self.table.lock();
+        let until = Instant::now() + self.cfg.metadata_ttl;
+        match answer {
+            Ok(Revalidated::NotModified) => {
+                if let Some(i) = t.inodes.get_mut(&ino) {
+                    i.valid_until = until;
+                }
+            }
+            Ok(Revalidated::Modified(Head::File(m))) => {
+                let child = Child {
+                    kind: Kind::File,
+                    size: m.size,
+                    mtime: m.mtime,
+                    etag: m.etag,
+                };
+                if let Ok(n) = ValidName::from_remote(name) {
+                    self.upsert(&mut t, parent, &n, &child, until);
+                }
+            }
+            Ok(Revalidated::Modified(Head::Dir { .. })) | Err(crate::store::StoreError::NotFound) => {
+                self.supersede(&mut t, ino);
+            }
+            Err(e) if self.cfg.stale_if_error => {
+                tracing::warn!(path, "cannot revalidate, serving the cached version: {e}");
+                if let Some(i) = t.inodes.get_mut(&ino) {
+                    i.valid_until = Instant::now() + self.cfg.negative_ttl;
+                }
+            }
+            Err(e) => return Err(FsError::remote(&path, e)),
+        }
+        Ok(())
+    }
+
+    /// `open` of a file for reading.
+    pub async fn open(&self, ino: u64, write: bool) -> Result<OpenReply, FsError> {
+        if write {
+            return Err(FsError::ReadOnly);
+        }
+        let (path, etag, size, mtime, parent, name) = {
+            let t = self.table.lock();
+            let i = t.inodes.get(&ino).ok_or(FsError::NotFound)?;
+            if i.kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            if !i.current {
+                // The kernel looks the path up again and opens the new version.
+                return Err(FsError::Stale);
+            }
+            (
+                i.path.clone(),
+                i.etag.clone(),
+                i.size,
+                i.mtime,
+                i.parent,
+                i.name.clone(),
+            )
+        };
+        let etag = match etag {
+            Some(e) => e,
+            None => {
+                // The listing did not say which version this is: ask.
+                let head = self
+                    .store
+                    .head(&path, None)
+                    .await
+                    .map_err(|e| FsError::remote(&path, e))?;
+                let Revalidated::Modified(Head::File(m)) = head else {
+                    let mut t = self.table.lock();
+                    self.supersede(&mut t, ino);
+                    return Err(FsError::Stale);
+                };
+                let Some(etag) = m.etag.clone() else {
+                    return Err(FsError::remote(
+                        &path,
+                        crate::store::StoreError::Protocol("no ETag for this file".into()),
+                    ));
+                };
+                let mut t = self.table.lock();
+                let same = m.size == size && m.mtime == mtime;
+                if !same {
+                    let child = Child {
+                        kind: Kind::File,
+                        size: m.size,
+                        mtime: m.mtime,
+                        etag: Some(etag),
+                    };
+                    if let Ok(n) = ValidName::from_remote(&name) {
+                        self.upsert(&mut t, parent, &n, &child, Instant::now() + self.cfg.metadata_ttl);
+                    }
+                    return Err(FsError::Stale);
+                }
+                if let Some(i) = t.inodes.get_mut(&ino) {
+                    i.etag = Some(etag.clone());
+                }
+                etag
+            }
+        };
+        let version = self.reader.open_version(&path, &etag, size);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.files.lock().insert(
+            fh,
+            Arc::new(FileHandle {
+                ino,
+                version,
+                readahead: Mutex::new(Readahead::default()),
+            }),
+        );
+        Ok(OpenReply { fh, keep_cache: true })
+    }
+
+    /// `read`: hands the bytes (or the error) to `reply`, possibly on the calling thread.
+    pub async fn read<R>(&self, fh: u64, offset: u64, size: u32, reply: impl FnOnce(Result<&[u8], FsError>) -> R) -> R {
+        let Some(h) = self.files.lock().get(&fh).cloned() else {
+            return reply(Err(FsError::BadHandle));
+        };
+        let stale = h
+            .version
+            .read(&h.readahead, offset, size, |r| match r {
+                Ok(b) => (reply(Ok(b)), false),
+                Err(e) => {
+                    let stale = matches!(e, crate::read::ReadError::Stale);
+                    (reply(Err(FsError::read(&h.version.path, e))), stale)
+                }
+            })
+            .await;
+        if stale.1 {
+            // The remote moved on: look at the path again at the next lookup.
+            let mut t = self.table.lock();
+            if let Some(i) = t.inodes.get_mut(&h.ino) {
+                i.valid_until = Instant::now();
+                let parent = i.parent;
+                if let Some(d) = t.dirs.get_mut(&parent) {
+                    d.valid_until = Some(Instant::now());
+                }
+            }
+        }
+        stale.0
+    }
+
+    /// `release` of a file handle.
+    pub fn release(&self, fh: u64) {
+        self.files.lock().remove(&fh);
+    }
+
+    /// `opendir`: takes a snapshot of the listing for the handle's `readdir` calls.
+    pub async fn opendir(&self, ino: u64) -> Result<u64, FsError> {
+        let entries = self.listing(ino, false).await?.unwrap_or_default();
+        let mut items = Vec::with_capacity(entries.len() + 2);
+        {
+            let mut t = self.table.lock();
+            let parent = t.inodes.get(&ino).map(|i| i.parent).unwrap_or(ROOT);
+            items.push(DirItem {
+                name: ".".into(),
+                ino,
+                kind: Kind::Dir,
+            });
+            items.push(DirItem {
+                name: "..".into(),
+                ino: parent,
+                kind: Kind::Dir,
+            });
+            let until = t
+                .dirs
+                .get(&ino)
+                .and_then(|d| d.valid_until)
+                .unwrap_or_else(Instant::now);
+            for (name, child) in entries.iter() {
+                let cino = self.upsert(&mut t, ino, name, child, until);
+                items.push(DirItem {
+                    name: name.to_string(),
+                    ino: cino,
+                    kind: child.kind,
+                });
+            }
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.dirs.lock().insert(fh, Arc::new(DirHandle { items }));
+        Ok(fh)
+    }
+
+    /// `readdir`: entries from `offset` on; `add` returns true when the kernel's buffer is
+    /// full. Each entry's offset is its index + 1.
+    pub fn readdir(&self, fh: u64, offset: u64, mut add: impl FnMut(&DirItem, u64) -> bool) -> Result<(), FsError> {
+        let h = self.dirs.lock().get(&fh).cloned().ok_or(FsError::BadHandle)?;
+        for (i, item) in h.items.iter().enumerate().skip(offset as usize) {
+            if add(item, i as u64 + 1) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// `readdirplus`: like `readdir` with attributes; every entry handed out (but `.` and
+    /// `..`) counts as a lookup.
+    pub fn readdirplus(
+        &self,
+        fh: u64,
+        offset: u64,
+        mut add: impl FnMut(&DirItem, &Entry, u64) -> bool,
+    ) -> Result<(), FsError> {
+        let h = self.dirs.lock().get(&fh).cloned().ok_or(FsError::BadHandle)?;
+        for (i, item) in h.items.iter().enumerate().skip(offset as usize) {
+            let mut t = self.table.lock();
+            let Ok(entry) = self.entry_of(&t, item.ino) else {
+                continue;
+            };
+            if add(item, &entry, i as u64 + 1) {
+                break;
+            }
+            if item.name != "."
+                && item.name != ".."
+                && let Some(inode) = t.inodes.get_mut(&item.ino)
+            {
+                inode.lookups += 1;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.lock().remove(&fh);
+    }
+
+    /// `statfs`: the cache disk's figures (the remote has no meaningful ones).
+    pub fn statfs(&self) -> Statfs {
+        let files = self.table.lock().inodes.len() as u64;
+        let mut out = Statfs {
+            blocks: 0,
+            bfree: 0,
+            bavail: 0,
+            files,
+            ffree: u32::MAX as u64,
+            bsize: 4096,
+            namelen: name::NAME_MAX as u32,
+            frsize: 4096,
+        };
+        if let Some(dir) = &self.cfg.statfs_dir
+            && let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        {
+            let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+            // SAFETY: valid C string and out-pointer.
+            if unsafe { libc::statvfs(c.as_ptr(), &mut s) } == 0 {
+                out.blocks = s.f_blocks as u64;
+                out.bfree = s.f_bfree as u64;
+                out.bavail = s.f_bavail as u64;
+                out.bsize = s.f_bsize as u32;
+                out.frsize = s.f_frsize as u32;
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Statfs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
