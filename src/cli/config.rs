@@ -1,0 +1,289 @@
+//! The mount configuration: TOML (`mount.example.toml` documents every key), overridden by
+//! command-line flags. Sizes are written like `64MiB` / `8M` (binary units), durations like
+//! `60s` / `500ms`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::store::http::HttpConfig;
+
+/// A number of bytes; parsed from `"64MiB"`, `"8M"`, `"1G"` or a plain integer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        parse_size::Config::new()
+            .with_binary()
+            .parse_size(s.trim())
+            .map(ByteSize)
+            .map_err(|e| format!("{s:?} is not a size ({e}); write e.g. 64MiB or 8M"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+        let mut v = self.0;
+        let mut u = 0;
+        while u + 1 < UNITS.len() && v >= 1024 && v % 1024 == 0 {
+            v /= 1024;
+            u += 1;
+        }
+        write!(f, "{v}{}", UNITS[u])
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as \"64MiB\" or a number of bytes")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v).map(ByteSize).map_err(E::custom)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub mount: MountSection,
+    pub cache: CacheSection,
+    pub read: ReadSection,
+    pub metadata: MetadataSection,
+    pub http: HttpConfig,
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MountSection {
+    /// Remote URL, when not given on the command line.
+    pub remote: Option<String>,
+    /// Refuse every write with EROFS. (This release only reads, so mounts are read-only.)
+    pub read_only: bool,
+    /// Let other users see the mount (turns on the kernel's permission checks).
+    pub allow_other: bool,
+    /// Threads answering the kernel.
+    pub threads: usize,
+    /// Kernel readahead for the mount (`read_ahead_kb` of its backing device); 0 keeps the
+    /// kernel's default. Needs root.
+    pub kernel_readahead: ByteSize,
+    /// How long `unmount` waits for open files to be closed before it cuts them off.
+    #[serde(with = "humantime_serde")]
+    pub unmount_timeout: Duration,
+    /// Owner and modes shown on files and directories (default: the mounting user).
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub file_mode: Option<u16>,
+    pub dir_mode: Option<u16>,
+}
+
+impl Default for MountSection {
+    fn default() -> Self {
+        MountSection {
+            remote: None,
+            read_only: false,
+            allow_other: false,
+            threads: 4,
+            kernel_readahead: ByteSize(8 << 20),
+            unmount_timeout: Duration::from_secs(10),
+            uid: None,
+            gid: None,
+            file_mode: None,
+            dir_mode: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheSection {
+    /// Default: `$XDG_CACHE_HOME/artifactfs`, else `~/.cache/artifactfs`.
+    pub dir: Option<PathBuf>,
+    pub max_size: ByteSize,
+    /// Granularity of the cache's chunk bitmap (and of random reads).
+    pub chunk_size: ByteSize,
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheSection {
+            dir: None,
+            max_size: ByteSize(10 << 30),
+            chunk_size: ByteSize(1 << 20),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReadSection {
+    pub max_request: ByteSize,
+    pub readahead_initial: ByteSize,
+    pub readahead_max: ByteSize,
+    pub concurrency: usize,
+    pub memory_budget: ByteSize,
+    pub verify: bool,
+    pub retries: usize,
+}
+
+impl Default for ReadSection {
+    fn default() -> Self {
+        let d = crate::read::ReadConfig::default();
+        ReadSection {
+            max_request: ByteSize(d.max_request),
+            readahead_initial: ByteSize(d.readahead.initial),
+            readahead_max: ByteSize(d.readahead.max),
+            concurrency: d.concurrency,
+            memory_budget: ByteSize(d.memory_budget),
+            verify: d.verify,
+            retries: d.retries,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetadataSection {
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub negative_ttl: Duration,
+    pub stale_if_error: bool,
+}
+
+impl Default for MetadataSection {
+    fn default() -> Self {
+        let d = crate::fs::FsConfig::default();
+        MetadataSection {
+            ttl: d.metadata_ttl,
+            negative_ttl: d.negative_ttl,
+            stale_if_error: d.stale_if_error,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSection {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a `RUST_LOG`-style filter.
+    pub level: String,
+    /// Log file; default: stderr in the foreground, `<cache dir>/artifactfs.log` as a daemon.
+    pub file: Option<PathBuf>,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            level: "info".into(),
+            file: None,
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), String> {
+        let chunk = self.cache.chunk_size.0;
+        if !(4096..=(64 << 20)).contains(&chunk) || !chunk.is_power_of_two() {
+            return Err(format!("cache.chunk_size {} must be a power of two from 4KiB to 64MiB", self.cache.chunk_size));
+        }
+        if self.read.max_request.0 < chunk {
+            return Err("read.max_request must be at least cache.chunk_size".into());
+        }
+        if self.read.concurrency == 0 || self.mount.threads == 0 {
+            return Err("read.concurrency and mount.threads must be at least 1".into());
+        }
+        if self.read.readahead_max.0 < self.read.readahead_initial.0 {
+            return Err("read.readahead_max must be at least read.readahead_initial".into());
+        }
+        Ok(())
+    }
+}
+
+/// The default cache directory.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("artifactfs");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    home.join(".cache").join("artifactfs")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_binary_units() {
+        assert_eq!(ByteSize::parse("8M").unwrap().0, 8 << 20);
+        assert_eq!(ByteSize::parse("64MiB").unwrap().0, 64 << 20);
+        assert_eq!(ByteSize::parse("1 GiB").unwrap().0, 1 << 30);
+        assert_eq!(ByteSize::parse("4096").unwrap().0, 4096);
+        assert!(ByteSize::parse("lots").is_err());
+        assert_eq!(ByteSize(8 << 20).to_string(), "8MiB");
+        assert_eq!(ByteSize(1000).to_string(), "1000B");
+    }
+
+    #[test]
+    fn the_example_config_documents_every_key_with_its_default() {
+        let text = include_str!("../../mount.example.toml");
+        let parsed: Config = toml::from_str(text).expect("mount.example.toml parses");
+        let mut expect = Config::default();
+        expect.mount.remote = parsed.mount.remote.clone();
+        expect.cache.dir = parsed.cache.dir.clone();
+        expect.log.file = parsed.log.file.clone();
+        expect.mount.uid = parsed.mount.uid;
+        expect.mount.gid = parsed.mount.gid;
+        expect.mount.file_mode = parsed.mount.file_mode;
+        expect.mount.dir_mode = parsed.mount.dir_mode;
+        assert_eq!(parsed, expect, "the example's values are the defaults");
+        // Every key of the serialized defaults appears in the example.
+        let defaults = toml::to_string(&Config::default()).unwrap();
+        for line in defaults.lines() {
+            if let Some((key, _)) = line.split_once(" = ") {
+                assert!(text.contains(&format!("{key} = ")), "mount.example.toml lacks `{key}`");
+            }
+        }
+        for key in ["remote", "dir", "file", "uid", "gid", "file_mode", "dir_mode"] {
+            assert!(text.contains(&format!("{key} = ")), "mount.example.toml lacks `{key}`");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_impossible_values_are_refused() {
+        assert!(toml::from_str::<Config>("[cache]\nmax_sise = \"1G\"\n").is_err());
+        let mut c = Config::default();
+        c.cache.chunk_size = ByteSize(1000);
+        assert!(c.validate().is_err());
+        assert!(Config::default().validate().is_ok());
+    }
+}

@@ -1,0 +1,210 @@
+//! The command line: definitions (clap) and what each command runs. `main.rs` only parses
+//! and calls [`run`].
+
+pub mod config;
+mod daemon;
+mod logging;
+mod mount;
+mod registry;
+mod unmount;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use config::ByteSize;
+
+#[derive(Debug, Parser)]
+#[command(name = "artifactfs", version, about = "Mount a remote artifact store as a local directory")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mount REMOTE at MOUNTPOINT; returns once the mount is ready.
+    Mount(MountArgs),
+    /// Unmount a mount (waits for its daemon to finish; open files do not make it hang).
+    Unmount(UnmountArgs),
+    /// Serve a folder over HTTP as an artifact store (the built-in server).
+    Serve(ServeArgs),
+    /// Inspect or empty the cache.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// The remote: the URL of an `artifactfs serve` server (http:// or https://).
+    /// Optional when the config file names it.
+    #[arg(value_name = "REMOTE")]
+    pub first: String,
+    /// Where to mount (an existing directory).
+    #[arg(value_name = "MOUNTPOINT")]
+    pub second: Option<PathBuf>,
+    /// TOML configuration (see mount.example.toml); flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Cache directory [default: $XDG_CACHE_HOME/artifactfs or ~/.cache/artifactfs].
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Refuse writes (EROFS).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Stay in the foreground (Ctrl-C unmounts) instead of running as a daemon.
+    #[arg(long, short = 'f')]
+    pub foreground: bool,
+    /// Most bytes the cache keeps, e.g. 20G.
+    #[arg(long, value_name = "SIZE", value_parser = ByteSize::parse)]
+    pub max_cache_size: Option<ByteSize>,
+    /// How long metadata is trusted before it is revalidated, e.g. 60s.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub metadata_ttl: Option<Duration>,
+    /// Let other users use the mount (with kernel permission checks).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Log level or RUST_LOG-style filter [default: info].
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// Log to this file [default: stderr in the foreground, <cache dir>/artifactfs.log as a daemon].
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Threads answering the kernel.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Print the resolved configuration and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UnmountArgs {
+    /// The mount point.
+    pub mountpoint: PathBuf,
+    /// How long to wait for open files to be closed before cutting them off
+    /// [default: the mount's unmount_timeout].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The folder to serve.
+    pub dir: PathBuf,
+    /// Address to listen on (port 0 picks a free port and prints it).
+    #[arg(long, default_value = "127.0.0.1:8787")]
+    pub listen: std::net::SocketAddr,
+    /// Where the server keeps digests [default: DIR/.artifactfs].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Send `Cache-Control: max-age=SECONDS` with files and listings.
+    #[arg(long, value_name = "SECONDS")]
+    pub max_age: Option<u64>,
+    /// Log level or RUST_LOG-style filter [default: info].
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Size, versions, hit rate and remotes of a cache directory.
+    Stats {
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete every cached version (refused while a mount uses the directory).
+    Clear {
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+    },
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Mount(a) => mount::run(a),
+        Command::Unmount(a) => unmount::run(a),
+        Command::Serve(a) => serve(a),
+        Command::Cache(c) => cache(c),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("artifactfs: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(a: ServeArgs) -> Result<(), String> {
+    logging::init_stderr(a.log_level.as_deref().unwrap_or("info"));
+    let cfg = crate::server::ServerConfig {
+        root: a.dir,
+        listen: a.listen,
+        state_dir: a.state_dir,
+        max_age: a.max_age.map(Duration::from_secs),
+    };
+    crate::server::serve_blocking(cfg).map_err(|e| e.to_string())
+}
+
+fn cache(c: CacheCommand) -> Result<(), String> {
+    match c {
+        CacheCommand::Stats { cache_dir, json } => {
+            let dir = cache_dir.unwrap_or_else(config::default_cache_dir);
+            let s = crate::cache::stats(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s).map_err(|e| e.to_string())?);
+                return Ok(());
+            }
+            let c = s.counters;
+            let reads = c.hit_bytes + c.miss_bytes;
+            println!("cache directory  {}", s.dir.display());
+            println!("in use by        {}", s.in_use_by.as_deref().unwrap_or("nobody"));
+            println!("size             {} ({} bytes)", human(s.bytes), s.bytes);
+            println!("versions         {} ({} complete)", s.versions, s.complete_versions);
+            if let Some(t) = s.oldest_access {
+                let when = std::time::UNIX_EPOCH + Duration::from_secs(t);
+                println!("oldest entry     {}", humantime::format_rfc3339_seconds(when));
+            }
+            if reads > 0 {
+                println!(
+                    "hit rate         {:.1}% of {} read ({} fetched)",
+                    100.0 * c.hit_bytes as f64 / reads as f64,
+                    human(reads),
+                    human(c.fetched_bytes)
+                );
+            } else {
+                println!("hit rate         no reads recorded yet");
+            }
+            println!("pending uploads  {}", s.pending_uploads);
+            for r in &s.remotes {
+                println!("  {}  {} versions, {}", r.remote, r.versions, human(r.bytes));
+            }
+            Ok(())
+        }
+        CacheCommand::Clear { cache_dir } => {
+            let dir = cache_dir.unwrap_or_else(config::default_cache_dir);
+            let freed = crate::cache::clear(&dir).map_err(|e| e.to_string())?;
+            println!("cleared {} from {}", human(freed), dir.display());
+            Ok(())
+        }
+    }
+}
+
+/// `1.5 GiB`-style figure for people.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}

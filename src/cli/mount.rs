@@ -1,0 +1,290 @@
+//! `artifactfs mount`: resolve the configuration, become a daemon (unless `--foreground`),
+//! connect to the remote, lock the cache, mount, report ready, serve until unmounted.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use fuser::{MountOption, SessionACL};
+
+use super::config::Config;
+use super::daemon::{self, Forked, Ready};
+use super::registry::{self, MountRecord};
+use super::{MountArgs, logging, unmount};
+use crate::cache::{Cache, CacheConfig};
+use crate::fs::fuse::{ChannelInvalidator, FuseAdapter};
+use crate::fs::{ArtifactFs, FsConfig};
+use crate::read::{ReadConfig, ReadaheadConfig, Reader};
+use crate::store::DynStore;
+use crate::store::artifact::ArtifactStore;
+
+/// Everything a mount needs, resolved from defaults, the config file and the flags.
+#[derive(Debug)]
+pub struct Resolved {
+    pub cfg: Config,
+    pub remote: String,
+    pub mountpoint: PathBuf,
+    pub cache_dir: PathBuf,
+}
+
+pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
+    let mut cfg = match &a.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let (remote, mountpoint) = match &a.second {
+        Some(m) => (a.first.clone(), m.clone()),
+        None => (
+            cfg.mount
+                .remote
+                .clone()
+                .ok_or("no remote: give REMOTE MOUNTPOINT, or set mount.remote in the config")?,
+            PathBuf::from(&a.first),
+        ),
+    };
+    if let Some(d) = &a.cache_dir {
+        cfg.cache.dir = Some(d.clone());
+    }
+    if a.read_only {
+        cfg.mount.read_only = true;
+    }
+    if a.allow_other {
+        cfg.mount.allow_other = true;
+    }
+    if let Some(s) = a.max_cache_size {
+        cfg.cache.max_size = s;
+    }
+    if let Some(t) = a.metadata_ttl {
+        cfg.metadata.ttl = t;
+    }
+    if let Some(l) = &a.log_level {
+        cfg.log.level = l.clone();
+    }
+    if let Some(f) = &a.log_file {
+        cfg.log.file = Some(f.clone());
+    }
+    if let Some(n) = a.threads {
+        cfg.mount.threads = n;
+    }
+    cfg.mount.remote = Some(remote.clone());
+    cfg.validate()?;
+    let abs = |p: &Path| std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()));
+    let cache_dir = abs(&cfg.cache.dir.clone().unwrap_or_else(super::config::default_cache_dir))?;
+    cfg.cache.dir = Some(cache_dir.clone());
+    if let Some(f) = &cfg.log.file {
+        cfg.log.file = Some(abs(f)?);
+    }
+    Ok(Resolved {
+        remote,
+        mountpoint: abs(&mountpoint)?,
+        cache_dir,
+        cfg,
+    })
+}
+
+pub fn run(a: MountArgs) -> Result<(), String> {
+    let r = resolve(&a)?;
+    if a.print_config {
+        print!("{}", toml::to_string(&r.cfg).map_err(|e| e.to_string())?);
+        return Ok(());
+    }
+    if unmount::is_mounted(&r.mountpoint) {
+        return Err(format!("{} is already a mount point", r.mountpoint.display()));
+    }
+    match std::fs::metadata(&r.mountpoint) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(format!("{} is not a directory", r.mountpoint.display())),
+        Err(e) => return Err(format!("mount point {}: {e}", r.mountpoint.display())),
+    }
+    let log_path = r.cfg.log.file.clone().unwrap_or_else(|| r.cache_dir.join("artifactfs.log"));
+    let mut ready = if a.foreground {
+        match &r.cfg.log.file {
+            Some(f) => logging::init_file(&r.cfg.log.level, f).map_err(|e| format!("{}: {e}", f.display()))?,
+            None => logging::init_stderr(&r.cfg.log.level),
+        }
+        Ready::none()
+    } else {
+        match daemon::daemonize(&log_path).map_err(|e| format!("cannot start the daemon: {e}"))? {
+            Forked::Parent(Ok(msg)) => {
+                println!("{msg}");
+                return Ok(());
+            }
+            Forked::Parent(Err(e)) => return Err(e),
+            Forked::Child(ready) => {
+                // stderr is the log file now.
+                logging::init_file(&r.cfg.log.level, &log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
+                ready
+            }
+        }
+    };
+    match serve(&r, &mut ready) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::error!("{e}");
+            ready.fail(&e);
+            Err(e)
+        }
+    }
+}
+
+fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
+    let cfg = &r.cfg;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("afs-io")
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    let store: DynStore = Arc::new(
+        rt.block_on(ArtifactStore::connect(&r.remote, cfg.http.clone()))
+            .map_err(|e| format!("cannot use the remote {}: {e}", r.remote))?,
+    );
+    let owner = format!("mount {} of {}", r.mountpoint.display(), store.id());
+    let cache = Cache::open(
+        &CacheConfig {
+            dir: r.cache_dir.clone(),
+            max_size: cfg.cache.max_size.0,
+            chunk_size: cfg.cache.chunk_size.0,
+        },
+        &owner,
+    )
+    .map_err(|e| e.to_string())?;
+    rt.spawn(cache.clone().run_evictor());
+    let reader = Reader::new(
+        store.clone(),
+        Some(cache.clone()),
+        ReadConfig {
+            max_request: cfg.read.max_request.0,
+            readahead: ReadaheadConfig {
+                initial: cfg.read.readahead_initial.0,
+                max: cfg.read.readahead_max.0,
+            },
+            sequential_slack: cfg.mount.kernel_readahead.0.max(4 << 20),
+            concurrency: cfg.read.concurrency,
+            memory_budget: cfg.read.memory_budget.0,
+            verify: cfg.read.verify,
+            retries: cfg.read.retries,
+        },
+        rt.handle().clone(),
+    );
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let fs = ArtifactFs::new(
+        reader,
+        FsConfig {
+            metadata_ttl: cfg.metadata.ttl,
+            negative_ttl: cfg.metadata.negative_ttl,
+            stale_if_error: cfg.metadata.stale_if_error,
+            uid: cfg.mount.uid.unwrap_or(uid),
+            gid: cfg.mount.gid.unwrap_or(gid),
+            file_mode: cfg.mount.file_mode.unwrap_or(0o444),
+            dir_mode: cfg.mount.dir_mode.unwrap_or(0o555),
+            block_size: cfg.cache.chunk_size.0 as u32,
+            statfs_dir: Some(r.cache_dir.clone()),
+        },
+    );
+    let mut options = vec![
+        MountOption::FSName(format!("artifactfs:{}", store.id())),
+        MountOption::Subtype("artifactfs".into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::NoAtime,
+        // Writes come with the write-back release; until then every mount is read-only.
+        MountOption::RO,
+    ];
+    if cfg.mount.allow_other {
+        options.push(MountOption::DefaultPermissions);
+    }
+    let mut fc = fuser::Config::default();
+    fc.mount_options = options;
+    fc.acl = if cfg.mount.allow_other { SessionACL::All } else { SessionACL::Owner };
+    fc.n_threads = Some(cfg.mount.threads);
+    fc.clone_fd = true;
+    let session = fuser::Session::new(FuseAdapter::new(fs.clone(), rt.handle().clone()), &r.mountpoint, &fc)
+        .map_err(|e| format!("cannot mount at {}: {e}", r.mountpoint.display()))?;
+    fs.set_invalidator(ChannelInvalidator::start(session.notifier()));
+    if cfg.mount.kernel_readahead.0 > 0 {
+        set_kernel_readahead(&r.mountpoint, cfg.mount.kernel_readahead.0);
+    }
+    let record = MountRecord {
+        pid: std::process::id(),
+        mountpoint: r.mountpoint.clone(),
+        remote: store.id().to_string(),
+        cache_dir: r.cache_dir.clone(),
+        unmount_timeout_ms: cfg.mount.unmount_timeout.as_millis() as u64,
+    };
+    if let Err(e) = registry::write(&record) {
+        tracing::warn!("cannot record the mount (artifactfs unmount will still work by path): {e}");
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    rt.spawn(on_signal(
+        r.mountpoint.clone(),
+        cfg.mount.unmount_timeout,
+        done.clone(),
+        cache.clone(),
+    ));
+    tracing::info!(remote = store.id(), mountpoint = %r.mountpoint.display(), "mounted");
+    ready.ok(&format!("mounted {} at {}", store.id(), r.mountpoint.display()));
+    let result = session.run();
+    done.store(true, Ordering::Release);
+    tracing::info!(mountpoint = %r.mountpoint.display(), "unmounted");
+    registry::remove(&r.mountpoint);
+    drop(fs);
+    cache.persist();
+    rt.shutdown_timeout(Duration::from_secs(2));
+    result.map_err(|e| format!("the FUSE session ended with an error: {e}"))
+}
+
+/// On SIGINT/SIGTERM: unmount (detaching when files are open), give open files the unmount
+/// timeout to be closed, then stop, which cuts them off.
+async fn on_signal(mnt: PathBuf, timeout: Duration, done: Arc<AtomicBool>, cache: Arc<Cache>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        tracing::warn!("cannot listen for signals");
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("signal received, unmounting");
+    let was_mounted = unmount::is_mounted(&mnt);
+    if was_mounted {
+        match tokio::task::spawn_blocking({
+            let mnt = mnt.clone();
+            move || unmount::detach(&mnt)
+        })
+        .await
+        {
+            Ok(Ok(false)) => return,
+            Ok(Ok(true)) => tracing::info!("files still open; the mount point is detached, waiting up to {timeout:?}"),
+            Ok(Err(e)) => tracing::warn!("{e}"),
+            Err(_) => {}
+        }
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if done.load(Ordering::Acquire) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    if done.load(Ordering::Acquire) {
+        return;
+    }
+    tracing::warn!("stopping with files still open; they are cut off");
+    cache.persist();
+    registry::remove(&mnt);
+    std::process::exit(0);
+}
+
+/// Raises the kernel's readahead for the mount (`read_ahead_kb` of its backing device).
+fn set_kernel_readahead(mnt: &Path, bytes: u64) {
+    let Some((dev, _)) = unmount::mount_entry(mnt) else { return };
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    match std::fs::write(&path, (bytes / 1024).to_string()) {
+        Ok(()) => tracing::debug!("{path} = {}", bytes / 1024),
+        Err(e) => tracing::debug!("cannot raise the kernel readahead ({path}): {e}"),
+    }
+}
