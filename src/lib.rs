@@ -6,3 +6,4 @@
 //! built-in artifact server and `cli` the command line.
 
 pub mod protocol;
+pub mod server;
