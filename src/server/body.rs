@@ -20,8 +20,10 @@ use super::stats::{ActiveGuard, Stats};
 
 /// Size of one positioned read, and of one body frame.
 const READ_SIZE: u64 = 1 << 20;
-/// Frames read ahead of the socket (plus one being read and one being written).
-const READ_AHEAD: usize = 1;
+/// Frames read ahead of the socket (plus one being read and one being written: at most
+/// 4 MiB per response). Measured: 1 → 0.92× nginx, 2 → 0.95×; skipping the zeroing of the
+/// read buffer gained nothing measurable.
+const READ_AHEAD: usize = 2;
 
 /// Bytes `start..start + len` of `file`, which must keep `identity` throughout.
 pub struct FileBody {

@@ -389,14 +389,14 @@ impl DigestStore {
             digests: d.hex_digests(),
             etag: d.etag.clone(),
         };
-        if let Err(e) = write_atomically(&path, &sc) {
-            if !self.sidecar_broken.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    path = %path.display(),
-                    error = %e,
-                    "cannot write digest sidecar; keeping digests in memory only"
-                );
-            }
+        if let Err(e) = write_atomically(&path, &sc)
+            && !self.sidecar_broken.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "cannot write digest sidecar; keeping digests in memory only"
+            );
         }
     }
 }

@@ -34,10 +34,13 @@ struct DirKey {
     ctime_ns: i64,
 }
 
+/// Sorted names of one folder, valid while its key is unchanged.
+type CachedNames = (DirKey, Arc<Vec<String>>);
+
 /// Sorted UTF-8 names of recently listed folders.
 #[derive(Default)]
 pub struct DirCache {
-    map: Mutex<HashMap<PathBuf, (DirKey, Arc<Vec<String>>)>>,
+    map: Mutex<HashMap<PathBuf, CachedNames>>,
 }
 
 impl DirCache {

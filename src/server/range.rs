@@ -480,7 +480,10 @@ mod tests {
         assert_eq!(eval(&date(LM + 1)), Full);
         assert_eq!(eval(&date(LM - 1)), Full);
         assert_eq!(eval("junk"), Full);
-        assert_eq!(evaluate_range(&headers(&[range.clone()]), 100, &v()), part);
+        assert_eq!(
+            evaluate_range(&headers(std::slice::from_ref(&range)), 100, &v()),
+            part
+        );
         assert_eq!(evaluate_range(&headers(&[]), 100, &v()), Full);
         // If-Range without Range changes nothing.
         assert_eq!(

@@ -925,3 +925,29 @@ fn keep_alive_serves_several_requests_on_one_connection() {
         assert_eq!(r.body, &b"0123456789"[a..=b]);
     }
 }
+
+#[test]
+fn shutdown_is_prompt_with_idle_connections_and_bounded_with_stalled_bodies() {
+    let f = Fixture::new(|r| std::fs::write(r.join("big"), data(64 * MIB, 10)).unwrap());
+    let Fixture { tmp, server } = f;
+    let addr = server.addr();
+    // An idle keep-alive connection, as a client pool leaves behind.
+    let mut idle = TcpStream::connect(addr).unwrap();
+    write!(idle, "GET /?afs=info HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut buf = [0u8; 4096];
+    assert!(idle.read(&mut buf).unwrap() > 0);
+    let t = Instant::now();
+    drop(server);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(TcpStream::connect(addr).is_err(), "still accepting");
+
+    // A client that stops reading mid-body holds the shutdown for the grace period only.
+    let server = ServerHandle::start(ServerConfig::local(tmp.path().join("root"))).unwrap();
+    let mut stalled = TcpStream::connect(server.addr()).unwrap();
+    write!(stalled, "GET /big HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert!(stalled.read(&mut buf).unwrap() > 0);
+    let t = Instant::now();
+    drop(server);
+    let took = t.elapsed();
+    assert!(took < SHUTDOWN_GRACE + Duration::from_secs(3), "{took:?}");
+}
