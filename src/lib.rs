@@ -6,7 +6,9 @@
 //! built-in artifact server and `cli` the command line.
 
 pub mod cache;
+pub mod cli;
 pub mod fs;
 pub mod protocol;
 pub mod read;
+pub mod server;
 pub mod store;

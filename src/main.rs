@@ -1,3 +1,5 @@
-fn main() {
-    println!("artifactfs: under construction");
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    artifactfs::cli::run(artifactfs::cli::Cli::parse())
 }

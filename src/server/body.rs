@@ -1,0 +1,240 @@
+//! Streaming response bodies: a byte range of an open file, read ahead in positioned reads,
+//! and a wrapper that keeps a request counted as active until its body is gone.
+//!
+//! Owns the guarantee that a body never mixes two versions: every read is followed by an
+//! identity check of the open file, and a frame goes out only when its own check passed, so a
+//! change ends the body with an error before its last bytes (hyper then closes the connection
+//! short of `Content-Length`).
+//!
+//! Each read is its own short `spawn_blocking` task: a client that stops reading holds no
+//! blocking thread, only the frames already read.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use tokio::task::JoinHandle;
+
+use super::digests::{Identity, read_full_at};
+use super::stats::{ActiveGuard, Stats};
+
+/// Size of one positioned read, and of one body frame.
+const READ_SIZE: u64 = 1 << 20;
+/// Reads in flight or done but not yet handed to hyper; with the frame hyper is writing, at
+/// most 3 MiB per response. Measured against nginx with sendfile (1 GiB over loopback,
+/// alternating runs): one `curl` 1.07×, eight parallel ranged `curl`s 0.87×; three reads
+/// ahead were no faster, and skipping the zeroing of the read buffer gained nothing
+/// measurable.
+const READS_AHEAD: usize = 2;
+
+/// Bytes `start..start + len` of `file`, which must keep `identity` throughout.
+pub struct FileBody {
+    file: Arc<File>,
+    identity: Identity,
+    /// Next offset to start a read at, and the end of the range.
+    next: u64,
+    end: u64,
+    reads: VecDeque<JoinHandle<io::Result<Bytes>>>,
+    /// Bytes not yet handed out; 0 once the body ended (also on error).
+    remaining: u64,
+    stats: Arc<Stats>,
+}
+
+impl FileBody {
+    /// Starts reading ahead at once; must be called inside a tokio runtime.
+    pub fn new(
+        file: Arc<File>,
+        identity: Identity,
+        start: u64,
+        len: u64,
+        stats: Arc<Stats>,
+    ) -> FileBody {
+        let mut body = FileBody {
+            file,
+            identity,
+            next: start,
+            end: start + len,
+            reads: VecDeque::with_capacity(READS_AHEAD),
+            remaining: len,
+            stats,
+        };
+        body.read_ahead();
+        body
+    }
+
+    fn read_ahead(&mut self) {
+        while self.reads.len() < READS_AHEAD && self.next < self.end {
+            let want = (self.end - self.next).min(READ_SIZE) as usize;
+            let (file, identity, offset) = (Arc::clone(&self.file), self.identity, self.next);
+            self.reads.push_back(tokio::task::spawn_blocking(move || {
+                read_frame(&file, identity, offset, want)
+            }));
+            self.next += want as u64;
+        }
+    }
+
+    fn fail(&mut self, e: io::Error) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        tracing::warn!(error = %e, "ending a file body early");
+        self.remaining = 0;
+        self.reads.clear();
+        Poll::Ready(Some(Err(e)))
+    }
+}
+
+/// One `pread` of `want` bytes at `offset`, then the identity check that lets it go out.
+fn read_frame(file: &File, identity: Identity, offset: u64, want: usize) -> io::Result<Bytes> {
+    let mut buf = BytesMut::zeroed(want);
+    let got = read_full_at(file, &mut buf, offset)?;
+    if got < want {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "file shrank while it was sent",
+        ));
+    }
+    if Identity::of_file(file)? != identity {
+        return Err(io::Error::other("file changed while it was sent"));
+    }
+    Ok(buf.freeze())
+}
+
+impl Body for FileBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        self.read_ahead();
+        let Some(front) = self.reads.front_mut() else {
+            return self.fail(io::Error::other("file reader stopped"));
+        };
+        let done = ready!(Pin::new(front).poll(cx));
+        self.reads.pop_front();
+        match done {
+            Ok(Ok(bytes)) => {
+                let n = bytes.len() as u64;
+                self.remaining = self.remaining.saturating_sub(n);
+                self.stats.add_file_bytes(n);
+                self.read_ahead();
+                Poll::Ready(Some(Ok(Frame::data(bytes))))
+            }
+            Ok(Err(e)) => self.fail(e),
+            Err(join) => self.fail(io::Error::other(join)),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// Any body, holding the request's [`ActiveGuard`] until it is finished or dropped.
+pub struct Guarded<B> {
+    inner: B,
+    _guard: ActiveGuard,
+}
+
+impl<B> Guarded<B> {
+    pub fn new(inner: B, guard: ActiveGuard) -> Guarded<B> {
+        Guarded {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for Guarded<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn setup(len: usize) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("f");
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        (tmp, p, data)
+    }
+
+    #[tokio::test]
+    async fn streams_the_range_and_counts_bytes() {
+        let (_tmp, p, data) = setup(3 * READ_SIZE as usize + 10);
+        let file = Arc::new(File::open(&p).unwrap());
+        let id = Identity::of_file(&file).unwrap();
+        let stats = Arc::new(Stats::default());
+        let start = READ_SIZE - 3;
+        let len = 2 * READ_SIZE + 7;
+        let body = FileBody::new(file, id, start, len, Arc::clone(&stats));
+        let got = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&got[..], &data[start as usize..(start + len) as usize]);
+        assert_eq!(stats.snapshot().file_bytes_sent, len);
+    }
+
+    #[tokio::test]
+    async fn a_changed_file_ends_the_body_with_an_error() {
+        let (_tmp, p, _) = setup(2 * READ_SIZE as usize);
+        let file = Arc::new(File::open(&p).unwrap());
+        let id = Identity::of_file(&file).unwrap();
+        let stale = Identity {
+            ctime_ns: id.ctime_ns - 1,
+            ..id
+        };
+        let stats = Arc::new(Stats::default());
+        let body = FileBody::new(file, stale, 0, 2 * READ_SIZE, Arc::clone(&stats));
+        assert!(body.collect().await.is_err());
+        assert_eq!(stats.snapshot().file_bytes_sent, 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_body_releases_the_active_guard() {
+        let (_tmp, p, _) = setup(4 * READ_SIZE as usize);
+        let file = Arc::new(File::open(&p).unwrap());
+        let id = Identity::of_file(&file).unwrap();
+        let stats = Arc::new(Stats::default());
+        let guard = stats.begin_request();
+        let mut body = Guarded::new(
+            FileBody::new(file, id, 0, 4 * READ_SIZE, Arc::clone(&stats)),
+            guard,
+        );
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.data_ref().unwrap().len() as u64, READ_SIZE);
+        assert_eq!(stats.snapshot().active, 1);
+        drop(body);
+        assert_eq!(stats.snapshot().active, 0);
+        assert_eq!(stats.snapshot().file_bytes_sent, READ_SIZE);
+    }
+}

@@ -1,0 +1,161 @@
+//! The server's one error type and its mapping to an HTTP status and a JSON `ErrorBody`.
+//!
+//! Every handler returns `Result<Response, ServerError>`; this file is the only place that
+//! decides which status and `code` a failure becomes (`docs/PROTOCOL.md`, "Errors").
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+
+use crate::protocol::ErrorBody;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("bad path: {0}")]
+    BadPath(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("precondition failed")]
+    PreconditionFailed,
+    #[error("range not satisfiable (size {size})")]
+    RangeNotSatisfiable { size: u64 },
+    #[error("busy: {0}")]
+    Busy(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("internal error: {0}")]
+    Internal(String),
+    #[error("served folder {path}: {source}")]
+    Root {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ServerError {
+    /// An I/O failure on a path a request named: a missing file is a 404, not a 500.
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        let context = context.into();
+        match source.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => {
+                ServerError::NotFound(context)
+            }
+            io::ErrorKind::PermissionDenied => ServerError::Forbidden(context),
+            _ if source.raw_os_error() == Some(libc::ELOOP) => ServerError::NotFound(context),
+            _ => ServerError::Io { context, source },
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ServerError::BadPath(_) | ServerError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ServerError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ServerError::NotFound(_) => StatusCode::NOT_FOUND,
+            ServerError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ServerError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+            ServerError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            ServerError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ServerError::Io { .. }
+            | ServerError::Internal(_)
+            | ServerError::Root { .. }
+            | ServerError::Bind { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            ServerError::BadPath(_) => "bad_path",
+            ServerError::BadRequest(_) => "bad_request",
+            ServerError::Forbidden(_) => "forbidden",
+            ServerError::NotFound(_) => "not_found",
+            ServerError::MethodNotAllowed => "method_not_allowed",
+            ServerError::PreconditionFailed => "precondition_failed",
+            ServerError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
+            ServerError::Busy(_) => "busy",
+            ServerError::Io { .. }
+            | ServerError::Internal(_)
+            | ServerError::Root { .. }
+            | ServerError::Bind { .. } => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ServerError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, "request failed");
+        } else {
+            tracing::debug!(error = %self, "request refused");
+        }
+        let body = ErrorBody {
+            code: self.code().to_string(),
+            error: self.to_string(),
+        };
+        let json = serde_json::to_vec(&body).unwrap_or_default();
+        let mut resp = (status, json).into_response();
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        match self {
+            ServerError::RangeNotSatisfiable { size } => {
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    headers.insert(header::CONTENT_RANGE, v);
+                }
+            }
+            ServerError::MethodNotAllowed => {
+                headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_map_to_protocol_codes() {
+        let nf = ServerError::io("x", io::Error::from(io::ErrorKind::NotFound));
+        assert_eq!(
+            (nf.status(), nf.code()),
+            (StatusCode::NOT_FOUND, "not_found")
+        );
+        let other = ServerError::io("x", io::Error::other("boom"));
+        assert_eq!((other.status().as_u16(), other.code()), (500, "internal"));
+        let busy = ServerError::Busy("x".into());
+        assert_eq!((busy.status().as_u16(), busy.code()), (503, "busy"));
+    }
+
+    #[test]
+    fn range_error_carries_content_range() {
+        let r = ServerError::RangeNotSatisfiable { size: 42 }.into_response();
+        assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+        assert_eq!(r.headers()[header::CONTENT_RANGE], "bytes */42");
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+    }
+}

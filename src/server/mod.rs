@@ -1,0 +1,471 @@
+//! The built-in artifact server, `artifactfs serve DIR`: the reference implementation of
+//! `docs/PROTOCOL.md` (read side).
+//!
+//! This file owns the public API (bind, serve, a thread-backed handle for tests and blocking
+//! callers), startup and shutdown, and the dispatch of a request to its operation. The rules
+//! live in their own files: `paths` (request path → file), `range` (Range and conditionals),
+//! `digests` (chunk digests, ETags, sidecars), `listing` (folder pages), `files` (file
+//! answers), `body` (streaming), `query`, `stats`, `error` (status and JSON of failures).
+
+mod body;
+mod digests;
+mod error;
+mod files;
+mod listing;
+mod paths;
+mod query;
+mod range;
+mod stats;
+#[cfg(test)]
+mod tests;
+
+use std::fs::File;
+use std::future::Future;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::serve::ListenerExt;
+use futures_util::FutureExt;
+use http::{HeaderValue, Method, StatusCode, header};
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+pub use error::ServerError;
+pub use stats::Stats;
+
+use body::Guarded;
+use digests::DigestStore;
+use listing::DirCache;
+use paths::{Resolved, Root, parse_request_path};
+use query::{Op, Query};
+
+use crate::protocol::{
+    DIGEST_CHUNK_SIZE, KIND_HEADER, LIST_MAX_LIMIT, PROTOCOL, ServerCapabilities, ServerInfo,
+    quote_etag,
+};
+
+/// How long a graceful shutdown waits for responses still being sent.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What to serve and where.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The served folder.
+    pub root: PathBuf,
+    pub listen: SocketAddr,
+    /// Where digests are kept; `root/.artifactfs` when `None`.
+    pub state_dir: Option<PathBuf>,
+    /// Sent as `Cache-Control: max-age=N` on file answers when set.
+    pub max_age: Option<Duration>,
+}
+
+impl ServerConfig {
+    /// Serves `root` on `127.0.0.1` at a port the system picks.
+    pub fn local(root: impl Into<PathBuf>) -> ServerConfig {
+        ServerConfig {
+            root: root.into(),
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            state_dir: None,
+            max_age: None,
+        }
+    }
+}
+
+/// What every request handler shares.
+struct Ctx {
+    root: Arc<Root>,
+    store: Arc<DigestStore>,
+    dirs: Arc<DirCache>,
+    stats: Arc<Stats>,
+    max_age: Option<Duration>,
+}
+
+/// A server whose listener is bound, not yet serving.
+pub struct Server {
+    listener: TcpListener,
+    addr: SocketAddr,
+    ctx: Arc<Ctx>,
+}
+
+impl Server {
+    /// Checks the served folder, prepares the state folder and binds the listener.
+    pub async fn bind(cfg: ServerConfig) -> Result<Server, ServerError> {
+        let root_err = |source| ServerError::Root {
+            path: cfg.root.clone(),
+            source,
+        };
+        let canon = std::fs::canonicalize(&cfg.root).map_err(root_err)?;
+        if !std::fs::metadata(&canon).map_err(root_err)?.is_dir() {
+            return Err(root_err(std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                "not a folder",
+            )));
+        }
+        let state_dir = cfg
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| canon.join(paths::STATE_DIR_NAME));
+        let store = Arc::new(DigestStore::new(&state_dir));
+        let root = Arc::new(Root::new(canon, &state_dir));
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        tracing::info!(root = %root.path().display(), %addr, "artifact server bound");
+        let ctx = Arc::new(Ctx {
+            root,
+            store,
+            dirs: Arc::new(DirCache::default()),
+            stats: Arc::new(Stats::default()),
+            max_age: cfg.max_age,
+        });
+        Ok(Server {
+            listener,
+            addr,
+            ctx,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.ctx.stats)
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets answers in progress finish
+    /// (at most [`SHUTDOWN_GRACE`]) and returns.
+    pub async fn run_until<F: Future<Output = ()> + Send + 'static>(
+        self,
+        shutdown: F,
+    ) -> Result<(), ServerError> {
+        let app = Router::new().fallback(handle).with_state(self.ctx);
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
+        let stop = shutdown.boxed().shared();
+        let serve = axum::serve(listener, app).with_graceful_shutdown(stop.clone());
+        let deadline = async {
+            stop.await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::select! {
+            res = serve => res.map_err(|source| ServerError::Io { context: "serving".into(), source }),
+            () = deadline => {
+                tracing::warn!("answers still in progress after the shutdown grace period; closing");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A server on its own thread with its own tokio runtime; shuts down and joins on drop.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    stats: Arc<Stats>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    pub fn start(cfg: ServerConfig) -> Result<ServerHandle, ServerError> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("artifactfs-server".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(source) => {
+                        let context = "starting the server runtime".into();
+                        let _ = ready_tx.send(Err(ServerError::Io { context, source }));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let server = match Server::bind(cfg).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok((server.local_addr(), server.stats())));
+                    let stop = async {
+                        let _ = stop_rx.await;
+                    };
+                    if let Err(e) = server.run_until(stop).await {
+                        tracing::error!(error = %e, "artifact server failed");
+                    }
+                });
+                rt.shutdown_timeout(Duration::from_secs(2));
+            })
+            .map_err(|source| ServerError::Io {
+                context: "starting the server thread".into(),
+                source,
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok((addr, stats))) => Ok(ServerHandle {
+                addr,
+                stats,
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(ServerError::Internal(
+                    "the server thread ended at start".into(),
+                ))
+            }
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://IP:PORT`, with `127.0.0.1` when the server listens on every address.
+    pub fn url(&self) -> String {
+        let mut addr = self.addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{addr}")
+    }
+
+    pub fn stats(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What `artifactfs serve` runs: binds, prints `listening on http://ADDR` (one line, flushed),
+/// serves until SIGINT or SIGTERM, then shuts down gracefully.
+pub fn serve_blocking(cfg: ServerConfig) -> Result<(), ServerError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ServerError::Io {
+            context: "starting the server runtime".into(),
+            source,
+        })?;
+    rt.block_on(async move {
+        let server = Server::bind(cfg).await?;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on http://{}", server.local_addr())
+            .and_then(|()| out.flush())
+            .map_err(|source| ServerError::Io {
+                context: "writing to stdout".into(),
+                source,
+            })?;
+        drop(out);
+        server.run_until(shutdown_signal()).await
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; stopping on SIGINT only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutting down");
+}
+
+/// Every request: count it, answer it, log it, keep it active until its body is gone.
+async fn handle(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
+    let guard = ctx.stats.begin_request();
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let resp = dispatch(&ctx, req)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    tracing::debug!(%method, %uri, status = resp.status().as_u16(), "request");
+    resp.map(|b| Body::new(Guarded::new(b, guard)))
+}
+
+async fn dispatch(ctx: &Arc<Ctx>, req: Request) -> Result<Response, ServerError> {
+    let method = req.method().clone();
+    if method != Method::GET && method != Method::HEAD {
+        return Err(ServerError::MethodNotAllowed);
+    }
+    if method == Method::HEAD {
+        ctx.stats.bump(stats::Counter::Heads);
+    }
+    let query = Query::parse(req.uri().query())?;
+    match query.op {
+        Op::Info => return json_response(&server_info()),
+        Op::Stats => return json_response(&ctx.stats.snapshot()),
+        Op::Plain | Op::List | Op::Digests => {}
+    }
+    let req_path = parse_request_path(req.uri().path())?;
+    let root = Arc::clone(&ctx.root);
+    let rp = req_path.clone();
+    let target = tokio::task::spawn_blocking(move || open_target(&root, &rp))
+        .await
+        .map_err(|e| ServerError::Internal(e.to_string()))??;
+    let shown = req_path.rel.to_string_lossy().into_owned();
+    let headers = req.headers();
+    match (target, query.op) {
+        (Target::Dir(dir), Op::List) | (Target::Dir(dir), Op::Plain) if method == Method::GET => {
+            list(ctx, headers, dir, shown, query).await
+        }
+        (Target::Dir(_), Op::Digests) => Err(ServerError::BadRequest(format!(
+            "{shown} is a folder, not a file"
+        ))),
+        // HEAD of a folder (info and stats were answered above).
+        (Target::Dir(_), _) => {
+            let mut resp = StatusCode::OK.into_response();
+            resp.headers_mut()
+                .insert(KIND_HEADER, HeaderValue::from_static("dir"));
+            Ok(resp)
+        }
+        (Target::File(..), Op::List) => Err(ServerError::BadRequest(format!(
+            "{shown} is a file, not a folder"
+        ))),
+        (Target::File(..), _) if req_path.trailing_slash => Err(ServerError::NotFound(format!(
+            "{shown}/ (a file, not a folder)"
+        ))),
+        (Target::File(file, res), Op::Digests) => {
+            files::serve_digests(ctx, headers, &res, file).await
+        }
+        (Target::File(file, res), _) => files::serve_file(ctx, &method, headers, &res, file).await,
+    }
+}
+
+enum Target {
+    File(Arc<File>, Resolved),
+    Dir(Resolved),
+}
+
+/// Resolves the request path and opens a regular file (its identity is then taken from the
+/// open descriptor, never from the path again). Blocking.
+fn open_target(root: &Root, req: &paths::RequestPath) -> Result<Target, ServerError> {
+    let res = root.resolve(req)?;
+    let shown = || req.rel.display().to_string();
+    let meta = std::fs::metadata(&res.canon).map_err(|e| ServerError::io(shown(), e))?;
+    if meta.is_dir() {
+        return Ok(Target::Dir(res));
+    }
+    if !meta.is_file() {
+        return Err(ServerError::NotFound(format!("{} is not a file", shown())));
+    }
+    // O_NONBLOCK: should the path have become a FIFO meanwhile, opening it must not hang.
+    // O_NOFOLLOW: the canonical path has no symlink; refuse one swapped in since.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(&res.canon)
+        .map_err(|e| ServerError::io(shown(), e))?;
+    let meta = file.metadata().map_err(|e| ServerError::io(shown(), e))?;
+    if !meta.is_file() {
+        return Err(ServerError::NotFound(format!("{} is not a file", shown())));
+    }
+    Ok(Target::File(Arc::new(file), res))
+}
+
+async fn list(
+    ctx: &Arc<Ctx>,
+    headers: &http::HeaderMap,
+    dir: Resolved,
+    shown: String,
+    query: Query,
+) -> Result<Response, ServerError> {
+    ctx.stats.bump(stats::Counter::Lists);
+    let page = listing::list_page(
+        &ctx.root,
+        &ctx.dirs,
+        &ctx.store,
+        dir,
+        shown,
+        query.limit,
+        query.after,
+    )
+    .await?;
+    let json = serde_json::to_vec(&page).map_err(|e| ServerError::Internal(e.to_string()))?;
+    let tag = listing::page_etag(&json);
+    let etag = HeaderValue::from_str(&quote_etag(&tag))
+        .map_err(|e| ServerError::Internal(e.to_string()))?;
+    let mut resp = if range::none_match(headers, &tag) {
+        ctx.stats.bump(stats::Counter::NotModified);
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        json_bytes_response(json)
+    };
+    let h = resp.headers_mut();
+    h.insert(header::ETAG, etag);
+    h.insert(KIND_HEADER, HeaderValue::from_static("dir"));
+    Ok(resp)
+}
+
+fn server_info() -> ServerInfo {
+    ServerInfo {
+        protocol: PROTOCOL.to_string(),
+        server: format!("artifactfs {}", env!("CARGO_PKG_VERSION")),
+        chunk_size: DIGEST_CHUNK_SIZE,
+        max_list_limit: LIST_MAX_LIMIT,
+        capabilities: ServerCapabilities {
+            ranges: true,
+            listing_etags: true,
+            digests: true,
+            writes: false,
+        },
+    }
+}
+
+fn json_response<T: Serialize>(value: &T) -> Result<Response, ServerError> {
+    let json = serde_json::to_vec(value).map_err(|e| ServerError::Internal(e.to_string()))?;
+    Ok(json_bytes_response(json))
+}
+
+fn json_bytes_response(json: Vec<u8>) -> Response {
+    let mut resp = Response::new(Body::from(json));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
