@@ -8,9 +8,12 @@ use std::sync::Mutex;
 use tracing_subscriber::EnvFilter;
 
 fn filter(level: &str) -> EnvFilter {
+    // fuser warns that its own unmount-on-exit failed after the kernel already unmounted:
+    // noise, not news.
+    const QUIET: &str = "fuser::session=error";
     EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .or_else(|_| EnvFilter::try_new(format!("{level},{QUIET}")))
+        .unwrap_or_else(|_| EnvFilter::new(format!("info,{QUIET}")))
 }
 
 pub fn init_stderr(level: &str) {

@@ -170,9 +170,19 @@ impl Inode {
         }
         match (&self.etag, &c.etag) {
             (Some(a), Some(b)) => a == b && self.size == c.size,
-            _ => self.size == c.size && self.mtime == c.mtime,
+            _ => self.size == c.size && same_second(self.mtime, c.mtime),
         }
     }
+}
+
+/// Whether two modification times are the same to the second: HTTP dates carry seconds
+/// only, listings may carry nanoseconds.
+fn same_second(a: SystemTime, b: SystemTime) -> bool {
+    let secs = |t: SystemTime| match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i128,
+        Err(e) => -(e.duration().as_secs_f64().ceil() as i128),
+    };
+    secs(a) == secs(b)
 }
 
 #[derive(Debug, Default)]
@@ -788,7 +798,7 @@ impl ArtifactFs {
                     ));
                 };
                 let mut t = self.table.lock();
-                let same = m.size == size && m.mtime == mtime;
+                let same = m.size == size && same_second(m.mtime, mtime);
                 if !same {
                     let child = Child {
                         kind: Kind::File,
