@@ -263,10 +263,11 @@ impl DigestStore {
                     .acquire_owned()
                     .await
                     .map_err(|e| ServerError::Internal(e.to_string()))?;
-                let file = tokio::task::spawn_blocking(move || File::open(&canon))
-                    .await
-                    .map_err(|e| ServerError::Internal(e.to_string()))?
-                    .map_err(|e| ServerError::io(rel.display().to_string(), e))?;
+                let file =
+                    tokio::task::spawn_blocking(move || super::paths::open_canonical(&canon))
+                        .await
+                        .map_err(|e| ServerError::Internal(e.to_string()))?
+                        .map_err(|e| ServerError::io(rel.display().to_string(), e))?;
                 store.get(&rel, &Arc::new(file)).await
             }
             .await;

@@ -1,4 +1,5 @@
-//! Paged JSON listings of folders (`?afs=list`), and the per-folder cache of sorted names.
+//! Paged JSON listings of folders (`?afs=list`, or a plain `GET` of a folder) with their own
+//! `ETag`, and the per-folder cache of sorted names.
 //!
 //! Owns which entries a listing shows (files and folders, symlinks only when they stay inside
 //! the served folder, UTF-8 names only, never the state folder) and their order (bytewise by
@@ -14,10 +15,16 @@ use std::time::{Duration, SystemTime};
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+
 use super::digests::{DigestStore, Identity, SMALL_FILE_MAX};
 use super::error::ServerError;
-use super::paths::{Resolved, Root, STATE_DIR_NAME};
-use crate::protocol::{EntryKind, ListEntry, ListPage};
+use super::paths::{self, Resolved, Root, STATE_DIR_NAME};
+use super::range::none_match;
+use super::stats::Counter;
+use super::{Ctx, json_bytes_response};
+use crate::protocol::{EntryKind, KIND_HEADER, ListEntry, ListPage, quote_etag};
 
 /// Folders whose names are cached at once.
 const DIR_CACHE_MAX: usize = 1024;
@@ -144,7 +151,7 @@ pub async fn list_page(
     let mut tags = futures_util::stream::iter(small)
         .map(|u| async move {
             let canon = u.canon.clone();
-            let file = tokio::task::spawn_blocking(move || std::fs::File::open(canon))
+            let file = tokio::task::spawn_blocking(move || paths::open_canonical(&canon))
                 .await
                 .ok()?
                 .ok()?;
@@ -245,6 +252,37 @@ fn stat_entry(
         etag: None,
     };
     Some((entry, rel, canon, identity))
+}
+
+/// `GET` of a folder: one page as JSON, with its own `ETag`, or `304` when `If-None-Match`
+/// names it.
+pub async fn serve_listing(
+    ctx: &Ctx,
+    headers: &HeaderMap,
+    dir: Resolved,
+    shown_path: String,
+    limit: usize,
+    after: Option<String>,
+) -> Result<Response, ServerError> {
+    ctx.stats.bump(Counter::Lists);
+    let page = list_page(
+        &ctx.root, &ctx.dirs, &ctx.store, dir, shown_path, limit, after,
+    )
+    .await?;
+    let json = serde_json::to_vec(&page).map_err(|e| ServerError::Internal(e.to_string()))?;
+    let tag = page_etag(&json);
+    let etag = HeaderValue::from_str(&quote_etag(&tag))
+        .map_err(|e| ServerError::Internal(e.to_string()))?;
+    let mut resp = if none_match(headers, &tag) {
+        ctx.stats.bump(Counter::NotModified);
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        json_bytes_response(json)
+    };
+    let h = resp.headers_mut();
+    h.insert(header::ETAG, etag);
+    h.insert(KIND_HEADER, HeaderValue::from_static("dir"));
+    Ok(resp)
 }
 
 /// The strong tag of a serialized page.

@@ -23,7 +23,6 @@ use std::fs::File;
 use std::future::Future;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +48,6 @@ use query::{Op, Query};
 
 use crate::protocol::{
     DIGEST_CHUNK_SIZE, KIND_HEADER, LIST_MAX_LIMIT, PROTOCOL, ServerCapabilities, ServerInfo,
-    quote_etag,
 };
 
 /// How long a graceful shutdown waits for responses still being sent.
@@ -351,7 +349,7 @@ async fn dispatch(ctx: &Arc<Ctx>, req: Request) -> Result<Response, ServerError>
     let headers = req.headers();
     match (target, query.op) {
         (Target::Dir(dir), Op::List) | (Target::Dir(dir), Op::Plain) if method == Method::GET => {
-            list(ctx, headers, dir, shown, query).await
+            listing::serve_listing(ctx, headers, dir, shown, query.limit, query.after).await
         }
         (Target::Dir(_), Op::Digests) => Err(ServerError::BadRequest(format!(
             "{shown} is a folder, not a file"
@@ -393,52 +391,12 @@ fn open_target(root: &Root, req: &paths::RequestPath) -> Result<Target, ServerEr
     if !meta.is_file() {
         return Err(ServerError::NotFound(format!("{} is not a file", shown())));
     }
-    // O_NONBLOCK: should the path have become a FIFO meanwhile, opening it must not hang.
-    // O_NOFOLLOW: the canonical path has no symlink; refuse one swapped in since.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-        .open(&res.canon)
-        .map_err(|e| ServerError::io(shown(), e))?;
+    let file = paths::open_canonical(&res.canon).map_err(|e| ServerError::io(shown(), e))?;
     let meta = file.metadata().map_err(|e| ServerError::io(shown(), e))?;
     if !meta.is_file() {
         return Err(ServerError::NotFound(format!("{} is not a file", shown())));
     }
     Ok(Target::File(Arc::new(file), res))
-}
-
-async fn list(
-    ctx: &Arc<Ctx>,
-    headers: &http::HeaderMap,
-    dir: Resolved,
-    shown: String,
-    query: Query,
-) -> Result<Response, ServerError> {
-    ctx.stats.bump(stats::Counter::Lists);
-    let page = listing::list_page(
-        &ctx.root,
-        &ctx.dirs,
-        &ctx.store,
-        dir,
-        shown,
-        query.limit,
-        query.after,
-    )
-    .await?;
-    let json = serde_json::to_vec(&page).map_err(|e| ServerError::Internal(e.to_string()))?;
-    let tag = listing::page_etag(&json);
-    let etag = HeaderValue::from_str(&quote_etag(&tag))
-        .map_err(|e| ServerError::Internal(e.to_string()))?;
-    let mut resp = if range::none_match(headers, &tag) {
-        ctx.stats.bump(stats::Counter::NotModified);
-        StatusCode::NOT_MODIFIED.into_response()
-    } else {
-        json_bytes_response(json)
-    };
-    let h = resp.headers_mut();
-    h.insert(header::ETAG, etag);
-    h.insert(KIND_HEADER, HeaderValue::from_static("dir"));
-    Ok(resp)
 }
 
 fn server_info() -> ServerInfo {

@@ -102,6 +102,17 @@ impl Root {
     }
 }
 
+/// Opens a canonical path for reading. `O_NONBLOCK`: should the path have become a FIFO since
+/// it was checked, opening must not hang (reads of regular files ignore the flag).
+/// `O_NOFOLLOW`: a canonical path has no symlink; refuse one swapped in since.
+pub fn open_canonical(canon: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(canon)
+}
+
 /// Decodes the raw URI path (percent-encoding, once) and checks every segment.
 pub fn parse_request_path(raw: &str) -> Result<RequestPath, ServerError> {
     let Some(raw_rel) = raw.strip_prefix('/') else {

@@ -14,6 +14,7 @@ use http::{StatusCode, header};
 use super::*;
 use crate::protocol::{
     DigestList, EntryKind, ErrorBody, ListPage, ServerStats, chunk_digests, etag_from_digests,
+    quote_etag,
 };
 
 const MIB: usize = 1 << 20;
