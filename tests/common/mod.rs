@@ -1,0 +1,272 @@
+//! Helpers that make an end-to-end test read like the user's own commands: a store folder, the
+//! built-in server on 127.0.0.1 port 0, a real mount in a temp dir that is always unmounted
+//! (also when the test panics), and a fault-injecting proxy.
+#![allow(dead_code)]
+
+pub mod proxy;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use artifactfs::protocol::ServerStats;
+use artifactfs::server::{ServerConfig, ServerHandle};
+
+pub const MIB: usize = 1 << 20;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_artifactfs")
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn hash(data: &[u8]) -> String {
+    blake3::hash(data).to_hex().to_string()
+}
+
+pub fn hash_file(p: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(p)?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(h.finalize().to_hex().to_string());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// A folder served as an artifact store.
+pub struct Store {
+    pub dir: tempfile::TempDir,
+}
+
+impl Store {
+    pub fn new() -> Self {
+        Store {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn write(&self, rel: &str, data: &[u8]) {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        // Written beside and renamed, as a publisher would: readers never see half a file.
+        let tmp = p.with_extension("tmp-writing");
+        std::fs::write(&tmp, data).unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+    }
+
+    pub fn serve(&self) -> Server {
+        Server {
+            handle: ServerHandle::start(ServerConfig::local(self.dir.path())).unwrap(),
+        }
+    }
+}
+
+pub struct Server {
+    pub handle: ServerHandle,
+}
+
+impl Server {
+    pub fn url(&self) -> String {
+        self.handle.url()
+    }
+
+    pub fn stats(&self) -> ServerStats {
+        self.handle.stats().snapshot()
+    }
+}
+
+/// A real mount of `url` in a temp dir, run in the foreground as a child process so the test
+/// knows its pid. Dropping it unmounts (lazily if need be) and reaps the daemon.
+pub struct Mount {
+    pub dir: tempfile::TempDir,
+    pub mnt: PathBuf,
+    pub cache: PathBuf,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+pub struct MountOpts {
+    pub cache: Option<PathBuf>,
+    pub args: Vec<String>,
+}
+
+impl Default for MountOpts {
+    fn default() -> Self {
+        MountOpts {
+            cache: None,
+            args: Vec::new(),
+        }
+    }
+}
+
+impl Mount {
+    pub fn new(url: &str) -> Mount {
+        Mount::with(url, MountOpts::default())
+    }
+
+    pub fn with(url: &str, opts: MountOpts) -> Mount {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let cache = opts.cache.clone().unwrap_or_else(|| dir.path().join("cache"));
+        let log = dir.path().join("mount.log");
+        let child = Command::new(bin())
+            .arg("mount")
+            .arg(url)
+            .arg(&mnt)
+            .arg("--foreground")
+            .arg("--cache-dir")
+            .arg(&cache)
+            .args(&opts.args)
+            .env("RUST_LOG", "artifactfs=debug,info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut m = Mount {
+            dir,
+            mnt,
+            cache,
+            child: Some(child),
+            log,
+        };
+        m.wait_mounted();
+        m
+    }
+
+    fn wait_mounted(&mut self) {
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            if is_mounted(&self.mnt) {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("mount exited with {status}: {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("not mounted after 20 s: {}", self.log_text());
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `artifactfs unmount`, then waits for the daemon to exit.
+    pub fn unmount(&mut self) -> Output {
+        let out = Command::new(bin()).arg("unmount").arg(&self.mnt).output().unwrap();
+        if let Some(mut c) = self.child.take() {
+            let end = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                if Instant::now() > end {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        out
+    }
+
+    /// Kills the daemon without letting it clean up (a crash).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        force_unmount(&self.mnt);
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let out = self.unmount();
+            if !out.status.success() && is_mounted(&self.mnt) {
+                force_unmount(&self.mnt);
+            }
+        }
+        if is_mounted(&self.mnt) {
+            force_unmount(&self.mnt);
+        }
+    }
+}
+
+pub fn force_unmount(mnt: &Path) {
+    let c = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: valid C string.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}
+
+pub fn is_mounted(mnt: &Path) -> bool {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let want = mnt.to_str().unwrap().replace(' ', "\\040");
+    text.lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+/// RssAnon and VmRSS of a process, in bytes.
+pub fn memory_of(pid: u32) -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        let line = s.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+    };
+    Some((field("RssAnon:")?, field("VmRSS:")?))
+}
+
+/// Every file under `root` (relative path → (is_dir, size)), sorted.
+pub fn tree(root: &Path) -> Vec<(String, bool, u64)> {
+    let mut out = Vec::new();
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, bool, u64)>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap()).collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name().to_string_lossy().to_string();
+            if dir == root && name == ".artifactfs" {
+                continue;
+            }
+            let md = std::fs::metadata(e.path()).unwrap();
+            let rel = e.path().strip_prefix(root).unwrap().to_string_lossy().to_string();
+            out.push((rel, md.is_dir(), if md.is_dir() { 0 } else { md.len() }));
+            if md.is_dir() {
+                walk(root, &e.path(), out);
+            }
+        }
+    }
+    walk(root, root, &mut out);
+    out
+}
