@@ -34,7 +34,11 @@ fn a_256mib_file_and_2000_small_files_read_back_identical_and_remount_fetches_no
     for (rel, h) in &expect {
         assert_eq!(&hash_file(&m.path(rel)).unwrap(), h, "{rel}");
     }
-    let total: u64 = big.len() as u64 + expect.keys().map(|r| std::fs::metadata(store.path(r)).unwrap().len()).sum::<u64>();
+    let total: u64 = big.len() as u64
+        + expect
+            .keys()
+            .map(|r| std::fs::metadata(store.path(r)).unwrap().len())
+            .sum::<u64>();
     let s = server.stats();
     assert_eq!(s.file_bytes_sent, total, "every byte fetched exactly once");
     // `ls -lR` sees the same tree as the store.
@@ -116,7 +120,11 @@ fn random_offset_reads_match() {
         assert_eq!(&buf[..], &data[off as usize..off as usize + 4096]);
     }
     let fetched = server.stats().file_bytes_sent - before;
-    assert!(fetched <= 12 * MIB as u64, "6 small random reads fetched {} MiB", fetched >> 20);
+    assert!(
+        fetched <= 12 * MIB as u64,
+        "6 small random reads fetched {} MiB",
+        fetched >> 20
+    );
 }
 
 #[test]
@@ -145,7 +153,11 @@ fn a_remote_change_after_the_ttl_is_seen_and_never_mixed_with_old_bytes() {
     let h = hash_file(&m.path("f.bin")).unwrap();
     assert!(h == hash(&v1) || h == hash(&v2), "mixed bytes within the TTL");
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(hash_file(&m.path("f.bin")).unwrap(), hash(&v2), "the change is seen after the TTL");
+    assert_eq!(
+        hash_file(&m.path("f.bin")).unwrap(),
+        hash(&v2),
+        "the change is seen after the TTL"
+    );
 
     // The old handle reads its own version, or fails; it never returns v2's bytes.
     for off in [0u64, 13 * MIB as u64, 40 * MIB as u64, 47 * MIB as u64] {
@@ -168,18 +180,31 @@ fn whole_file_answers_and_cut_bodies_never_give_wrong_bytes() {
     let proxy = proxy::Proxy::start(&server.url());
     let m = Mount::new(&proxy.url());
     // Cut the first three file bodies after 1.5 MiB.
-    proxy.faults.truncate_after.store(3 * MIB as u64 / 2, std::sync::atomic::Ordering::Relaxed);
+    proxy
+        .faults
+        .truncate_after
+        .store(3 * MIB as u64 / 2, std::sync::atomic::Ordering::Relaxed);
     proxy.faults.truncate.store(3, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(hash_file(&m.path("a.bin")).unwrap(), hash(&a));
-    assert_eq!(proxy.faults.truncate.load(std::sync::atomic::Ordering::Relaxed), 0, "the cuts happened");
+    assert_eq!(
+        proxy.faults.truncate.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the cuts happened"
+    );
     // Answer ranged requests with the whole file: the mount must still read the right bytes.
-    proxy.faults.strip_range.store(1000, std::sync::atomic::Ordering::Relaxed);
+    proxy
+        .faults
+        .strip_range
+        .store(1000, std::sync::atomic::Ordering::Relaxed);
     let f = std::fs::File::open(m.path("b.bin")).unwrap();
     let mut buf = vec![0u8; 10_000];
     f.read_exact_at(&mut buf, 20 * MIB as u64).unwrap();
     assert_eq!(&buf[..], &b[20 * MIB..20 * MIB + 10_000]);
     assert_eq!(hash_file(&m.path("b.bin")).unwrap(), hash(&b));
-    assert!(m.log_text().contains("whole files"), "the switch to whole-file reads is logged");
+    assert!(
+        m.log_text().contains("whole files"),
+        "the switch to whole-file reads is logged"
+    );
 }
 
 #[test]
@@ -237,7 +262,11 @@ fn unmount_with_a_file_held_open_completes() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(start.elapsed() < Duration::from_secs(8), "unmount took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "unmount took {:?}",
+        start.elapsed()
+    );
     assert!(!is_mounted(&m.mnt));
     // The daemon stopped even though the file is still open.
     let child = m.child.as_mut().unwrap();
@@ -257,14 +286,27 @@ fn ordinary_tools_work_on_the_mount() {
         std::fs::write(src.path().join(format!("m{i}.txt")), bytes(10_000 + i, i as u64)).unwrap();
     }
     let tar = store.path("x.tar");
-    let st = Command::new("tar").arg("-cf").arg(&tar).arg("-C").arg(src.path()).arg(".").status().unwrap();
+    let st = Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(src.path())
+        .arg(".")
+        .status()
+        .unwrap();
     assert!(st.success());
     store.write("a", b"print me\n");
     let server = store.serve();
     let m = Mount::new(&server.url());
     let listed = Command::new("tar").arg("-tf").arg(m.path("x.tar")).output().unwrap();
     assert!(listed.status.success());
-    assert_eq!(String::from_utf8_lossy(&listed.stdout).lines().filter(|l| l.ends_with(".txt")).count(), 20);
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .filter(|l| l.ends_with(".txt"))
+            .count(),
+        20
+    );
     let py = Command::new("python3")
         .arg("-c")
         .arg("import sys; print(open(sys.argv[1]).read(), end='')")
@@ -279,7 +321,10 @@ fn ordinary_tools_work_on_the_mount() {
         String::from_utf8_lossy(&sha_src.stdout).split_whitespace().next()
     );
     // A missing name is ENOENT; the mount is read-only.
-    assert_eq!(std::fs::metadata(m.path("nope")).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+    assert_eq!(
+        std::fs::metadata(m.path("nope")).unwrap_err().kind(),
+        std::io::ErrorKind::NotFound
+    );
     let w = std::fs::OpenOptions::new().write(true).open(m.path("a")).unwrap_err();
     assert_eq!(w.raw_os_error(), Some(libc::EROFS));
     // df works (statfs answers with the cache disk's figures).

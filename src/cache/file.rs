@@ -371,6 +371,16 @@ impl CacheFile {
         Some(f(bytes))
     }
 
+    /// Asks the kernel to read the cached bytes of `range` from disk ahead of their use.
+    pub fn will_need(&self, range: Range<u64>) {
+        let range = range.start.min(self.key.size)..range.end.min(self.key.size);
+        if let (Some(map), false) = (&self.map, range.is_empty()) {
+            // Page-align the start, as madvise requires.
+            let start = range.start & !4095;
+            let _ = map.advise_range(Advice::WillNeed, start as usize, (range.end - start) as usize);
+        }
+    }
+
     /// Last use of chunk `i` (for eviction).
     pub(super) fn tick_of(&self, i: u64) -> u32 {
         self.ticks[i as usize].load(Ordering::Relaxed)

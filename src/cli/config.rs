@@ -214,7 +214,10 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         let chunk = self.cache.chunk_size.0;
         if !(4096..=(64 << 20)).contains(&chunk) || !chunk.is_power_of_two() {
-            return Err(format!("cache.chunk_size {} must be a power of two from 4KiB to 64MiB", self.cache.chunk_size));
+            return Err(format!(
+                "cache.chunk_size {} must be a power of two from 4KiB to 64MiB",
+                self.cache.chunk_size
+            ));
         }
         if self.read.max_request.0 < chunk {
             return Err("read.max_request must be at least cache.chunk_size".into());
@@ -234,7 +237,9 @@ pub fn default_cache_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
         return PathBuf::from(x).join("artifactfs");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
     home.join(".cache").join("artifactfs")
 }
 

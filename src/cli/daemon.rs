@@ -75,7 +75,10 @@ pub fn daemonize(log: &Path) -> io::Result<Forked> {
                 } else if let Some(m) = msg.strip_prefix("err ") {
                     Err(m.to_string())
                 } else {
-                    Err(format!("the mount daemon stopped before the mount was ready (see {})", log.display()))
+                    Err(format!(
+                        "the mount daemon stopped before the mount was ready (see {})",
+                        log.display()
+                    ))
                 }))
             }
         }
@@ -86,7 +89,9 @@ pub fn daemonize(log: &Path) -> io::Result<Forked> {
 pub fn is_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
-        Ok(s) => s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Ok(s) => s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }

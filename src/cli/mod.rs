@@ -17,7 +17,11 @@ use clap::{Args, Parser, Subcommand};
 use config::ByteSize;
 
 #[derive(Debug, Parser)]
-#[command(name = "artifactfs", version, about = "Mount a remote artifact store as a local directory")]
+#[command(
+    name = "artifactfs",
+    version,
+    about = "Mount a remote artifact store as a local directory"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -206,5 +210,9 @@ pub fn human(bytes: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

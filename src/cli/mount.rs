@@ -97,7 +97,12 @@ pub fn run(a: MountArgs) -> Result<(), String> {
         Ok(_) => return Err(format!("{} is not a directory", r.mountpoint.display())),
         Err(e) => return Err(format!("mount point {}: {e}", r.mountpoint.display())),
     }
-    let log_path = r.cfg.log.file.clone().unwrap_or_else(|| r.cache_dir.join("artifactfs.log"));
+    let log_path = r
+        .cfg
+        .log
+        .file
+        .clone()
+        .unwrap_or_else(|| r.cache_dir.join("artifactfs.log"));
     let mut ready = if a.foreground {
         match &r.cfg.log.file {
             Some(f) => logging::init_file(&r.cfg.log.level, f).map_err(|e| format!("{}: {e}", f.display()))?,
@@ -198,7 +203,11 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
     }
     let mut fc = fuser::Config::default();
     fc.mount_options = options;
-    fc.acl = if cfg.mount.allow_other { SessionACL::All } else { SessionACL::Owner };
+    fc.acl = if cfg.mount.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
     fc.n_threads = Some(cfg.mount.threads);
     fc.clone_fd = true;
     let session = fuser::Session::new(FuseAdapter::new(fs.clone(), rt.handle().clone()), &r.mountpoint, &fc)
@@ -281,7 +290,9 @@ async fn on_signal(mnt: PathBuf, timeout: Duration, done: Arc<AtomicBool>, cache
 
 /// Raises the kernel's readahead for the mount (`read_ahead_kb` of its backing device).
 fn set_kernel_readahead(mnt: &Path, bytes: u64) {
-    let Some((dev, _)) = unmount::mount_entry(mnt) else { return };
+    let Some((dev, _)) = unmount::mount_entry(mnt) else {
+        return;
+    };
     let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
     match std::fs::write(&path, (bytes / 1024).to_string()) {
         Ok(()) => tracing::debug!("{path} = {}", bytes / 1024),

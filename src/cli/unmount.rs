@@ -49,7 +49,11 @@ pub fn run(a: UnmountArgs) -> Result<(), String> {
         registry::remove(&mnt);
         return Ok(());
     }
-    Err(format!("the daemon (pid {}) of {} does not stop", rec.pid, mnt.display()))
+    Err(format!(
+        "the daemon (pid {}) of {} does not stop",
+        rec.pid,
+        mnt.display()
+    ))
 }
 
 fn wait_exit(pid: u32, timeout: Duration) -> bool {

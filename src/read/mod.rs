@@ -296,17 +296,10 @@ impl Version {
             return;
         }
         let chunks = file.chunks_of(&bytes);
-        let unverified: Vec<u64> = chunks
-            .clone()
-            .filter(|&i| file.is_present(i) && !file.is_ready(i))
-            .collect();
-        if !unverified.is_empty() {
-            let f = file.clone();
-            self.reader.rt.spawn_blocking(move || {
-                unverified.into_iter().for_each(|i| {
-                    f.verify(i);
-                })
-            });
+        // What is on disk already: have the kernel read it in ahead of the reader.
+        file.will_need(bytes);
+        if let Some(check) = verifier(file, chunks.clone()) {
+            self.reader.rt.spawn_blocking(check);
         }
         self.start_flights(chunks);
     }
@@ -314,18 +307,8 @@ impl Version {
     /// Waits until every chunk under `bytes` is ready, fetching what is missing.
     async fn ensure(self: &Arc<Self>, file: &Arc<CacheFile>, bytes: Range<u64>) -> Result<(), ReadError> {
         let chunks = file.chunks_of(&bytes);
-        let unverified: Vec<u64> = chunks
-            .clone()
-            .filter(|&i| file.is_present(i) && !file.is_ready(i))
-            .collect();
-        if !unverified.is_empty() {
-            let f = file.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                unverified.into_iter().for_each(|i| {
-                    f.verify(i);
-                })
-            })
-            .await;
+        if let Some(check) = verifier(file, chunks.clone()) {
+            let _ = tokio::task::spawn_blocking(check).await;
         }
         let mut i = chunks.start;
         let mut restarts = 0;
@@ -646,6 +629,20 @@ impl Reader {
     fn budget_units(&self) -> usize {
         (self.cfg.memory_budget / UNIT).max(1) as usize
     }
+}
+
+/// A job that checks the chunks of `chunks` found on disk but not yet checked in this
+/// process (after a restart), or `None` when there are none.
+fn verifier(file: &Arc<CacheFile>, chunks: Range<u64>) -> Option<impl FnOnce() + Send + 'static> {
+    let todo: Vec<u64> = chunks.filter(|&i| file.is_present(i) && !file.is_ready(i)).collect();
+    let file = file.clone();
+    (!todo.is_empty()).then(move || {
+        move || {
+            for i in todo {
+                file.verify(i);
+            }
+        }
+    })
 }
 
 /// Delays between tries of a transfer: exponential with jitter, `retries` of them.

@@ -19,10 +19,13 @@ pub struct Readahead {
     /// Furthest byte read so far by the sequential stream.
     next: u64,
     window: u64,
+    /// Furthest byte already handed out for prefetching: each byte is prefetched once.
+    issued: u64,
 }
 
 impl Readahead {
-    /// Records a read of `range` and returns the bytes to prefetch beyond it (possibly empty).
+    /// Records a read of `range` and returns the bytes to prefetch beyond it that were not
+    /// handed out before (possibly none).
     ///
     /// A read counts as sequential when it starts within `slack` of where the stream was:
     /// the kernel issues several readahead requests at once and they reach us in any order.
@@ -39,9 +42,12 @@ impl Readahead {
         } else {
             self.window = 0;
             self.next = range.end;
+            self.issued = range.end;
         }
-        let start = self.next.min(size);
-        start..self.next.saturating_add(self.window).min(size)
+        let end = self.next.saturating_add(self.window).min(size);
+        let start = self.next.max(self.issued).min(end);
+        self.issued = self.issued.max(end);
+        start..end
     }
 
     pub fn window(&self) -> u64 {
@@ -84,9 +90,16 @@ mod tests {
         let mut ra = Readahead::default();
         let size = 1 << 40;
         let mut windows = Vec::new();
+        let mut handed = MIB;
         for i in 0..8 {
             let r = ra.on_read(&(i * MIB..(i + 1) * MIB), size, &CFG, 2 * MIB);
-            assert_eq!(r.start, (i + 1) * MIB, "prefetch starts where the stream is");
+            assert_eq!(r.start, handed, "each byte is handed out once, without gaps");
+            assert_eq!(
+                r.end,
+                (i + 1) * MIB + ra.window(),
+                "the window reaches ahead of the stream"
+            );
+            handed = r.end;
             windows.push(ra.window() / MIB);
         }
         assert_eq!(windows, vec![4, 8, 16, 32, 64, 64, 64, 64]);
@@ -122,6 +135,15 @@ mod tests {
         assert_eq!(r, MIB..3 * MIB);
         let r = ra.on_read(&(2 * MIB..3 * MIB), 3 * MIB, &CFG, 2 * MIB);
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_stream_resumed_after_a_random_read_prefetches_again() {
+        let mut ra = Readahead::default();
+        ra.on_read(&(0..MIB), 1 << 40, &CFG, 2 * MIB);
+        ra.on_read(&(500 * MIB..500 * MIB + 10), 1 << 40, &CFG, 2 * MIB);
+        let r = ra.on_read(&(500 * MIB + 10..501 * MIB), 1 << 40, &CFG, 2 * MIB);
+        assert_eq!(r, 501 * MIB..505 * MIB);
     }
 
     #[test]

@@ -48,13 +48,7 @@ pub struct FileBody {
 
 impl FileBody {
     /// Starts reading ahead at once; must be called inside a tokio runtime.
-    pub fn new(
-        file: Arc<File>,
-        identity: Identity,
-        start: u64,
-        len: u64,
-        stats: Arc<Stats>,
-    ) -> FileBody {
+    pub fn new(file: Arc<File>, identity: Identity, start: u64, len: u64, stats: Arc<Stats>) -> FileBody {
         let mut body = FileBody {
             file,
             identity,
@@ -107,10 +101,7 @@ impl Body for FileBody {
     type Data = Bytes;
     type Error = io::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         if self.remaining == 0 {
             return Poll::Ready(None);
         }
@@ -150,10 +141,7 @@ pub struct Guarded<B> {
 
 impl<B> Guarded<B> {
     pub fn new(inner: B, guard: ActiveGuard) -> Guarded<B> {
-        Guarded {
-            inner,
-            _guard: guard,
-        }
+        Guarded { inner, _guard: guard }
     }
 }
 
@@ -161,10 +149,7 @@ impl<B: Body + Unpin> Body for Guarded<B> {
     type Data = B::Data;
     type Error = B::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 
@@ -226,10 +211,7 @@ mod tests {
         let id = Identity::of_file(&file).unwrap();
         let stats = Arc::new(Stats::default());
         let guard = stats.begin_request();
-        let mut body = Guarded::new(
-            FileBody::new(file, id, 0, 4 * READ_SIZE, Arc::clone(&stats)),
-            guard,
-        );
+        let mut body = Guarded::new(FileBody::new(file, id, 0, 4 * READ_SIZE, Arc::clone(&stats)), guard);
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(first.data_ref().unwrap().len() as u64, READ_SIZE);
         assert_eq!(stats.snapshot().active, 1);

@@ -151,8 +151,7 @@ impl Memo {
         // Superseded entries leave stale keys in `order`; drop them once they dominate.
         if self.order.len() > 2 * self.map.len() + 1024 {
             let map = &self.map;
-            self.order
-                .retain(|(g, p)| map.get(p).is_some_and(|(cur, _)| cur == g));
+            self.order.retain(|(g, p)| map.get(p).is_some_and(|(cur, _)| cur == g));
         }
     }
 }
@@ -204,17 +203,12 @@ impl DigestStore {
 
     /// The digests of the version `file` (opened from `rel`) has now. Retries when the file
     /// changes while it is hashed, then gives up with `busy`.
-    pub async fn get(
-        self: &Arc<Self>,
-        rel: &Path,
-        file: &Arc<File>,
-    ) -> Result<Arc<FileDigests>, ServerError> {
+    pub async fn get(self: &Arc<Self>, rel: &Path, file: &Arc<File>) -> Result<Arc<FileDigests>, ServerError> {
         for attempt in 0..HASH_ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
             }
-            let id = Identity::of_file(file)
-                .map_err(|e| ServerError::io(rel.display().to_string(), e))?;
+            let id = Identity::of_file(file).map_err(|e| ServerError::io(rel.display().to_string(), e))?;
             if let Some(d) = self.memo.lock().get(rel, id) {
                 return Ok(d);
             }
@@ -263,11 +257,10 @@ impl DigestStore {
                     .acquire_owned()
                     .await
                     .map_err(|e| ServerError::Internal(e.to_string()))?;
-                let file =
-                    tokio::task::spawn_blocking(move || super::paths::open_canonical(&canon))
-                        .await
-                        .map_err(|e| ServerError::Internal(e.to_string()))?
-                        .map_err(|e| ServerError::io(rel.display().to_string(), e))?;
+                let file = tokio::task::spawn_blocking(move || super::paths::open_canonical(&canon))
+                    .await
+                    .map_err(|e| ServerError::Internal(e.to_string()))?
+                    .map_err(|e| ServerError::io(rel.display().to_string(), e))?;
                 store.get(&rel, &Arc::new(file)).await
             }
             .await;
@@ -279,12 +272,7 @@ impl DigestStore {
     }
 
     /// Joins the job hashing `(rel, id)`, starting it when there is none.
-    async fn job(
-        self: &Arc<Self>,
-        rel: &Path,
-        file: &Arc<File>,
-        id: Identity,
-    ) -> Result<Arc<FileDigests>, JobError> {
+    async fn job(self: &Arc<Self>, rel: &Path, file: &Arc<File>, id: Identity) -> Result<Arc<FileDigests>, JobError> {
         let key = (rel.to_path_buf(), id);
         let job = {
             let mut inflight = self.inflight.lock();
@@ -294,25 +282,18 @@ impl DigestStore {
                     let store = Arc::clone(self);
                     let file = Arc::clone(file);
                     let key2 = key.clone();
-                    let task =
-                        tokio::spawn(async move {
-                            let s = Arc::clone(&store);
-                            let k = key2.clone();
-                            let res = tokio::task::spawn_blocking(move || {
-                                s.load_or_hash(&k.0, &file, k.1)
-                            })
+                    let task = tokio::spawn(async move {
+                        let s = Arc::clone(&store);
+                        let k = key2.clone();
+                        let res = tokio::task::spawn_blocking(move || s.load_or_hash(&k.0, &file, k.1))
                             .await
-                            .unwrap_or_else(|e| {
-                                Err(JobError::Failed(io::ErrorKind::Other, e.to_string().into()))
-                            });
-                            store.inflight.lock().remove(&key2);
-                            res
-                        });
+                            .unwrap_or_else(|e| Err(JobError::Failed(io::ErrorKind::Other, e.to_string().into())));
+                        store.inflight.lock().remove(&key2);
+                        res
+                    });
                     let job: Job = task
                         .map(|r| {
-                            r.unwrap_or_else(|e| {
-                                Err(JobError::Failed(io::ErrorKind::Other, e.to_string().into()))
-                            })
+                            r.unwrap_or_else(|e| Err(JobError::Failed(io::ErrorKind::Other, e.to_string().into())))
                         })
                         .boxed()
                         .shared();
@@ -325,12 +306,7 @@ impl DigestStore {
     }
 
     /// Body of a hashing job: memo, then sidecar, then reading the file. Blocking.
-    fn load_or_hash(
-        &self,
-        rel: &Path,
-        file: &File,
-        id: Identity,
-    ) -> Result<Arc<FileDigests>, JobError> {
+    fn load_or_hash(&self, rel: &Path, file: &File, id: Identity) -> Result<Arc<FileDigests>, JobError> {
         if let Some(d) = self.known_blocking(rel, id) {
             return Ok(d);
         }
@@ -496,10 +472,7 @@ mod tests {
         let d = store.get(&rel, &file).await.unwrap();
         let want = chunk_digests(&bytes, DIGEST_CHUNK_SIZE);
         assert_eq!(d.digests, want);
-        assert_eq!(
-            d.etag,
-            etag_from_digests(bytes.len() as u64, DIGEST_CHUNK_SIZE, &want)
-        );
+        assert_eq!(d.etag, etag_from_digests(bytes.len() as u64, DIGEST_CHUNK_SIZE, &want));
         store.get(&rel, &file).await.unwrap();
         assert_eq!(store.files_hashed(), 1);
         // Small: no sidecar.

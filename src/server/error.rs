@@ -57,9 +57,7 @@ impl ServerError {
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
         let context = context.into();
         match source.kind() {
-            io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => {
-                ServerError::NotFound(context)
-            }
+            io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => ServerError::NotFound(context),
             io::ErrorKind::PermissionDenied => ServerError::Forbidden(context),
             _ if source.raw_os_error() == Some(libc::ELOOP) => ServerError::NotFound(context),
             _ => ServerError::Io { context, source },
@@ -75,10 +73,9 @@ impl ServerError {
             ServerError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             ServerError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ServerError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ServerError::Io { .. }
-            | ServerError::Internal(_)
-            | ServerError::Root { .. }
-            | ServerError::Bind { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            ServerError::Io { .. } | ServerError::Internal(_) | ServerError::Root { .. } | ServerError::Bind { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         }
     }
 
@@ -92,10 +89,9 @@ impl ServerError {
             ServerError::PreconditionFailed => "precondition_failed",
             ServerError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             ServerError::Busy(_) => "busy",
-            ServerError::Io { .. }
-            | ServerError::Internal(_)
-            | ServerError::Root { .. }
-            | ServerError::Bind { .. } => "internal",
+            ServerError::Io { .. } | ServerError::Internal(_) | ServerError::Root { .. } | ServerError::Bind { .. } => {
+                "internal"
+            }
         }
     }
 }
@@ -115,10 +111,7 @@ impl IntoResponse for ServerError {
         let json = serde_json::to_vec(&body).unwrap_or_default();
         let mut resp = (status, json).into_response();
         let headers = resp.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         match self {
             ServerError::RangeNotSatisfiable { size } => {
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
@@ -141,10 +134,7 @@ mod tests {
     #[test]
     fn io_errors_map_to_protocol_codes() {
         let nf = ServerError::io("x", io::Error::from(io::ErrorKind::NotFound));
-        assert_eq!(
-            (nf.status(), nf.code()),
-            (StatusCode::NOT_FOUND, "not_found")
-        );
+        assert_eq!((nf.status(), nf.code()), (StatusCode::NOT_FOUND, "not_found"));
         let other = ServerError::io("x", io::Error::other("boom"));
         assert_eq!((other.status().as_u16(), other.code()), (500, "internal"));
         let busy = ServerError::Busy("x".into());

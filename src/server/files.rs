@@ -17,9 +17,7 @@ use super::digests::FileDigests;
 use super::error::ServerError;
 use super::json_response;
 use super::paths::Resolved;
-use super::range::{
-    Precondition, RangeOutcome, Validators, evaluate_preconditions, evaluate_range,
-};
+use super::range::{Precondition, RangeOutcome, Validators, evaluate_preconditions, evaluate_range};
 use super::stats::Counter;
 use crate::protocol::{DigestList, KIND_HEADER, quote_etag};
 
@@ -138,8 +136,7 @@ fn file_headers(ctx: &Ctx, d: &FileDigests, resp: &mut Response) {
     if let Ok(v) = HeaderValue::from_str(&quote_etag(&d.etag)) {
         h.insert(header::ETAG, v);
     }
-    let mtime = std::time::UNIX_EPOCH
-        + std::time::Duration::from_secs(d.identity.mtime_secs().max(0) as u64);
+    let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(d.identity.mtime_secs().max(0) as u64);
     if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(mtime)) {
         h.insert(header::LAST_MODIFIED, v);
     }

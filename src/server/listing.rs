@@ -127,24 +127,14 @@ pub async fn list_page(
 ) -> Result<ListPage, ServerError> {
     let (root2, dirs2, store2) = (Arc::clone(root), Arc::clone(dirs), Arc::clone(store));
     let (mut page, unhashed) = tokio::task::spawn_blocking(move || {
-        page_blocking(
-            &root2,
-            &dirs2,
-            &store2,
-            &dir,
-            shown_path,
-            limit,
-            after.as_deref(),
-        )
+        page_blocking(&root2, &dirs2, &store2, &dir, shown_path, limit, after.as_deref())
     })
     .await
     .map_err(|e| ServerError::Internal(e.to_string()))??;
 
     // Small files are hashed now (sharing jobs with concurrent requests); large ones in the
     // background, and their tag is left out of this page.
-    let (small, large): (Vec<_>, Vec<_>) = unhashed
-        .into_iter()
-        .partition(|u| u.identity.size <= SMALL_FILE_MAX);
+    let (small, large): (Vec<_>, Vec<_>) = unhashed.into_iter().partition(|u| u.identity.size <= SMALL_FILE_MAX);
     for u in large {
         store.hash_in_background(u.rel, u.canon);
     }
@@ -214,11 +204,7 @@ fn page_blocking(
 
 /// The entry for `name` in `dir`, its digest key, canonical path and identity; `None` for
 /// what a listing leaves out (and for names that vanished meanwhile).
-fn stat_entry(
-    root: &Root,
-    dir: &Resolved,
-    name: &str,
-) -> Option<(ListEntry, PathBuf, PathBuf, Identity)> {
+fn stat_entry(root: &Root, dir: &Resolved, name: &str) -> Option<(ListEntry, PathBuf, PathBuf, Identity)> {
     let path = dir.canon.join(name);
     let lmeta = std::fs::symlink_metadata(&path).ok()?;
     let (meta, rel, canon) = if lmeta.file_type().is_symlink() {
@@ -243,11 +229,7 @@ fn stat_entry(
     let entry = ListEntry {
         name: name.to_string(),
         kind,
-        size: if kind == EntryKind::File {
-            meta.size()
-        } else {
-            0
-        },
+        size: if kind == EntryKind::File { meta.size() } else { 0 },
         mtime_ns: identity.mtime_ns,
         etag: None,
     };
@@ -265,14 +247,10 @@ pub async fn serve_listing(
     after: Option<String>,
 ) -> Result<Response, ServerError> {
     ctx.stats.bump(Counter::Lists);
-    let page = list_page(
-        &ctx.root, &ctx.dirs, &ctx.store, dir, shown_path, limit, after,
-    )
-    .await?;
+    let page = list_page(&ctx.root, &ctx.dirs, &ctx.store, dir, shown_path, limit, after).await?;
     let json = serde_json::to_vec(&page).map_err(|e| ServerError::Internal(e.to_string()))?;
     let tag = page_etag(&json);
-    let etag = HeaderValue::from_str(&quote_etag(&tag))
-        .map_err(|e| ServerError::Internal(e.to_string()))?;
+    let etag = HeaderValue::from_str(&quote_etag(&tag)).map_err(|e| ServerError::Internal(e.to_string()))?;
     let mut resp = if none_match(headers, &tag) {
         ctx.stats.bump(Counter::NotModified);
         StatusCode::NOT_MODIFIED.into_response()
@@ -397,10 +375,7 @@ mod tests {
         let dir = f.root.path().to_path_buf();
         let old = SystemTime::now() - Duration::from_secs(60);
         let set_old = || {
-            std::fs::File::open(&dir)
-                .unwrap()
-                .set_modified(old)
-                .unwrap();
+            std::fs::File::open(&dir).unwrap().set_modified(old).unwrap();
         };
         set_old();
         // ctime is now; the first listing is racy and not cached.

@@ -46,9 +46,7 @@ use listing::DirCache;
 use paths::{Resolved, Root, parse_request_path};
 use query::{Op, Query};
 
-use crate::protocol::{
-    DIGEST_CHUNK_SIZE, KIND_HEADER, LIST_MAX_LIMIT, PROTOCOL, ServerCapabilities, ServerInfo,
-};
+use crate::protocol::{DIGEST_CHUNK_SIZE, KIND_HEADER, LIST_MAX_LIMIT, PROTOCOL, ServerCapabilities, ServerInfo};
 
 /// How long a graceful shutdown waits for responses still being sent.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -131,11 +129,7 @@ impl Server {
             stats: Arc::new(Stats::default()),
             max_age: cfg.max_age,
         });
-        Ok(Server {
-            listener,
-            addr,
-            ctx,
-        })
+        Ok(Server { listener, addr, ctx })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -148,10 +142,7 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then stops accepting, lets answers in progress finish
     /// (at most [`SHUTDOWN_GRACE`]) and returns.
-    pub async fn run_until<F: Future<Output = ()> + Send + 'static>(
-        self,
-        shutdown: F,
-    ) -> Result<(), ServerError> {
+    pub async fn run_until<F: Future<Output = ()> + Send + 'static>(self, shutdown: F) -> Result<(), ServerError> {
         let app = Router::new().fallback(handle).with_state(self.ctx);
         let listener = self.listener.tap_io(|tcp| {
             if let Err(e) = tcp.set_nodelay(true) {
@@ -236,9 +227,7 @@ impl ServerHandle {
             }
             Err(_) => {
                 let _ = thread.join();
-                Err(ServerError::Internal(
-                    "the server thread ended at start".into(),
-                ))
+                Err(ServerError::Internal("the server thread ended at start".into()))
             }
         }
     }
@@ -318,9 +307,7 @@ async fn handle(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
     let guard = ctx.stats.begin_request();
     let method = req.method().clone();
     let uri = req.uri().clone();
-    let resp = dispatch(&ctx, req)
-        .await
-        .unwrap_or_else(IntoResponse::into_response);
+    let resp = dispatch(&ctx, req).await.unwrap_or_else(IntoResponse::into_response);
     tracing::debug!(%method, %uri, status = resp.status().as_u16(), "request");
     resp.map(|b| Body::new(Guarded::new(b, guard)))
 }
@@ -351,25 +338,18 @@ async fn dispatch(ctx: &Arc<Ctx>, req: Request) -> Result<Response, ServerError>
         (Target::Dir(dir), Op::List) | (Target::Dir(dir), Op::Plain) if method == Method::GET => {
             listing::serve_listing(ctx, headers, dir, shown, query.limit, query.after).await
         }
-        (Target::Dir(_), Op::Digests) => Err(ServerError::BadRequest(format!(
-            "{shown} is a folder, not a file"
-        ))),
+        (Target::Dir(_), Op::Digests) => Err(ServerError::BadRequest(format!("{shown} is a folder, not a file"))),
         // HEAD of a folder (info and stats were answered above).
         (Target::Dir(_), _) => {
             let mut resp = StatusCode::OK.into_response();
-            resp.headers_mut()
-                .insert(KIND_HEADER, HeaderValue::from_static("dir"));
+            resp.headers_mut().insert(KIND_HEADER, HeaderValue::from_static("dir"));
             Ok(resp)
         }
-        (Target::File(..), Op::List) => Err(ServerError::BadRequest(format!(
-            "{shown} is a file, not a folder"
-        ))),
-        (Target::File(..), _) if req_path.trailing_slash => Err(ServerError::NotFound(format!(
-            "{shown}/ (a file, not a folder)"
-        ))),
-        (Target::File(file, res), Op::Digests) => {
-            files::serve_digests(ctx, headers, &res, file).await
+        (Target::File(..), Op::List) => Err(ServerError::BadRequest(format!("{shown} is a file, not a folder"))),
+        (Target::File(..), _) if req_path.trailing_slash => {
+            Err(ServerError::NotFound(format!("{shown}/ (a file, not a folder)")))
         }
+        (Target::File(file, res), Op::Digests) => files::serve_digests(ctx, headers, &res, file).await,
         (Target::File(file, res), _) => files::serve_file(ctx, &method, headers, &res, file).await,
     }
 }
@@ -421,9 +401,7 @@ fn json_response<T: Serialize>(value: &T) -> Result<Response, ServerError> {
 
 fn json_bytes_response(json: Vec<u8>) -> Response {
     let mut resp = Response::new(Body::from(json));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }

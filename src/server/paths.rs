@@ -46,10 +46,7 @@ impl Root {
         let hidden_state = std::fs::canonicalize(state_dir)
             .ok()
             .filter(|s| s.starts_with(&canon) && s != &canon);
-        Root {
-            canon,
-            hidden_state,
-        }
+        Root { canon, hidden_state }
     }
 
     pub fn path(&self) -> &Path {
@@ -65,11 +62,7 @@ impl Root {
             rel.components().next(),
             Some(Component::Normal(n)) if n == OsStr::new(STATE_DIR_NAME)
         );
-        first_is_state
-            || self
-                .hidden_state
-                .as_ref()
-                .is_some_and(|s| canon.starts_with(s))
+        first_is_state || self.hidden_state.as_ref().is_some_and(|s| canon.starts_with(s))
     }
 
     /// Follows symlinks and checks the result stays inside the root and outside the state
@@ -82,8 +75,7 @@ impl Root {
         ) {
             return Err(ServerError::NotFound(shown()));
         }
-        let canon = std::fs::canonicalize(self.canon.join(&req.rel))
-            .map_err(|e| ServerError::io(shown(), e))?;
+        let canon = std::fs::canonicalize(self.canon.join(&req.rel)).map_err(|e| ServerError::io(shown(), e))?;
         self.check_canonical(canon, &shown())
     }
 
@@ -116,9 +108,7 @@ pub fn open_canonical(canon: &Path) -> std::io::Result<std::fs::File> {
 /// Decodes the raw URI path (percent-encoding, once) and checks every segment.
 pub fn parse_request_path(raw: &str) -> Result<RequestPath, ServerError> {
     let Some(raw_rel) = raw.strip_prefix('/') else {
-        return Err(ServerError::BadPath(format!(
-            "{raw:?} does not start with /"
-        )));
+        return Err(ServerError::BadPath(format!("{raw:?} does not start with /")));
     };
     let mut decoded: Vec<u8> = percent_decode_str(raw_rel).collect();
     let trailing_slash = decoded.last() == Some(&b'/');

@@ -41,9 +41,9 @@ impl Query {
         let mut op = None;
         for pair in raw.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode_str(value).decode_utf8().map_err(|_| {
-                ServerError::BadRequest(format!("query parameter {key} is not UTF-8"))
-            })?;
+            let value = percent_decode_str(value)
+                .decode_utf8()
+                .map_err(|_| ServerError::BadRequest(format!("query parameter {key} is not UTF-8")))?;
             match key {
                 QUERY_KEY => {
                     op = Some(match &*value {
@@ -89,25 +89,13 @@ mod tests {
         assert_eq!(q.op, Op::List);
         assert_eq!(q.limit, LIST_MAX_LIMIT);
         assert_eq!(q.after.as_deref(), Some("a b+c+d"));
-        assert_eq!(
-            Query::parse(Some("afs=list")).unwrap().limit,
-            LIST_DEFAULT_LIMIT
-        );
-        assert_eq!(
-            Query::parse(Some("x=1&afs=digests")).unwrap().op,
-            Op::Digests
-        );
+        assert_eq!(Query::parse(Some("afs=list")).unwrap().limit, LIST_DEFAULT_LIMIT);
+        assert_eq!(Query::parse(Some("x=1&afs=digests")).unwrap().op, Op::Digests);
     }
 
     #[test]
     fn refuses_unknown_operations_and_bad_limits() {
-        for raw in [
-            "afs=nope",
-            "afs=",
-            "afs=list&limit=0",
-            "afs=list&limit=-1",
-            "limit=x",
-        ] {
+        for raw in ["afs=nope", "afs=", "afs=list&limit=0", "afs=list&limit=-1", "limit=x"] {
             let e = Query::parse(Some(raw)).unwrap_err();
             assert_eq!(e.code(), "bad_request", "{raw}");
         }

@@ -154,8 +154,7 @@ pub fn evaluate_preconditions(headers: &HeaderMap, v: &Validators<'_>) -> Precon
 /// Whether `If-None-Match` matches `etag` (weak comparison); for listings, which have no
 /// other validator.
 pub fn none_match(headers: &HeaderMap, etag: &str) -> bool {
-    joined(headers, &header::IF_NONE_MATCH)
-        .is_some_and(|inm| weak_match(&parse_tag_list(&inm), etag))
+    joined(headers, &header::IF_NONE_MATCH).is_some_and(|inm| weak_match(&parse_tag_list(&inm), etag))
 }
 
 /// Step 5 (`If-Range`) and the `Range` header of a `GET`; call only after the preconditions
@@ -286,36 +285,18 @@ mod tests {
     #[test]
     fn range_forms() {
         assert_eq!(parse_range("bytes=0-9", 100), Partial { start: 0, end: 9 });
-        assert_eq!(
-            parse_range("bytes=10-", 100),
-            Partial { start: 10, end: 99 }
-        );
-        assert_eq!(
-            parse_range("bytes=-10", 100),
-            Partial { start: 90, end: 99 }
-        );
-        assert_eq!(
-            parse_range("bytes=-1000", 100),
-            Partial { start: 0, end: 99 }
-        );
+        assert_eq!(parse_range("bytes=10-", 100), Partial { start: 10, end: 99 });
+        assert_eq!(parse_range("bytes=-10", 100), Partial { start: 90, end: 99 });
+        assert_eq!(parse_range("bytes=-1000", 100), Partial { start: 0, end: 99 });
         assert_eq!(parse_range("bytes=5-5", 100), Partial { start: 5, end: 5 });
-        assert_eq!(
-            parse_range("bytes=99-99", 100),
-            Partial { start: 99, end: 99 }
-        );
-        assert_eq!(
-            parse_range(" Bytes = 1-2 ", 100),
-            Partial { start: 1, end: 2 }
-        );
+        assert_eq!(parse_range("bytes=99-99", 100), Partial { start: 99, end: 99 });
+        assert_eq!(parse_range(" Bytes = 1-2 ", 100), Partial { start: 1, end: 2 });
         assert_eq!(parse_range("bytes=1-2,", 100), Partial { start: 1, end: 2 });
     }
 
     #[test]
     fn overlong_end_is_clamped() {
-        assert_eq!(
-            parse_range("bytes=50-1000", 100),
-            Partial { start: 50, end: 99 }
-        );
+        assert_eq!(parse_range("bytes=50-1000", 100), Partial { start: 50, end: 99 });
         assert_eq!(
             parse_range("bytes=0-99999999999999999999999999999999999999999", 100),
             Partial { start: 0, end: 99 }
@@ -330,10 +311,7 @@ mod tests {
     fn start_past_end_is_unsatisfiable() {
         assert_eq!(parse_range("bytes=100-", 100), Unsatisfiable);
         assert_eq!(parse_range("bytes=100-200", 100), Unsatisfiable);
-        assert_eq!(
-            parse_range("bytes=99999999999999999999999-", 100),
-            Unsatisfiable
-        );
+        assert_eq!(parse_range("bytes=99999999999999999999999-", 100), Unsatisfiable);
         assert_eq!(parse_range("bytes=-0", 100), Unsatisfiable);
     }
 
@@ -368,10 +346,7 @@ mod tests {
     fn if_match_uses_strong_comparison() {
         use header::IF_MATCH;
         assert_eq!(pre(&[(IF_MATCH, "\"0123abcd\"")]), Precondition::Proceed);
-        assert_eq!(
-            pre(&[(IF_MATCH, "\"x\", \"0123abcd\"")]),
-            Precondition::Proceed
-        );
+        assert_eq!(pre(&[(IF_MATCH, "\"x\", \"0123abcd\"")]), Precondition::Proceed);
         assert_eq!(pre(&[(IF_MATCH, "\"x\"")]), Precondition::Failed);
         assert_eq!(pre(&[(IF_MATCH, "W/\"0123abcd\"")]), Precondition::Failed);
         assert_eq!(pre(&[(IF_MATCH, "*")]), Precondition::Proceed);
@@ -386,14 +361,8 @@ mod tests {
     #[test]
     fn if_none_match_uses_weak_comparison() {
         use header::IF_NONE_MATCH;
-        assert_eq!(
-            pre(&[(IF_NONE_MATCH, "\"0123abcd\"")]),
-            Precondition::NotModified
-        );
-        assert_eq!(
-            pre(&[(IF_NONE_MATCH, "W/\"0123abcd\"")]),
-            Precondition::NotModified
-        );
+        assert_eq!(pre(&[(IF_NONE_MATCH, "\"0123abcd\"")]), Precondition::NotModified);
+        assert_eq!(pre(&[(IF_NONE_MATCH, "W/\"0123abcd\"")]), Precondition::NotModified);
         assert_eq!(
             pre(&[(IF_NONE_MATCH, "\"a\",W/\"0123abcd\"")]),
             Precondition::NotModified
@@ -405,30 +374,12 @@ mod tests {
     #[test]
     fn dates() {
         use header::{IF_MODIFIED_SINCE, IF_UNMODIFIED_SINCE};
-        assert_eq!(
-            pre(&[(IF_MODIFIED_SINCE, &date(LM))]),
-            Precondition::NotModified
-        );
-        assert_eq!(
-            pre(&[(IF_MODIFIED_SINCE, &date(LM + 5))]),
-            Precondition::NotModified
-        );
-        assert_eq!(
-            pre(&[(IF_MODIFIED_SINCE, &date(LM - 1))]),
-            Precondition::Proceed
-        );
-        assert_eq!(
-            pre(&[(IF_MODIFIED_SINCE, "not a date")]),
-            Precondition::Proceed
-        );
-        assert_eq!(
-            pre(&[(IF_UNMODIFIED_SINCE, &date(LM))]),
-            Precondition::Proceed
-        );
-        assert_eq!(
-            pre(&[(IF_UNMODIFIED_SINCE, &date(LM - 1))]),
-            Precondition::Failed
-        );
+        assert_eq!(pre(&[(IF_MODIFIED_SINCE, &date(LM))]), Precondition::NotModified);
+        assert_eq!(pre(&[(IF_MODIFIED_SINCE, &date(LM + 5))]), Precondition::NotModified);
+        assert_eq!(pre(&[(IF_MODIFIED_SINCE, &date(LM - 1))]), Precondition::Proceed);
+        assert_eq!(pre(&[(IF_MODIFIED_SINCE, "not a date")]), Precondition::Proceed);
+        assert_eq!(pre(&[(IF_UNMODIFIED_SINCE, &date(LM))]), Precondition::Proceed);
+        assert_eq!(pre(&[(IF_UNMODIFIED_SINCE, &date(LM - 1))]), Precondition::Failed);
         assert_eq!(pre(&[(IF_UNMODIFIED_SINCE, "junk")]), Precondition::Proceed);
     }
 
@@ -437,10 +388,7 @@ mod tests {
         use header::{IF_MATCH, IF_MODIFIED_SINCE, IF_NONE_MATCH, IF_UNMODIFIED_SINCE};
         // If-Unmodified-Since is ignored when If-Match is present.
         assert_eq!(
-            pre(&[
-                (IF_MATCH, "\"0123abcd\""),
-                (IF_UNMODIFIED_SINCE, &date(LM - 10))
-            ]),
+            pre(&[(IF_MATCH, "\"0123abcd\""), (IF_UNMODIFIED_SINCE, &date(LM - 10))]),
             Precondition::Proceed
         );
         // If-Match failing wins over If-None-Match matching.
@@ -450,10 +398,7 @@ mod tests {
         );
         // If-Modified-Since is ignored when If-None-Match is present.
         assert_eq!(
-            pre(&[
-                (IF_NONE_MATCH, "\"other\""),
-                (IF_MODIFIED_SINCE, &date(LM + 10))
-            ]),
+            pre(&[(IF_NONE_MATCH, "\"other\""), (IF_MODIFIED_SINCE, &date(LM + 10))]),
             Precondition::Proceed
         );
         assert_eq!(
@@ -465,13 +410,7 @@ mod tests {
     #[test]
     fn if_range() {
         let range = (header::RANGE, "bytes=0-9");
-        let eval = |ir: &str| {
-            evaluate_range(
-                &headers(&[range.clone(), (header::IF_RANGE, ir)]),
-                100,
-                &v(),
-            )
-        };
+        let eval = |ir: &str| evaluate_range(&headers(&[range.clone(), (header::IF_RANGE, ir)]), 100, &v());
         let part = Partial { start: 0, end: 9 };
         assert_eq!(eval("\"0123abcd\""), part);
         assert_eq!(eval("\"other\""), Full);
@@ -480,10 +419,7 @@ mod tests {
         assert_eq!(eval(&date(LM + 1)), Full);
         assert_eq!(eval(&date(LM - 1)), Full);
         assert_eq!(eval("junk"), Full);
-        assert_eq!(
-            evaluate_range(&headers(std::slice::from_ref(&range)), 100, &v()),
-            part
-        );
+        assert_eq!(evaluate_range(&headers(std::slice::from_ref(&range)), 100, &v()), part);
         assert_eq!(evaluate_range(&headers(&[]), 100, &v()), Full);
         // If-Range without Range changes nothing.
         assert_eq!(

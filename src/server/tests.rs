@@ -13,8 +13,7 @@ use http::{StatusCode, header};
 
 use super::*;
 use crate::protocol::{
-    DigestList, EntryKind, ErrorBody, ListPage, ServerStats, chunk_digests, etag_from_digests,
-    quote_etag,
+    DigestList, EntryKind, ErrorBody, ListPage, ServerStats, chunk_digests, etag_from_digests, quote_etag,
 };
 
 const MIB: usize = 1 << 20;
@@ -113,24 +112,15 @@ impl Resp {
         let status = r.status();
         let headers = r.headers().clone();
         let body = r.bytes().await.unwrap().to_vec();
-        Resp {
-            status,
-            headers,
-            body,
-        }
+        Resp { status, headers, body }
     }
 
     fn header(&self, name: impl header::AsHeaderName) -> &str {
-        self.headers
-            .get(name)
-            .map(|v| v.to_str().unwrap())
-            .unwrap_or("")
+        self.headers.get(name).map(|v| v.to_str().unwrap()).unwrap_or("")
     }
 
     fn error_code(&self) -> String {
-        serde_json::from_slice::<ErrorBody>(&self.body)
-            .unwrap()
-            .code
+        serde_json::from_slice::<ErrorBody>(&self.body).unwrap().code
     }
 
     fn json<T: serde::de::DeserializeOwned>(&self) -> T {
@@ -165,14 +155,7 @@ impl RawResp {
             .expect("no end of headers");
         let head = std::str::from_utf8(&all[..split]).unwrap();
         let mut lines = head.split("\r\n");
-        let status = lines
-            .next()
-            .unwrap()
-            .split(' ')
-            .nth(1)
-            .unwrap()
-            .parse()
-            .unwrap();
+        let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
         let headers = lines
             .map(|l| {
                 let (k, v) = l.split_once(':').unwrap();
@@ -187,16 +170,11 @@ impl RawResp {
     }
 
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     fn code(&self) -> String {
-        serde_json::from_slice::<ErrorBody>(&self.body)
-            .unwrap()
-            .code
+        serde_json::from_slice::<ErrorBody>(&self.body).unwrap().code
     }
 }
 
@@ -234,10 +212,7 @@ async fn full_and_ranged_gets_return_exact_bytes() {
         assert_eq!(r.body, &content[start as usize..=end as usize], "{range}");
     }
 
-    for unsat in [
-        format!("bytes={size}-"),
-        format!("bytes={}-{}", size + 5, size + 9),
-    ] {
+    for unsat in [format!("bytes={size}-"), format!("bytes={}-{}", size + 5, size + 9)] {
         let r = get(&c, &url, &[(header::RANGE, &unsat)]).await;
         assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE, "{unsat}");
         assert_eq!(r.header(header::CONTENT_RANGE), format!("bytes */{size}"));
@@ -286,14 +261,8 @@ async fn head_sends_every_header_and_no_body() {
     assert_eq!(r.header(KIND_HEADER), "file");
     assert_eq!(r.header(header::CONTENT_TYPE), "application/octet-stream");
     assert_eq!(r.header(header::CACHE_CONTROL), "max-age=60");
-    let mtime = std::fs::metadata(f.root().join("f"))
-        .unwrap()
-        .modified()
-        .unwrap();
-    assert_eq!(
-        r.header(header::LAST_MODIFIED),
-        httpdate::fmt_http_date(mtime)
-    );
+    let mtime = std::fs::metadata(f.root().join("f")).unwrap().modified().unwrap();
+    assert_eq!(r.header(header::LAST_MODIFIED), httpdate::fmt_http_date(mtime));
 
     // A Range on HEAD is ignored (range handling is defined for GET only).
     let r = Resp::from(
@@ -348,20 +317,10 @@ async fn etag_and_digests_follow_the_content() {
         }
     );
     let quoted = quote_etag(&tag);
-    let r = get(
-        &c,
-        &f.url("/f?afs=digests"),
-        &[(header::IF_NONE_MATCH, &quoted)],
-    )
-    .await;
+    let r = get(&c, &f.url("/f?afs=digests"), &[(header::IF_NONE_MATCH, &quoted)]).await;
     assert_eq!(r.status, StatusCode::NOT_MODIFIED);
     assert_eq!(r.header(header::ETAG), quoted);
-    let r = get(
-        &c,
-        &f.url("/f?afs=digests"),
-        &[(header::IF_MATCH, "\"nope\"")],
-    )
-    .await;
+    let r = get(&c, &f.url("/f?afs=digests"), &[(header::IF_MATCH, "\"nope\"")]).await;
     assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
     assert_eq!(r.error_code(), "precondition_failed");
 }
@@ -387,12 +346,7 @@ async fn etag_changes_when_rewritten_in_place_with_the_same_size_and_mtime() {
     let after = std::fs::metadata(&path).unwrap();
     assert_eq!(
         (after.ino(), after.size(), after.mtime(), after.mtime_nsec()),
-        (
-            before.ino(),
-            before.size(),
-            before.mtime(),
-            before.mtime_nsec()
-        )
+        (before.ino(), before.size(), before.mtime(), before.mtime_nsec())
     );
     assert_ne!(
         (after.ctime(), after.ctime_nsec()),
@@ -426,8 +380,7 @@ async fn sidecar_is_written_for_large_files_and_reused_after_a_restart() {
         .join(&name[..2])
         .join(format!("{name}.json"));
     let meta = std::fs::metadata(&sidecar).expect("sidecar of the large file");
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&sidecar).unwrap()).unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&sidecar).unwrap()).unwrap();
     let fmeta = std::fs::metadata(f.root().join("big")).unwrap();
     assert_eq!(json["etag"], tag.as_str());
     assert_eq!(json["ino"], fmeta.ino());
@@ -499,10 +452,7 @@ async fn listing_pages_give_every_name_once_in_order() {
         pages += 1;
         for e in &page.entries {
             if e.name == "sub" {
-                assert_eq!(
-                    (e.kind, e.size, e.etag.as_deref()),
-                    (EntryKind::Dir, 0, None)
-                );
+                assert_eq!((e.kind, e.size, e.etag.as_deref()), (EntryKind::Dir, 0, None));
             } else {
                 let n = &e.name[1..];
                 assert_eq!(e.kind, EntryKind::File);
@@ -585,38 +535,19 @@ async fn conditional_gets() {
     let lm = r.header(header::LAST_MODIFIED).to_string();
     let weak = format!("W/{tag}");
     let listed = format!("\"x\", {tag}");
-    let earlier =
-        httpdate::fmt_http_date(httpdate::parse_http_date(&lm).unwrap() - Duration::from_secs(10));
+    let earlier = httpdate::fmt_http_date(httpdate::parse_http_date(&lm).unwrap() - Duration::from_secs(10));
 
     let cases: Vec<(Vec<(header::HeaderName, &str)>, StatusCode)> = vec![
-        (
-            vec![(header::IF_NONE_MATCH, &tag)],
-            StatusCode::NOT_MODIFIED,
-        ),
-        (
-            vec![(header::IF_NONE_MATCH, &weak)],
-            StatusCode::NOT_MODIFIED,
-        ),
-        (
-            vec![(header::IF_NONE_MATCH, &listed)],
-            StatusCode::NOT_MODIFIED,
-        ),
+        (vec![(header::IF_NONE_MATCH, &tag)], StatusCode::NOT_MODIFIED),
+        (vec![(header::IF_NONE_MATCH, &weak)], StatusCode::NOT_MODIFIED),
+        (vec![(header::IF_NONE_MATCH, &listed)], StatusCode::NOT_MODIFIED),
         (vec![(header::IF_NONE_MATCH, "*")], StatusCode::NOT_MODIFIED),
         (vec![(header::IF_NONE_MATCH, "\"other\"")], StatusCode::OK),
         (vec![(header::IF_MATCH, &tag)], StatusCode::OK),
         (vec![(header::IF_MATCH, "*")], StatusCode::OK),
-        (
-            vec![(header::IF_MATCH, &weak)],
-            StatusCode::PRECONDITION_FAILED,
-        ),
-        (
-            vec![(header::IF_MATCH, "\"other\"")],
-            StatusCode::PRECONDITION_FAILED,
-        ),
-        (
-            vec![(header::IF_MODIFIED_SINCE, &lm)],
-            StatusCode::NOT_MODIFIED,
-        ),
+        (vec![(header::IF_MATCH, &weak)], StatusCode::PRECONDITION_FAILED),
+        (vec![(header::IF_MATCH, "\"other\"")], StatusCode::PRECONDITION_FAILED),
+        (vec![(header::IF_MODIFIED_SINCE, &lm)], StatusCode::NOT_MODIFIED),
         (vec![(header::IF_MODIFIED_SINCE, &earlier)], StatusCode::OK),
         (
             vec![(header::IF_UNMODIFIED_SINCE, &earlier)],
@@ -685,13 +616,7 @@ fn path_escapes_are_refused_on_the_wire() {
         std::os::unix::fs::symlink(out.join("secret"), r.join("sub/leak")).unwrap();
     });
     let addr = f.server.addr();
-    let secret_name = outside
-        .path()
-        .file_name()
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .to_string();
+    let secret_name = outside.path().file_name().unwrap().to_str().unwrap().to_string();
 
     let ok = raw(addr, "GET", "/sub/f");
     assert_eq!((ok.status, ok.body.as_slice()), (200, &b"ok"[..]));
@@ -718,13 +643,7 @@ fn path_escapes_are_refused_on_the_wire() {
         assert_eq!(r.status, 400, "{p}");
         assert_eq!(r.code(), "bad_path", "{p}");
     }
-    for p in [
-        "/out/secret",
-        "/out",
-        "/out/",
-        "/sub/leak",
-        "/out/?afs=list",
-    ] {
+    for p in ["/out/secret", "/out", "/out/", "/sub/leak", "/out/?afs=list"] {
         let r = raw(addr, "GET", p);
         assert_eq!(r.status, 403, "{p}");
         assert_eq!(r.code(), "forbidden", "{p}");
@@ -849,11 +768,7 @@ fn body_is_cut_short_when_the_file_changes_while_it_is_sent() {
     std::thread::sleep(Duration::from_millis(20));
     let mut s = TcpStream::connect(f.server.addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        s,
-        "GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    write!(s, "GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     // Read the headers and a little of the body, slowly.
     let mut got = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
@@ -885,10 +800,7 @@ fn body_is_cut_short_when_the_file_changes_while_it_is_sent() {
     let resp = RawResp::parse(&got);
     assert_eq!(resp.status, 200);
     assert_eq!(resp.header("content-length"), Some("67108864"));
-    assert!(
-        resp.body.len() < old.len(),
-        "the body must end short of Content-Length"
-    );
+    assert!(resp.body.len() < old.len(), "the body must end short of Content-Length");
     // Every byte that was sent is from the version the tag names.
     assert_eq!(resp.body, &old[..resp.body.len()]);
     assert_eq!(resp.header("etag").unwrap(), quote_etag(&tag_of(&old)));
@@ -899,11 +811,7 @@ fn keep_alive_serves_several_requests_on_one_connection() {
     let f = Fixture::new(|r| std::fs::write(r.join("f"), b"0123456789").unwrap());
     let mut s = TcpStream::connect(f.server.addr()).unwrap();
     for range in ["0-1", "5-9"] {
-        write!(
-            s,
-            "GET /f HTTP/1.1\r\nHost: x\r\nRange: bytes={range}\r\n\r\n"
-        )
-        .unwrap();
+        write!(s, "GET /f HTTP/1.1\r\nHost: x\r\nRange: bytes={range}\r\n\r\n").unwrap();
         let mut got = Vec::new();
         let mut buf = [0u8; 4096];
         // Read until the headers and the announced body are in.

@@ -39,7 +39,11 @@ struct Ctx {
 async fn forward(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
     let f = &ctx.faults;
     f.requests.fetch_add(1, Ordering::Relaxed);
-    let pq = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
     let is_file_get = req.method() == http::Method::GET && !pq.contains("afs=");
     let mut headers = req.headers().clone();
     headers.remove(http::header::HOST);
@@ -88,7 +92,8 @@ async fn forward(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
 }
 
 fn take(n: &AtomicU32) -> bool {
-    n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1)).is_ok()
+    n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1))
+        .is_ok()
 }
 
 impl Proxy {
@@ -103,7 +108,11 @@ impl Proxy {
         let (tx, rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 tx.send(listener.local_addr().unwrap()).unwrap();

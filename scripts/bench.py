@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of artifactfs against what a user would do without it.
+
+Run through scripts/bench.sh (which builds the release binary). Every measurement is taken
+in one run, the cases interleaved (A B C A B C ...), the median of ROUNDS reported. "Cold"
+means a new cache directory and the kernel page cache dropped before the measurement.
+
+Cases:
+  cold read of a SIZE file: mount  vs  `curl -o FILE` into the cache's filesystem  vs  `curl -o /dev/null`
+  warm re-read (the artifact complete in the cache), page cache kept and dropped  vs  a local copy
+  `ls -lR` of FILES files in 100 folders, cold and warm  vs  the same tree on local disk
+  peak anonymous memory (RssAnon) and peak RSS of the daemon, sampled every 100 ms, during the cold reads
+"""
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+BIN = os.environ.get("ARTIFACTFS_BIN", "target/release/artifactfs")
+WORK = os.environ.get("BENCH_DIR", "/tmp/artifactfs-bench")
+SIZE_MIB = int(os.environ.get("BENCH_SIZE_MIB", "1024"))
+FILES = int(os.environ.get("BENCH_FILES", "10000"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+OUT = os.environ.get("BENCH_OUT", "target/bench/results.md")
+
+
+def sh(*args, **kw):
+    return subprocess.run(args, check=True, **kw)
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def cat(path):
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(BUF):
+            pass
+
+
+BUF = bytearray(1 << 20)
+
+
+def ls_lr(path):
+    sh("ls", "-lR", path, stdout=subprocess.DEVNULL)
+
+
+def is_mounted(mnt):
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split(" ")[4] == mnt for line in f)
+
+
+class Mount:
+    """A foreground mount in a child process (so its pid is known), sampled for memory."""
+
+    def __init__(self, url, mnt, cache):
+        self.mnt = mnt
+        os.makedirs(mnt, exist_ok=True)
+        self.log = open(os.path.join(WORK, "mount.log"), "ab")
+        self.proc = subprocess.Popen(
+            [BIN, "mount", url, mnt, "--foreground", "--cache-dir", cache, "--max-cache-size", "8G"],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+        )
+        end = time.time() + 20
+        while not is_mounted(mnt):
+            if self.proc.poll() is not None or time.time() > end:
+                raise SystemExit(f"mount failed, see {WORK}/mount.log")
+            time.sleep(0.01)
+        self.peak_anon = 0
+        self.peak_rss = 0
+        self.sampling = False
+
+    def _sample(self):
+        while self.sampling:
+            try:
+                with open(f"/proc/{self.proc.pid}/status") as f:
+                    fields = dict(line.split(":", 1) for line in f if ":" in line)
+                anon = int(fields["RssAnon"].split()[0]) * 1024
+                rss = int(fields["VmRSS"].split()[0]) * 1024
+                self.peak_anon = max(self.peak_anon, anon)
+                self.peak_rss = max(self.peak_rss, rss)
+            except (OSError, KeyError, ValueError):
+                pass
+            time.sleep(0.1)
+
+    def sample(self):
+        self.sampling = True
+        t = threading.Thread(target=self._sample, daemon=True)
+        t.start()
+        return t
+
+    def cpu_seconds(self):
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+
+    def close(self):
+        self.sampling = False
+        sh(BIN, "unmount", self.mnt, stdout=subprocess.DEVNULL)
+        self.proc.wait(timeout=30)
+        self.log.close()
+
+
+def prepare():
+    store = os.path.join(WORK, "store")
+    big = os.path.join(store, "big.bin")
+    if not os.path.exists(big) or os.path.getsize(big) != SIZE_MIB << 20:
+        os.makedirs(store, exist_ok=True)
+        with open(big, "wb") as f:
+            for _ in range(SIZE_MIB):
+                f.write(os.urandom(1 << 20))
+    tree = os.path.join(store, "tree")
+    marker = os.path.join(WORK, f"tree-{FILES}.done")
+    if not os.path.exists(marker):
+        shutil.rmtree(tree, ignore_errors=True)
+        per = FILES // 100
+        for d in range(100):
+            dd = os.path.join(tree, f"d{d:03}")
+            os.makedirs(dd)
+            for i in range(per):
+                with open(os.path.join(dd, f"f{i:05}.dat"), "wb") as f:
+                    f.write(os.urandom(1024))
+        open(marker, "w").close()
+    local = os.path.join(WORK, "local-copy.bin")
+    if not os.path.exists(local) or os.path.getsize(local) != SIZE_MIB << 20:
+        shutil.copyfile(big, local)
+    return store, big, local
+
+
+def main():
+    if os.geteuid() != 0:
+        raise SystemExit("run as root (dropping the page cache needs it)")
+    os.makedirs(WORK, exist_ok=True)
+    store, big, local = prepare()
+    server = subprocess.Popen([BIN, "serve", store, "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
+    url = server.stdout.readline().split()[-1]
+    try:
+        # The server hashes each file once (its sidecar keeps the digests); not part of any run.
+        sh("curl", "-sfI", f"{url}/big.bin", stdout=subprocess.DEVNULL)
+        warm_cache = os.path.join(WORK, "cache-warmup")
+        m = Mount(url, os.path.join(WORK, "mnt"), warm_cache)
+        ls_lr(os.path.join(WORK, "mnt", "tree"))
+        m.close()
+        shutil.rmtree(warm_cache, ignore_errors=True)
+        results = run(url, big, local, store)
+    finally:
+        server.terminate()
+        server.wait()
+    report(results)
+
+
+def run(url, big, local, store):
+    r = {k: [] for k in [
+        "mount_cold", "curl_file", "curl_null", "warm_kept", "warm_dropped", "local_kept", "local_dropped",
+        "ls_cold", "ls_warm", "ls_local_cold", "ls_local_warm", "cpu_per_gib"]}
+    anon = rss = 0
+    mnt = os.path.join(WORK, "mnt")
+    cache_fs_file = os.path.join(WORK, "curl-download.bin")
+    for rnd in range(ROUNDS):
+        # 1. cold read through a new mount with a new cache
+        cache = os.path.join(WORK, f"cache-{rnd}")
+        shutil.rmtree(cache, ignore_errors=True)
+        m = Mount(url, mnt, cache)
+        drop_caches()
+        sampler = m.sample()
+        cpu0 = m.cpu_seconds()
+        r["mount_cold"].append(timed(lambda: cat(os.path.join(mnt, "big.bin"))))
+        r["cpu_per_gib"].append((m.cpu_seconds() - cpu0) / (SIZE_MIB / 1024))
+        m.sampling = False
+        sampler.join()
+        anon, rss = max(anon, m.peak_anon), max(rss, m.peak_rss)
+        # 2. warm: the artifact is complete in the cache
+        r["warm_kept"].append(timed(lambda: cat(os.path.join(mnt, "big.bin"))))
+        drop_caches()
+        r["warm_dropped"].append(timed(lambda: cat(os.path.join(mnt, "big.bin"))))
+        m.close()
+        shutil.rmtree(cache, ignore_errors=True)
+        # 3. curl -o FILE into the cache's filesystem, and curl -o /dev/null
+        if os.path.exists(cache_fs_file):
+            os.unlink(cache_fs_file)
+        drop_caches()
+        r["curl_file"].append(timed(lambda: sh("curl", "-sf", "-o", cache_fs_file, f"{url}/big.bin")))
+        os.unlink(cache_fs_file)
+        drop_caches()
+        r["curl_null"].append(timed(lambda: sh("curl", "-sf", "-o", "/dev/null", f"{url}/big.bin")))
+        # 4. a local copy, page cache dropped and kept
+        drop_caches()
+        r["local_dropped"].append(timed(lambda: cat(local)))
+        r["local_kept"].append(timed(lambda: cat(local)))
+        # 5. ls -lR of the tree: cold (new mount, new cache), warm (again); local disk
+        m = Mount(url, mnt, cache)
+        drop_caches()
+        r["ls_cold"].append(timed(lambda: ls_lr(os.path.join(mnt, "tree"))))
+        r["ls_warm"].append(timed(lambda: ls_lr(os.path.join(mnt, "tree"))))
+        m.close()
+        shutil.rmtree(cache, ignore_errors=True)
+        drop_caches()
+        r["ls_local_cold"].append(timed(lambda: ls_lr(os.path.join(store, "tree"))))
+        r["ls_local_warm"].append(timed(lambda: ls_lr(os.path.join(store, "tree"))))
+        print(f"round {rnd + 1}/{ROUNDS}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in r.items()), file=sys.stderr)
+    r["peak_anon"] = anon
+    r["peak_rss"] = rss
+    return r
+
+
+def report(r):
+    med = {k: statistics.median(v) for k, v in r.items() if isinstance(v, list)}
+    gib = SIZE_MIB / 1024
+    speed = lambda s: f"{gib / s:.2f} GiB/s"
+    rows = [
+        ("cold read, mount (`cat`)", f"{med['mount_cold']:.3f} s", speed(med["mount_cold"]), ""),
+        ("cold, `curl -o FILE` into the cache's filesystem", f"{med['curl_file']:.3f} s", speed(med["curl_file"]),
+         f"mount / curl -o FILE = **{med['curl_file'] / med['mount_cold']:.2f}×** (target ≥ 0.8×)"),
+        ("cold, `curl -o /dev/null`", f"{med['curl_null']:.3f} s", speed(med["curl_null"]),
+         f"mount / curl -o /dev/null = {med['curl_null'] / med['mount_cold']:.2f}×"),
+        ("warm re-read, page cache kept", f"{med['warm_kept']:.3f} s", speed(med["warm_kept"]),
+         f"vs local copy = {med['local_kept'] / med['warm_kept']:.2f}×"),
+        ("local copy, page cache kept", f"{med['local_kept']:.3f} s", speed(med["local_kept"]), ""),
+        ("warm re-read, page cache dropped", f"{med['warm_dropped']:.3f} s", speed(med["warm_dropped"]),
+         f"vs local copy = {med['local_dropped'] / med['warm_dropped']:.2f}×"),
+        ("local copy, page cache dropped", f"{med['local_dropped']:.3f} s", speed(med["local_dropped"]), ""),
+        (f"`ls -lR` of {FILES} files in 100 folders, cold", f"{med['ls_cold']:.3f} s", "",
+         f"local disk, cold: {med['ls_local_cold']:.3f} s"),
+        (f"`ls -lR` of {FILES} files, warm", f"{med['ls_warm']:.3f} s", "",
+         f"local disk, warm: {med['ls_local_warm']:.3f} s ({med['ls_warm'] / med['ls_local_warm']:.2f}× its time)"),
+        ("daemon CPU per GiB read cold", f"{med['cpu_per_gib']:.2f} s", "", ""),
+        ("daemon peak RssAnon / peak RSS (cold reads)", f"{r['peak_anon'] / 2**20:.0f} MiB / {r['peak_rss'] / 2**20:.0f} MiB", "",
+         "RSS includes mapped cache pages (file-backed)"),
+    ]
+    lines = [
+        f"Median of {ROUNDS} interleaved rounds, {SIZE_MIB} MiB artifact, `artifactfs serve` on 127.0.0.1.",
+        "",
+        "| case | time | throughput | comparison |",
+        "|---|---|---|---|",
+    ] + [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    os.makedirs(os.path.dirname(OUT), exist_ok=True)
+    with open(OUT, "w") as f:
+        f.write(text)
+    with open(OUT.replace(".md", ".json"), "w") as f:
+        json.dump(r, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
