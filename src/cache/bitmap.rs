@@ -43,6 +43,21 @@ impl Bitmap {
             .sum()
     }
 
+    /// The bits as words, to carry them over to another bitmap of the same length.
+    pub fn words(&self) -> Vec<u64> {
+        self.words.iter().map(|w| w.load(Ordering::Acquire)).collect()
+    }
+
+    /// A bitmap of `len` bits from [`Bitmap::words`], keeping only the bits also set in `mask`.
+    pub fn from_words_masked(len: u64, words: &[u64], mask: &Bitmap) -> Self {
+        let out = Bitmap::new(len);
+        for (i, w) in out.words.iter().enumerate() {
+            let v = words.get(i).copied().unwrap_or(0) & mask.words[i].load(Ordering::Acquire);
+            w.store(v, Ordering::Relaxed);
+        }
+        out
+    }
+
     /// Hex of the bits, little-endian words, for persisting.
     pub fn to_hex(&self) -> String {
         let mut bytes = Vec::with_capacity(self.words.len() * 8);

@@ -144,11 +144,14 @@ fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
 impl CacheFile {
     /// Opens the cache file of `key`, reusing what an earlier run left when it is the same
     /// version, starting empty otherwise.
+    /// `verified`: chunks this process checked before (the words of an earlier instance's
+    /// `verified` bitmap), which need no second check.
     pub(super) fn open(
         shared: Arc<Shared>,
         key: VersionKey,
         data_path: PathBuf,
         meta_path: PathBuf,
+        verified: Option<Vec<u64>>,
     ) -> Result<Self, CacheError> {
         let chunk_size = shared.chunk_size;
         let nchunks = key.size.div_ceil(chunk_size);
@@ -208,7 +211,10 @@ impl CacheFile {
             file,
             map,
             chunk_size,
-            verified: Bitmap::new(nchunks),
+            verified: match verified {
+                Some(words) => Bitmap::from_words_masked(nchunks, &words, &present),
+                None => Bitmap::new(nchunks),
+            },
             claimed: Bitmap::new(nchunks),
             present,
             checksums: Mutex::new(checksums),
@@ -264,6 +270,11 @@ impl CacheFile {
     /// Present and checked in this process: safe to serve.
     pub fn is_ready(&self, i: u64) -> bool {
         self.verified.get(i) && self.present.get(i)
+    }
+
+    /// The chunks checked in this process, to hand to the next instance of this version.
+    pub(super) fn verified_words(&self) -> Vec<u64> {
+        self.verified.words()
     }
 
     pub fn present_count(&self) -> u64 {

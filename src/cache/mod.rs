@@ -97,6 +97,8 @@ struct IdleEntry {
     meta_path: PathBuf,
     bytes: u64,
     last_access: u64,
+    /// Chunks this process already checked (none for entries found on disk at start).
+    verified: Option<Vec<u64>>,
 }
 
 /// State shared by the cache and its open files.
@@ -168,6 +170,7 @@ impl Shared {
                 meta_path: f.meta_path.clone(),
                 bytes,
                 last_access: CacheFile::now_secs(),
+                verified: Some(f.verified_words()),
             },
         );
     }
@@ -269,8 +272,10 @@ impl Cache {
             let body = serde_json::json!({ "remote": key.remote }).to_string();
             fs::write(&remote_file, body).map_err(|e| CacheError::io(&remote_file, e))?;
         }
-        let before = self.shared.idle.lock().remove(&data).map(|e| e.bytes).unwrap_or(0);
-        let f = Arc::new(CacheFile::open(self.shared.clone(), key, data.clone(), meta)?);
+        let idle = self.shared.idle.lock().remove(&data);
+        let before = idle.as_ref().map(|e| e.bytes).unwrap_or(0);
+        let verified = idle.and_then(|e| e.verified);
+        let f = Arc::new(CacheFile::open(self.shared.clone(), key, data.clone(), meta, verified)?);
         let now = Shared::present_bytes(&f);
         if now >= before {
             self.shared.add_used(now - before);
@@ -456,6 +461,7 @@ fn scan(remotes: &Path) -> (HashMap<PathBuf, IdleEntry>, u64) {
                                     meta_path: meta,
                                     bytes,
                                     last_access,
+                                    verified: None,
                                 },
                             );
                         }

@@ -266,8 +266,12 @@ impl Version {
             self.prefetch(prefetch);
             return r;
         }
-        self.reader
-            .count(|c| c.miss_bytes.fetch_add(range.end - range.start, Ordering::Relaxed));
+        // Bytes on disk that only need their check after a restart still count as hits.
+        let on_disk = file.chunks_of(&range).all(|i| file.is_present(i));
+        self.reader.count(|c| {
+            let counter = if on_disk { &c.hit_bytes } else { &c.miss_bytes };
+            counter.fetch_add(range.end - range.start, Ordering::Relaxed)
+        });
         // Fetch what the read needs and what readahead wants in one plan, so the first
         // request covers both.
         let union = range.start..prefetch.end.max(range.end);
@@ -636,11 +640,9 @@ impl Reader {
 fn verifier(file: &Arc<CacheFile>, chunks: Range<u64>) -> Option<impl FnOnce() + Send + 'static> {
     let todo: Vec<u64> = chunks.filter(|&i| file.is_present(i) && !file.is_ready(i)).collect();
     let file = file.clone();
-    (!todo.is_empty()).then(move || {
-        move || {
-            for i in todo {
-                file.verify(i);
-            }
+    (!todo.is_empty()).then_some(move || {
+        for i in todo {
+            file.verify(i);
         }
     })
 }

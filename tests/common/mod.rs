@@ -106,18 +106,10 @@ pub struct Mount {
     pub log: PathBuf,
 }
 
+#[derive(Default)]
 pub struct MountOpts {
     pub cache: Option<PathBuf>,
     pub args: Vec<String>,
-}
-
-impl Default for MountOpts {
-    fn default() -> Self {
-        MountOpts {
-            cache: None,
-            args: Vec::new(),
-        }
-    }
 }
 
 impl Mount {

@@ -1,0 +1,306 @@
+//! The command line as a user meets it: daemon mode, failures with their reasons, the cache
+//! lock, Ctrl-C, `fusermount3 -u`, `cache stats|clear`, configuration precedence.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn afs(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).output().unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// A daemon-mode mount that is unmounted when dropped, whatever happens.
+struct DaemonMount<'a>(&'a Path);
+
+impl Drop for DaemonMount<'_> {
+    fn drop(&mut self) {
+        if is_mounted(self.0) {
+            let _ = afs(&["unmount", s(self.0)]);
+            if is_mounted(self.0) {
+                force_unmount(self.0);
+            }
+        }
+    }
+}
+
+fn lock_pid(cache: &Path) -> u32 {
+    let text = std::fs::read_to_string(cache.join("lock")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("pid "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.rsplit_once(')').unwrap().1.trim_start().starts_with('Z'))
+        .unwrap_or(false)
+}
+
+fn wait_gone(pid: u32) -> bool {
+    let end = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+#[test]
+fn daemon_mode_returns_when_ready_and_unmount_stops_the_daemon() {
+    let store = Store::new();
+    let data = bytes(5 * MIB, 1);
+    store.write("d/f.bin", &data);
+    let server = store.serve();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mnt, cache) = (tmp.path().join("mnt"), tmp.path().join("cache"));
+    std::fs::create_dir(&mnt).unwrap();
+    let out = afs(&["mount", &server.url(), s(&mnt), "--cache-dir", s(&cache)]);
+    let _guard = DaemonMount(&mnt);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("mounted"));
+    // Usable the moment `mount` returned.
+    assert_eq!(hash_file(&mnt.join("d/f.bin")).unwrap(), hash(&data));
+    let pid = lock_pid(&cache);
+    assert!(alive(pid));
+    assert_eq!(std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777, 0o700);
+    let out = afs(&["unmount", s(&mnt)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!is_mounted(&mnt));
+    assert!(wait_gone(pid), "the daemon did not exit");
+    // Unmounting what is not mounted is an error with a reason.
+    let out = afs(&["unmount", s(&mnt)]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not mounted"), "{}", stderr(&out));
+}
+
+#[test]
+fn an_unreachable_remote_fails_the_mount_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    // Port 9 (discard) on loopback: nothing listens there.
+    let start = Instant::now();
+    let out = afs(&[
+        "mount",
+        "http://127.0.0.1:9",
+        s(&mnt),
+        "--cache-dir",
+        s(&tmp.path().join("c")),
+    ]);
+    let _guard = DaemonMount(&mnt);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("cannot use the remote http://127.0.0.1:9"), "{err}");
+    assert!(err.to_lowercase().contains("connect"), "{err}");
+    assert!(!is_mounted(&mnt));
+    assert!(start.elapsed() < Duration::from_secs(30));
+    // Something that is not an artifactfs server is named as such.
+    let proxy_target = tempfile::tempdir().unwrap();
+    let server = Store { dir: proxy_target }.serve();
+    let out = afs(&[
+        "mount",
+        &format!("{}/nope/", server.url()),
+        s(&mnt),
+        "--cache-dir",
+        s(&tmp.path().join("c")),
+    ]);
+    assert!(
+        out.status.success() || stderr(&out).contains("artifactfs"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_second_daemon_on_the_same_cache_dir_refuses() {
+    let store = Store::new();
+    store.write("f", b"x");
+    let server = store.serve();
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b, cache) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("cache"));
+    std::fs::create_dir(&a).unwrap();
+    std::fs::create_dir(&b).unwrap();
+    let out = afs(&["mount", &server.url(), s(&a), "--cache-dir", s(&cache)]);
+    let _ga = DaemonMount(&a);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = afs(&["mount", &server.url(), s(&b), "--cache-dir", s(&cache)]);
+    let _gb = DaemonMount(&b);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("is in use by another artifactfs mount"), "{err}");
+    assert!(err.contains(&format!("pid {}", lock_pid(&cache))), "{err}");
+    assert!(!is_mounted(&b));
+    // Mounting on a mount point twice is refused too.
+    let out = afs(&[
+        "mount",
+        &server.url(),
+        s(&a),
+        "--cache-dir",
+        s(&tmp.path().join("other")),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already a mount point"), "{}", stderr(&out));
+}
+
+#[test]
+fn ctrl_c_ends_a_foreground_mount() {
+    let store = Store::new();
+    store.write("f", b"abc");
+    let server = store.serve();
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mut child = Command::new(bin())
+        .args(["mount", &server.url(), s(&mnt), "--foreground", "--cache-dir"])
+        .arg(tmp.path().join("c"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _guard = DaemonMount(&mnt);
+    let end = Instant::now() + Duration::from_secs(20);
+    while !is_mounted(&mnt) {
+        assert!(Instant::now() < end, "never mounted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), b"abc");
+    // SAFETY: plain syscall.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let end = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < end, "still running after Ctrl-C");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!is_mounted(&mnt));
+}
+
+#[test]
+fn fusermount3_u_ends_a_daemon_mount() {
+    let store = Store::new();
+    store.write("f", b"abc");
+    let server = store.serve();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mnt, cache) = (tmp.path().join("mnt"), tmp.path().join("cache"));
+    std::fs::create_dir(&mnt).unwrap();
+    assert!(
+        afs(&["mount", &server.url(), s(&mnt), "--cache-dir", s(&cache)])
+            .status
+            .success()
+    );
+    let _guard = DaemonMount(&mnt);
+    let pid = lock_pid(&cache);
+    let st = Command::new("fusermount3").arg("-u").arg(&mnt).status().unwrap();
+    assert!(st.success());
+    assert!(wait_gone(pid));
+}
+
+#[test]
+fn cache_stats_and_clear() {
+    let store = Store::new();
+    let data = bytes(6 * MIB, 2);
+    store.write("f.bin", &data);
+    let server = store.serve();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mnt, cache) = (tmp.path().join("mnt"), tmp.path().join("cache"));
+    std::fs::create_dir(&mnt).unwrap();
+    assert!(
+        afs(&["mount", &server.url(), s(&mnt), "--cache-dir", s(&cache)])
+            .status
+            .success()
+    );
+    let guard = DaemonMount(&mnt);
+    assert_eq!(hash_file(&mnt.join("f.bin")).unwrap(), hash(&data));
+    // Drop the kernel's copy, so the second read reaches the daemon and its disk cache.
+    let f = std::fs::File::open(mnt.join("f.bin")).unwrap();
+    // SAFETY: plain syscall on an open fd.
+    unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    drop(f);
+    assert_eq!(hash_file(&mnt.join("f.bin")).unwrap(), hash(&data));
+    let stats = |cache: &Path| -> serde_json::Value {
+        let o = afs(&["cache", "stats", "--json", "--cache-dir", s(cache)]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let st = stats(&cache);
+    assert!(st["bytes"].as_u64().unwrap() >= data.len() as u64, "{st}");
+    assert_eq!(st["versions"], 1);
+    assert!(st["in_use_by"].as_str().unwrap().contains("pid"), "{st}");
+    assert_eq!(st["remotes"][0]["remote"], server.url());
+    // Clearing a cache a mount uses is refused.
+    let o = afs(&["cache", "clear", "--cache-dir", s(&cache)]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("in use"), "{}", stderr(&o));
+    assert!(afs(&["unmount", s(&mnt)]).status.success());
+    drop(guard);
+    let st = stats(&cache);
+    assert_eq!(st["complete_versions"], 1);
+    assert!(st["in_use_by"].is_null());
+    let c = &st["counters"];
+    assert!(c["hit_bytes"].as_u64().unwrap() > 0, "the second read was a hit: {c}");
+    assert_eq!(c["fetched_bytes"].as_u64().unwrap(), data.len() as u64, "{c}");
+    let text = afs(&["cache", "stats", "--cache-dir", s(&cache)]);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("hit rate"));
+    let o = afs(&["cache", "clear", "--cache-dir", s(&cache)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stats(&cache)["bytes"], 0);
+}
+
+#[test]
+fn flags_override_the_config_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("m.toml");
+    std::fs::write(
+        &cfg,
+        "[mount]\nremote = \"http://127.0.0.1:1234\"\n[cache]\nmax_size = \"2GiB\"\n[metadata]\nttl = \"5s\"\n",
+    )
+    .unwrap();
+    let o = afs(&[
+        "mount",
+        "/tmp/x",
+        "--config",
+        s(&cfg),
+        "--metadata-ttl",
+        "7s",
+        "--print-config",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let v: toml::Value = toml::from_str(&text).unwrap();
+    assert_eq!(v["mount"]["remote"].as_str(), Some("http://127.0.0.1:1234"));
+    assert_eq!(v["cache"]["max_size"].as_str(), Some("2GiB"));
+    assert_eq!(v["metadata"]["ttl"].as_str(), Some("7s"), "the flag wins");
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(&bad, "[cache]\nmax_sise = 1\n").unwrap();
+    let o = afs(&["mount", "http://x", "/tmp/x", "--config", s(&bad), "--print-config"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("max_sise"), "{}", stderr(&o));
+    let o = afs(&[
+        "mount",
+        "http://127.0.0.1:1",
+        s(&tmp.path().join("missing")),
+        "--foreground",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("mount point"), "{}", stderr(&o));
+}
