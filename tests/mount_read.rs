@@ -43,6 +43,11 @@ fn a_256mib_file_and_2000_small_files_read_back_identical_and_remount_fetches_no
     assert_eq!(s.file_bytes_sent, total, "every byte fetched exactly once");
     // `ls -lR` sees the same tree as the store.
     assert_eq!(tree(&m.mnt), tree(store.dir.path()));
+    let ls = Command::new("ls").arg("-lR").arg(&m.mnt).output().unwrap();
+    assert!(ls.status.success());
+    let listed = String::from_utf8_lossy(&ls.stdout);
+    assert_eq!(listed.lines().filter(|l| l.starts_with('-')).count(), expect.len() + 1);
+    assert!(listed.contains(&format!(" {} ", big.len())), "ls -l shows the size");
     assert!(m.unmount().status.success());
 
     // Remount on the same cache: the same reads fetch no data at all.
@@ -329,4 +334,60 @@ fn ordinary_tools_work_on_the_mount() {
     assert_eq!(w.raw_os_error(), Some(libc::EROFS));
     // df works (statfs answers with the cache disk's figures).
     assert!(Command::new("df").arg(&m.mnt).status().unwrap().success());
+}
+
+#[test]
+fn the_servers_max_age_decides_how_long_metadata_is_trusted() {
+    let store = Store::new();
+    store.write("d/f", b"one");
+    let server = store.serve_with(|c| c.max_age = Some(Duration::from_secs(1)));
+    // The mount's own TTL is long; the server says 1 s.
+    let m = Mount::with(
+        &server.url(),
+        MountOpts {
+            args: vec!["--metadata-ttl".into(), "1h".into()],
+            ..MountOpts::default()
+        },
+    );
+    assert_eq!(std::fs::read(m.path("d/f")).unwrap(), b"one");
+    store.write("d/f", b"two!");
+    std::thread::sleep(Duration::from_millis(2200));
+    assert_eq!(std::fs::read(m.path("d/f")).unwrap(), b"two!");
+}
+
+#[test]
+fn an_artifact_larger_than_the_cache_reads_correctly_and_the_cache_keeps_its_limit() {
+    let store = Store::new();
+    let data = bytes(96 * MIB, 9);
+    store.write("huge.bin", &data);
+    let server = store.serve();
+    let mut m = Mount::with(
+        &server.url(),
+        MountOpts {
+            args: vec!["--max-cache-size".into(), "16M".into()],
+            ..MountOpts::default()
+        },
+    );
+    assert_eq!(hash_file(&m.path("huge.bin")).unwrap(), hash(&data));
+    assert!(m.unmount().status.success());
+    let out = Command::new(bin())
+        .args(["cache", "stats", "--json", "--cache-dir"])
+        .arg(&m.cache)
+        .output()
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let used = st["bytes"].as_u64().unwrap();
+    // Data is kept within the limit; the filesystem may add a few blocks of its own (ext4
+    // counts the extent tree of a sparse file in its blocks).
+    assert!(
+        used <= 16 * MIB as u64 + 64 * 1024,
+        "the cache holds {used} bytes: {st}"
+    );
+    let fetched = st["counters"]["fetched_bytes"].as_u64().unwrap();
+    assert!(
+        fetched <= data.len() as u64 * 11 / 10,
+        "readahead thrashed: {fetched} bytes fetched for {}",
+        data.len()
+    );
+    assert!(st["counters"]["punched_chunks"].as_u64().unwrap() > 0, "{st}");
 }

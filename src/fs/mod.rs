@@ -615,6 +615,11 @@ impl ArtifactFs {
                 return Err(FsError::remote(&path, e));
             }
         };
+        // The remote's Cache-Control: max-age, when it sent one, says how long to trust this.
+        let ttl = match &head {
+            Head::File(m) => m.max_age.unwrap_or(self.cfg.metadata_ttl),
+            Head::Dir { .. } => self.cfg.metadata_ttl,
+        };
         let child = match head {
             Head::Dir { mtime } => Child {
                 kind: Kind::Dir,
@@ -630,7 +635,7 @@ impl ArtifactFs {
             },
         };
         let mut t = self.table.lock();
-        let ino = self.upsert(&mut t, parent, &name, &child, Instant::now() + self.cfg.metadata_ttl);
+        let ino = self.upsert(&mut t, parent, &name, &child, Instant::now() + ttl);
         self.referenced(&mut t, ino)
     }
 
@@ -729,6 +734,7 @@ impl ArtifactFs {
                 }
             }
             Ok(Revalidated::Modified(Head::File(m))) => {
+                let until = Instant::now() + m.max_age.unwrap_or(self.cfg.metadata_ttl);
                 let child = Child {
                     kind: Kind::File,
                     size: m.size,

@@ -114,7 +114,15 @@ pub struct Reader {
 
 impl Reader {
     /// `cache` is `None` to read without caching (every read goes to the remote).
-    pub fn new(store: DynStore, cache: Option<Arc<Cache>>, cfg: ReadConfig, rt: Handle) -> Arc<Self> {
+    pub fn new(store: DynStore, cache: Option<Arc<Cache>>, mut cfg: ReadConfig, rt: Handle) -> Arc<Self> {
+        if let Some(c) = &cache {
+            // Readahead must fit in the cache with room to spare, or it evicts what it fetched
+            // before the reader gets there and everything is fetched twice.
+            let cap = (c.max_size() / 4).max(c.chunk_size());
+            cfg.readahead.max = cfg.readahead.max.min(cap);
+            cfg.readahead.initial = cfg.readahead.initial.min(cfg.readahead.max);
+            cfg.max_request = cfg.max_request.min((cap / 2).max(c.chunk_size()));
+        }
         let units = (cfg.memory_budget / UNIT).max(1) as usize;
         Arc::new(Reader {
             requests: Semaphore::new(cfg.concurrency.max(1)),

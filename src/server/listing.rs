@@ -260,6 +260,11 @@ pub async fn serve_listing(
     let h = resp.headers_mut();
     h.insert(header::ETAG, etag);
     h.insert(KIND_HEADER, HeaderValue::from_static("dir"));
+    if let Some(max_age) = ctx.max_age
+        && let Ok(v) = HeaderValue::from_str(&format!("max-age={}", max_age.as_secs()))
+    {
+        h.insert(header::CACHE_CONTROL, v);
+    }
     Ok(resp)
 }
 

@@ -76,8 +76,14 @@ impl Store {
     }
 
     pub fn serve(&self) -> Server {
+        self.serve_with(|_| {})
+    }
+
+    pub fn serve_with(&self, f: impl FnOnce(&mut ServerConfig)) -> Server {
+        let mut cfg = ServerConfig::local(self.dir.path());
+        f(&mut cfg);
         Server {
-            handle: ServerHandle::start(ServerConfig::local(self.dir.path())).unwrap(),
+            handle: ServerHandle::start(cfg).unwrap(),
         }
     }
 }
