@@ -247,6 +247,14 @@ fn cache_stats_and_clear() {
     assert_eq!(st["versions"], 1);
     assert!(st["in_use_by"].as_str().unwrap().contains("pid"), "{st}");
     assert_eq!(st["remotes"][0]["remote"], server.url());
+    // A running mount saves its counters every 2 s.
+    std::thread::sleep(Duration::from_millis(2500));
+    let live = stats(&cache);
+    assert_eq!(
+        live["counters"]["fetched_bytes"].as_u64(),
+        Some(data.len() as u64),
+        "{live}"
+    );
     // Clearing a cache a mount uses is refused.
     let o = afs(&["cache", "clear", "--cache-dir", s(&cache)]);
     assert!(!o.status.success());

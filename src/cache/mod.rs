@@ -23,6 +23,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -195,6 +196,8 @@ fn hex16(data: &[u8]) -> String {
 pub struct Cache {
     shared: Arc<Shared>,
     _lock: File,
+    /// Serialises read-modify-writes of `stats.json`.
+    saving: Mutex<()>,
 }
 
 impl Cache {
@@ -218,7 +221,11 @@ impl Cache {
         let (entries, used) = scan(&root.join("remotes"));
         shared.used.store(used, Ordering::Release);
         *shared.idle.lock() = entries;
-        let cache = Arc::new(Cache { shared, _lock: lock });
+        let cache = Arc::new(Cache {
+            shared,
+            _lock: lock,
+            saving: Mutex::new(()),
+        });
         if used > cfg.max_size {
             cache.evict();
         }
@@ -377,6 +384,24 @@ impl Cache {
                 tracing::warn!("{e}");
             }
         }
+        self.save_counters();
+    }
+
+    /// Saves the counters every `every` (so `cache stats` sees a running mount's figures),
+    /// until the cache is dropped.
+    pub async fn run_counter_saver(self: Arc<Self>, every: Duration) {
+        let weak = Arc::downgrade(&self);
+        drop(self);
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(cache) = weak.upgrade() else { return };
+            let _ = tokio::task::spawn_blocking(move || cache.save_counters()).await;
+        }
+    }
+
+    /// Adds the counters since the last save to `stats.json`.
+    fn save_counters(&self) {
+        let _saving = self.saving.lock();
         let path = self.shared.root.join("stats.json");
         let mut total = read_counters(&self.shared.root);
         let now = self.shared.counters.snapshot();

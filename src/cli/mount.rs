@@ -156,6 +156,7 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     rt.spawn(cache.clone().run_evictor());
+    rt.spawn(cache.clone().run_counter_saver(Duration::from_secs(2)));
     let reader = Reader::new(
         store.clone(),
         Some(cache.clone()),
