@@ -4,7 +4,7 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,15 +22,38 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 
-/// A daemon-mode mount that is unmounted when dropped, whatever happens.
-struct DaemonMount<'a>(&'a Path);
+/// A temp dir with a mount point and a cache dir. Whatever gets mounted there is unmounted
+/// when this is dropped, whatever happens.
+struct Place {
+    _tmp: tempfile::TempDir,
+    mnt: PathBuf,
+    cache: PathBuf,
+}
 
-impl Drop for DaemonMount<'_> {
+impl Place {
+    fn new() -> Place {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mnt, cache) = (tmp.path().join("mnt"), tmp.path().join("cache"));
+        std::fs::create_dir(&mnt).unwrap();
+        Place { _tmp: tmp, mnt, cache }
+    }
+
+    /// `artifactfs mount URL MNT --cache-dir CACHE` (daemon mode).
+    fn mount(&self, url: &str) -> Output {
+        self.mount_with_cache(url, &self.cache)
+    }
+
+    fn mount_with_cache(&self, url: &str, cache: &Path) -> Output {
+        afs(&["mount", url, s(&self.mnt), "--cache-dir", s(cache)])
+    }
+}
+
+impl Drop for Place {
     fn drop(&mut self) {
-        if is_mounted(self.0) {
-            let _ = afs(&["unmount", s(self.0)]);
-            if is_mounted(self.0) {
-                force_unmount(self.0);
+        if is_mounted(&self.mnt) {
+            let _ = afs(&["unmount", s(&self.mnt)]);
+            if is_mounted(&self.mnt) {
+                force_unmount(&self.mnt);
             }
         }
     }
@@ -69,64 +92,61 @@ fn daemon_mode_returns_when_ready_and_unmount_stops_the_daemon() {
     let data = bytes(5 * MIB, 1);
     store.write("d/f.bin", &data);
     let server = store.serve();
-    let tmp = tempfile::tempdir().unwrap();
-    let (mnt, cache) = (tmp.path().join("mnt"), tmp.path().join("cache"));
-    std::fs::create_dir(&mnt).unwrap();
-    let out = afs(&["mount", &server.url(), s(&mnt), "--cache-dir", s(&cache)]);
-    let _guard = DaemonMount(&mnt);
+    let place = Place::new();
+    let (mnt, cache) = (&place.mnt, &place.cache);
+    let out = place.mount(&server.url());
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("mounted"));
     // Usable the moment `mount` returned.
     assert_eq!(hash_file(&mnt.join("d/f.bin")).unwrap(), hash(&data));
-    let pid = lock_pid(&cache);
+    let pid = lock_pid(cache);
     assert!(alive(pid));
-    assert_eq!(std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777, 0o700);
-    let out = afs(&["unmount", s(&mnt)]);
+    assert_eq!(std::fs::metadata(cache).unwrap().permissions().mode() & 0o777, 0o700);
+    let out = afs(&["unmount", s(mnt)]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(!is_mounted(&mnt));
+    assert!(!is_mounted(mnt));
     assert!(wait_gone(pid), "the daemon did not exit");
     // Unmounting what is not mounted is an error with a reason.
-    let out = afs(&["unmount", s(&mnt)]);
+    let out = afs(&["unmount", s(mnt)]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("not mounted"), "{}", stderr(&out));
 }
 
 #[test]
 fn an_unreachable_remote_fails_the_mount_with_the_reason() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mnt = tmp.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
+    let place = Place::new();
     // Port 9 (discard) on loopback: nothing listens there.
     let start = Instant::now();
-    let out = afs(&[
-        "mount",
-        "http://127.0.0.1:9",
-        s(&mnt),
-        "--cache-dir",
-        s(&tmp.path().join("c")),
-    ]);
-    let _guard = DaemonMount(&mnt);
+    let out = place.mount("http://127.0.0.1:9");
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("cannot use the remote http://127.0.0.1:9"), "{err}");
     assert!(err.to_lowercase().contains("connect"), "{err}");
-    assert!(!is_mounted(&mnt));
+    assert!(!is_mounted(&place.mnt));
     assert!(start.elapsed() < Duration::from_secs(30));
-    // Something that is not an artifactfs server is named as such.
-    let proxy_target = tempfile::tempdir().unwrap();
-    let server = Store { dir: proxy_target }.serve();
-    let out = afs(&[
-        "mount",
-        &format!("{}/nope/", server.url()),
-        s(&mnt),
-        "--cache-dir",
-        s(&tmp.path().join("c")),
-    ]);
-    assert!(
-        out.status.success() || stderr(&out).contains("artifactfs"),
-        "{}",
-        stderr(&out)
-    );
+}
+
+#[test]
+fn a_web_server_that_is_not_an_artifactfs_server_is_named_as_such() {
+    let www = tempfile::tempdir().unwrap();
+    let mut py = Command::new("python3")
+        .args(["-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory"])
+        .arg(www.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(py.stdout.take().unwrap()), &mut line).unwrap();
+    // "Serving HTTP on 127.0.0.1 port 41234 (http://127.0.0.1:41234/) ..."
+    let port = line.split_whitespace().nth(5).unwrap().to_string();
+    let place = Place::new();
+    let out = place.mount(&format!("http://127.0.0.1:{port}"));
+    let _ = py.kill();
+    let _ = py.wait();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("is not an artifactfs server"), "{}", stderr(&out));
+    assert!(!is_mounted(&place.mnt));
 }
 
 #[test]
@@ -134,28 +154,17 @@ fn a_second_daemon_on_the_same_cache_dir_refuses() {
     let store = Store::new();
     store.write("f", b"x");
     let server = store.serve();
-    let tmp = tempfile::tempdir().unwrap();
-    let (a, b, cache) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("cache"));
-    std::fs::create_dir(&a).unwrap();
-    std::fs::create_dir(&b).unwrap();
-    let out = afs(&["mount", &server.url(), s(&a), "--cache-dir", s(&cache)]);
-    let _ga = DaemonMount(&a);
+    let (a, b) = (Place::new(), Place::new());
+    let out = a.mount(&server.url());
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = afs(&["mount", &server.url(), s(&b), "--cache-dir", s(&cache)]);
-    let _gb = DaemonMount(&b);
+    let out = b.mount_with_cache(&server.url(), &a.cache);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("is in use by another artifactfs mount"), "{err}");
-    assert!(err.contains(&format!("pid {}", lock_pid(&cache))), "{err}");
-    assert!(!is_mounted(&b));
+    assert!(err.contains(&format!("pid {}", lock_pid(&a.cache))), "{err}");
+    assert!(!is_mounted(&b.mnt));
     // Mounting on a mount point twice is refused too.
-    let out = afs(&[
-        "mount",
-        &server.url(),
-        s(&a),
-        "--cache-dir",
-        s(&tmp.path().join("other")),
-    ]);
+    let out = a.mount_with_cache(&server.url(), &b.cache);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("already a mount point"), "{}", stderr(&out));
 }
@@ -165,18 +174,22 @@ fn ctrl_c_ends_a_foreground_mount() {
     let store = Store::new();
     store.write("f", b"abc");
     let server = store.serve();
-    let tmp = tempfile::tempdir().unwrap();
-    let mnt = tmp.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
+    let place = Place::new();
+    let mnt = &place.mnt;
     let mut child = Command::new(bin())
-        .args(["mount", &server.url(), s(&mnt), "--foreground", "--cache-dir"])
-        .arg(tmp.path().join("c"))
+        .args([
+            "mount",
+            &server.url(),
+            s(mnt),
+            "--foreground",
+            "--cache-dir",
+            s(&place.cache),
+        ])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let _guard = DaemonMount(&mnt);
     let end = Instant::now() + Duration::from_secs(20);
-    while !is_mounted(&mnt) {
+    while !is_mounted(mnt) {
         assert!(Instant::now() < end, "never mounted");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -192,7 +205,7 @@ fn ctrl_c_ends_a_foreground_mount() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}");
-    assert!(!is_mounted(&mnt));
+    assert!(!is_mounted(mnt));
 }
 
 #[test]
@@ -200,17 +213,11 @@ fn fusermount3_u_ends_a_daemon_mount() {
     let store = Store::new();
     store.write("f", b"abc");
     let server = store.serve();
-    let tmp = tempfile::tempdir().unwrap();
-    let (mnt, cache) = (tmp.path().join("mnt"), tmp.path().join("cache"));
-    std::fs::create_dir(&mnt).unwrap();
-    assert!(
-        afs(&["mount", &server.url(), s(&mnt), "--cache-dir", s(&cache)])
-            .status
-            .success()
-    );
-    let _guard = DaemonMount(&mnt);
-    let pid = lock_pid(&cache);
-    let st = Command::new("fusermount3").arg("-u").arg(&mnt).status().unwrap();
+    let place = Place::new();
+    let (mnt, cache) = (&place.mnt, &place.cache);
+    assert!(place.mount(&server.url()).status.success());
+    let pid = lock_pid(cache);
+    let st = Command::new("fusermount3").arg("-u").arg(mnt).status().unwrap();
     assert!(st.success());
     assert!(wait_gone(pid));
 }
@@ -221,15 +228,9 @@ fn cache_stats_and_clear() {
     let data = bytes(6 * MIB, 2);
     store.write("f.bin", &data);
     let server = store.serve();
-    let tmp = tempfile::tempdir().unwrap();
-    let (mnt, cache) = (tmp.path().join("mnt"), tmp.path().join("cache"));
-    std::fs::create_dir(&mnt).unwrap();
-    assert!(
-        afs(&["mount", &server.url(), s(&mnt), "--cache-dir", s(&cache)])
-            .status
-            .success()
-    );
-    let guard = DaemonMount(&mnt);
+    let place = Place::new();
+    let (mnt, cache) = (&place.mnt, &place.cache);
+    assert!(place.mount(&server.url()).status.success());
     assert_eq!(hash_file(&mnt.join("f.bin")).unwrap(), hash(&data));
     // Drop the kernel's copy, so the second read reaches the daemon and its disk cache.
     let f = std::fs::File::open(mnt.join("f.bin")).unwrap();
@@ -242,36 +243,35 @@ fn cache_stats_and_clear() {
         assert!(o.status.success(), "{}", stderr(&o));
         serde_json::from_slice(&o.stdout).unwrap()
     };
-    let st = stats(&cache);
+    let st = stats(cache);
     assert!(st["bytes"].as_u64().unwrap() >= data.len() as u64, "{st}");
     assert_eq!(st["versions"], 1);
     assert!(st["in_use_by"].as_str().unwrap().contains("pid"), "{st}");
     assert_eq!(st["remotes"][0]["remote"], server.url());
     // A running mount saves its counters every 2 s.
     std::thread::sleep(Duration::from_millis(2500));
-    let live = stats(&cache);
+    let live = stats(cache);
     assert_eq!(
         live["counters"]["fetched_bytes"].as_u64(),
         Some(data.len() as u64),
         "{live}"
     );
     // Clearing a cache a mount uses is refused.
-    let o = afs(&["cache", "clear", "--cache-dir", s(&cache)]);
+    let o = afs(&["cache", "clear", "--cache-dir", s(cache)]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("in use"), "{}", stderr(&o));
-    assert!(afs(&["unmount", s(&mnt)]).status.success());
-    drop(guard);
-    let st = stats(&cache);
+    assert!(afs(&["unmount", s(mnt)]).status.success());
+    let st = stats(cache);
     assert_eq!(st["complete_versions"], 1);
     assert!(st["in_use_by"].is_null());
     let c = &st["counters"];
     assert!(c["hit_bytes"].as_u64().unwrap() > 0, "the second read was a hit: {c}");
     assert_eq!(c["fetched_bytes"].as_u64().unwrap(), data.len() as u64, "{c}");
-    let text = afs(&["cache", "stats", "--cache-dir", s(&cache)]);
+    let text = afs(&["cache", "stats", "--cache-dir", s(cache)]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("hit rate"));
-    let o = afs(&["cache", "clear", "--cache-dir", s(&cache)]);
+    let o = afs(&["cache", "clear", "--cache-dir", s(cache)]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(stats(&cache)["bytes"], 0);
+    assert_eq!(stats(cache)["bytes"], 0);
 }
 
 #[test]

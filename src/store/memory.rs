@@ -135,6 +135,10 @@ impl MemoryStore {
         self.stats.bytes_served.load(Ordering::Relaxed)
     }
 
+    fn current(&self, path: &str) -> StoreResult<Object> {
+        self.state.lock().objects.get(path).cloned().ok_or(StoreError::NotFound)
+    }
+
     fn is_dir(state: &State, path: &str) -> bool {
         if path.is_empty() || state.dirs.contains(path) {
             return true;
@@ -288,13 +292,7 @@ impl Store for MemoryStore {
 
     async fn get(&self, path: &str, range: Option<Range<u64>>, if_match: Option<&ETag>) -> StoreResult<GetResponse> {
         self.stats.gets.fetch_add(1, Ordering::Relaxed);
-        let obj = self
-            .state
-            .lock()
-            .objects
-            .get(path)
-            .cloned()
-            .ok_or(StoreError::NotFound)?;
+        let obj = self.current(path)?;
         if let Some(t) = if_match
             && *t != obj.etag
         {
@@ -334,13 +332,7 @@ impl Store for MemoryStore {
         let Some(chunk) = self.caps.digest_chunk_size else {
             return Ok(None);
         };
-        let obj = self
-            .state
-            .lock()
-            .objects
-            .get(path)
-            .cloned()
-            .ok_or(StoreError::NotFound)?;
+        let obj = self.current(path)?;
         if obj.etag != *etag {
             return Err(StoreError::PreconditionFailed);
         }
