@@ -297,8 +297,13 @@ impl Cache {
     /// closes it.
     pub fn retire(&self, key: &VersionKey) {
         let (_, data, meta) = self.paths(key);
-        if let Some(f) = self.shared.open.lock().get(&data).and_then(Weak::upgrade) {
+        // Held throughout, so the version cannot be opened while its files go.
+        let open = self.shared.open.lock();
+        if let Some(f) = open.get(&data).and_then(Weak::upgrade) {
             f.retired.store(true, std::sync::atomic::Ordering::Release);
+            // `f` may be the last reference; its drop takes the lock.
+            drop(open);
+            drop(f);
             return;
         }
         if let Some(e) = self.shared.idle.lock().remove(&data) {
@@ -331,6 +336,8 @@ impl Cache {
             if s.used.load(Ordering::Acquire) <= target {
                 break;
             }
+            // Held while the files go, so the version cannot be opened meanwhile.
+            let _open = s.open.lock();
             if s.idle.lock().remove(&data).is_none() {
                 continue; // opened meanwhile
             }
@@ -618,4 +625,100 @@ pub fn clear(dir: &Path) -> Result<u64, CacheError> {
     }
     let _ = fs::remove_file(dir.join("stats.json"));
     Ok(before)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(etag: &str, size: u64) -> VersionKey {
+        VersionKey {
+            remote: "memory://t".into(),
+            path: "a/b.bin".into(),
+            etag: etag.into(),
+            size,
+        }
+    }
+
+    fn cache(dir: &Path) -> Arc<Cache> {
+        Cache::open(
+            &CacheConfig {
+                dir: dir.to_path_buf(),
+                max_size: 1 << 30,
+                chunk_size: 4096,
+            },
+            "test",
+        )
+        .unwrap()
+    }
+
+    fn fill(f: &CacheFile, i: u64) {
+        let mut w = f.begin_chunk(i, true).unwrap();
+        let len = w.remaining() as usize;
+        w.write(&vec![i as u8; len]).unwrap();
+        w.finish(None).unwrap();
+    }
+
+    #[test]
+    fn a_retired_version_goes_when_its_last_reader_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cache(dir.path());
+        let f = c.open_version(key("\"v1\"", 10_000)).unwrap();
+        fill(&f, 0);
+        let data = f.data_path().to_path_buf();
+        c.retire(&key("\"v1\"", 10_000));
+        assert!(data.exists(), "still open: kept");
+        drop(f);
+        assert!(!data.exists(), "closed: deleted");
+        assert_eq!(c.used(), 0);
+    }
+
+    #[test]
+    fn a_reopened_version_keeps_its_chunks_and_a_second_daemon_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = cache(dir.path());
+            let f = c.open_version(key("\"v1\"", 10_000)).unwrap();
+            fill(&f, 1);
+            assert!(f.read_with(4096..8192, |b| b.iter().all(|&x| x == 1)).unwrap());
+            let err = Cache::open(
+                &CacheConfig {
+                    dir: dir.path().to_path_buf(),
+                    max_size: 1 << 30,
+                    chunk_size: 4096,
+                },
+                "second",
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("in use by another artifactfs mount (pid"), "{err}");
+        }
+        let c = cache(dir.path());
+        let f = c.open_version(key("\"v1\"", 10_000)).unwrap();
+        assert!(f.is_present(1) && !f.is_present(0));
+        assert!(!f.is_ready(1), "checked again before use after a restart");
+        assert!(f.verify(1));
+        assert!(f.read_with(4096..8192, |b| b.iter().all(|&x| x == 1)).unwrap());
+        // Another version of the same path starts empty.
+        let g = c.open_version(key("\"v2\"", 10_000)).unwrap();
+        assert_eq!(g.present_count(), 0);
+    }
+
+    #[test]
+    fn leftovers_of_an_interrupted_run_are_removed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = {
+            let c = cache(dir.path());
+            let f = c.open_version(key("\"v1\"", 10_000)).unwrap();
+            fill(&f, 0);
+            f.data_path().to_path_buf()
+        };
+        let orphan = data.with_file_name("0123.data");
+        let tmp = data.with_extension("meta.tmp");
+        std::fs::write(&orphan, b"x").unwrap();
+        std::fs::write(&tmp, b"x").unwrap();
+        let c = cache(dir.path());
+        assert!(!orphan.exists() && !tmp.exists());
+        assert!(data.exists());
+        assert!(c.used() >= 4096);
+    }
 }
