@@ -690,7 +690,10 @@ mod tests {
                 "second",
             )
             .unwrap_err();
-            assert!(err.to_string().contains("in use by another artifactfs mount (pid"), "{err}");
+            assert!(
+                err.to_string().contains("in use by another artifactfs mount (pid"),
+                "{err}"
+            );
         }
         let c = cache(dir.path());
         let f = c.open_version(key("\"v1\"", 10_000)).unwrap();

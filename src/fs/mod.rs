@@ -212,9 +212,16 @@ struct FileHandle {
     readahead: Mutex<Readahead>,
 }
 
+/// A snapshot of a listing for one `opendir`. Inodes are made only for the entries handed
+/// out by `readdirplus` (the kernel then holds them); plain `readdir` entries carry the number
+/// the entry would get, so the inode table holds only what the kernel references.
 #[derive(Debug)]
 struct DirHandle {
+    dir: u64,
     items: Vec<DirItem>,
+    /// What the listing said of each item (`None` for `.` and `..`).
+    children: Vec<Option<(ValidName, Child)>>,
+    valid_until: Instant,
 }
 
 /// Lookups answered by `HEAD` in a directory before it is listed as a whole.
@@ -249,6 +256,22 @@ fn ino_hash(parts: &[&[u8]]) -> u64 {
     // Keep clear of 0 (invalid), 1 (root) and the top bit (some tools treat inode numbers as
     // signed).
     (u64::from_le_bytes(b.as_bytes()[..8].try_into().unwrap_or([0; 8])) >> 1).max(2)
+}
+
+/// The inode number a (path, version) gets unless another one already holds it.
+fn ino_candidate(path: &str, child: &Child) -> u64 {
+    match child.kind {
+        Kind::Dir => ino_hash(&[b"dir", path.as_bytes()]),
+        Kind::File => match &child.etag {
+            Some(e) => ino_hash(&[b"file", path.as_bytes(), e.as_str().as_bytes()]),
+            None => ino_hash(&[
+                b"file-unknown-etag",
+                path.as_bytes(),
+                &child.size.to_le_bytes(),
+                format!("{:?}", child.mtime).as_bytes(),
+            ]),
+        },
+    }
 }
 
 impl ArtifactFs {
@@ -349,18 +372,7 @@ impl ArtifactFs {
             }
             self.supersede(t, ino);
         }
-        let mut ino = match child.kind {
-            Kind::Dir => ino_hash(&[b"dir", path.as_bytes()]),
-            Kind::File => match &child.etag {
-                Some(e) => ino_hash(&[b"file", path.as_bytes(), e.as_str().as_bytes()]),
-                None => ino_hash(&[
-                    b"file-unknown-etag",
-                    path.as_bytes(),
-                    &child.size.to_le_bytes(),
-                    format!("{:?}", child.mtime).as_bytes(),
-                ]),
-            },
-        };
+        let mut ino = ino_candidate(&path, child);
         // Another (path, version) already holds this number (a hash collision, or the same
         // version seen again after being superseded): take the next free one, or reuse it.
         loop {
@@ -874,35 +886,53 @@ impl ArtifactFs {
     pub async fn opendir(&self, ino: u64) -> Result<u64, FsError> {
         let entries = self.listing(ino, false).await?.unwrap_or_default();
         let mut items = Vec::with_capacity(entries.len() + 2);
+        let mut children = Vec::with_capacity(entries.len() + 2);
+        let valid_until;
         {
-            let mut t = self.table.lock();
-            let parent = t.inodes.get(&ino).map(|i| i.parent).unwrap_or(ROOT);
-            items.push(DirItem {
-                name: ".".into(),
-                ino,
-                kind: Kind::Dir,
-            });
-            items.push(DirItem {
-                name: "..".into(),
-                ino: parent,
-                kind: Kind::Dir,
-            });
-            let until = t
+            let t = self.table.lock();
+            let (parent, path) = t
+                .inodes
+                .get(&ino)
+                .map(|i| (i.parent, i.path.clone()))
+                .unwrap_or((ROOT, String::new()));
+            for (name, i) in [(".", ino), ("..", parent)] {
+                items.push(DirItem {
+                    name: name.into(),
+                    ino: i,
+                    kind: Kind::Dir,
+                });
+                children.push(None);
+            }
+            valid_until = t
                 .dirs
                 .get(&ino)
                 .and_then(|d| d.valid_until)
                 .unwrap_or_else(Instant::now);
             for (name, child) in entries.iter() {
-                let cino = self.upsert(&mut t, ino, name, child, until);
+                let p = join_path(&path, name.as_str());
+                // The number it has, or the one it will get.
+                let cino = match t.by_path.get(&p) {
+                    Some(&n) if t.inodes.get(&n).is_some_and(|i| i.same_version(child)) => n,
+                    _ => ino_candidate(&p, child),
+                };
                 items.push(DirItem {
                     name: name.to_string(),
                     ino: cino,
                     kind: child.kind,
                 });
+                children.push(Some((name.clone(), child.clone())));
             }
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.dirs.lock().insert(fh, Arc::new(DirHandle { items }));
+        self.dirs.lock().insert(
+            fh,
+            Arc::new(DirHandle {
+                dir: ino,
+                items,
+                children,
+                valid_until,
+            }),
+        );
         Ok(fh)
     }
 
@@ -929,15 +959,19 @@ impl ArtifactFs {
         let h = self.dirs.lock().get(&fh).cloned().ok_or(FsError::BadHandle)?;
         for (i, item) in h.items.iter().enumerate().skip(offset as usize) {
             let mut t = self.table.lock();
-            let Ok(entry) = self.entry_of(&t, item.ino) else {
+            let ino = match &h.children[i] {
+                Some((name, child)) => self.upsert(&mut t, h.dir, name, child, h.valid_until),
+                None => item.ino,
+            };
+            let Ok(entry) = self.entry_of(&t, ino) else {
                 continue;
             };
-            if add(item, &entry, i as u64 + 1) {
+            let item = DirItem { ino, ..item.clone() };
+            if add(&item, &entry, i as u64 + 1) {
                 break;
             }
-            if item.name != "."
-                && item.name != ".."
-                && let Some(inode) = t.inodes.get_mut(&item.ino)
+            if h.children[i].is_some()
+                && let Some(inode) = t.inodes.get_mut(&ino)
             {
                 inode.lookups += 1;
             }

@@ -225,6 +225,18 @@ async fn a_listed_directory_answers_lookups_without_requests() {
     .unwrap();
     assert_eq!(names.len(), 52);
     assert_eq!(&names[..3], &[".", "..", "f00"]);
+    // Plain readdir makes no inodes: the table holds what the kernel references.
+    assert!(
+        e.fs.table.lock().inodes.len() <= 2,
+        "{} inodes",
+        e.fs.table.lock().inodes.len()
+    );
+    let mut inos = Vec::new();
+    e.fs.readdir(fh, 2, |item, _| {
+        inos.push(item.ino);
+        false
+    })
+    .unwrap();
     // Resuming at an offset continues where the kernel stopped.
     let mut rest = Vec::new();
     e.fs.readdir(fh, 40, |item, _| {
@@ -237,8 +249,9 @@ async fn a_listed_directory_answers_lookups_without_requests() {
         e.mem.stats.lists.load(Ordering::Relaxed),
         e.mem.stats.heads.load(Ordering::Relaxed),
     );
-    for i in 0..50 {
-        resolve(&e.fs, &format!("d/f{i:02}")).await.unwrap();
+    for (i, ino) in inos.iter().enumerate() {
+        let found = resolve(&e.fs, &format!("d/f{i:02}")).await.unwrap();
+        assert_eq!(found.attr.ino, *ino, "readdir and lookup agree on inode numbers");
     }
     assert!(matches!(resolve(&e.fs, "d/zzz").await, Err(FsError::NotFound)));
     assert_eq!(e.mem.stats.lists.load(Ordering::Relaxed), lists);
