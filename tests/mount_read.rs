@@ -80,7 +80,29 @@ fn an_interrupted_read_resumes_from_the_chunks_present() {
     drop(f);
     // Let the cache record what it has (it saves its chunk map at least once a second).
     std::thread::sleep(Duration::from_millis(1500));
-    m.kill9();
+    m.kill9_keep_mounted();
+    // A dead mount is named as such, and `artifactfs unmount` clears it.
+    let again = Command::new(bin())
+        .arg("mount")
+        .arg(server.url())
+        .arg(&m.mnt)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("daemon is gone"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(
+        Command::new(bin())
+            .arg("unmount")
+            .arg(&m.mnt)
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(!is_mounted(&m.mnt));
     let first = server.stats().file_bytes_sent;
     assert!(first >= 40 * MIB as u64);
 

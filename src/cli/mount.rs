@@ -90,6 +90,15 @@ pub fn run(a: MountArgs) -> Result<(), String> {
         return Ok(());
     }
     if unmount::is_mounted(&r.mountpoint) {
+        let dead = std::fs::metadata(&r.mountpoint)
+            .err()
+            .is_some_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
+        if dead {
+            return Err(format!(
+                "{0} is already a mount point whose daemon is gone; run `artifactfs unmount {0}` first",
+                r.mountpoint.display()
+            ));
+        }
         return Err(format!("{} is already a mount point", r.mountpoint.display()));
     }
     match std::fs::metadata(&r.mountpoint) {

@@ -200,13 +200,12 @@ impl Mount {
         out
     }
 
-    /// Kills the daemon without letting it clean up (a crash).
-    pub fn kill9(&mut self) {
+    /// Kills the daemon without letting it clean up (a crash); the dead mount stays.
+    pub fn kill9_keep_mounted(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
-        force_unmount(&self.mnt);
     }
 }
 
