@@ -413,3 +413,47 @@ fn an_artifact_larger_than_the_cache_reads_correctly_and_the_cache_keeps_its_lim
     );
     assert!(st["counters"]["punched_chunks"].as_u64().unwrap() > 0, "{st}");
 }
+
+#[test]
+fn odd_names_and_a_directory_of_many_pages_list_and_read() {
+    let store = Store::new();
+    let names = [
+        "a b",
+        "100%",
+        "x#y?z",
+        "ünïcödé ✓",
+        "semi;colon",
+        "plus+sign",
+        "quote\"d",
+        "-dash",
+        ".hidden",
+    ];
+    for (i, n) in names.iter().enumerate() {
+        store.write(&format!("odd/{n}"), &bytes(1000 + i, i as u64));
+    }
+    // More entries than one listing page (the client asks for 10,000): it follows the pages.
+    for i in 0..10_050 {
+        store.write(&format!("many/e{i:05}"), format!("{i}").as_bytes());
+    }
+    let server = store.serve();
+    let m = Mount::new(&server.url());
+    let mut listed: Vec<String> = std::fs::read_dir(m.path("odd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    listed.sort();
+    let mut want: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(listed, want);
+    for (i, n) in names.iter().enumerate() {
+        assert_eq!(
+            std::fs::read(m.path(&format!("odd/{n}"))).unwrap(),
+            bytes(1000 + i, i as u64),
+            "{n}"
+        );
+    }
+    let many: Vec<_> = std::fs::read_dir(m.path("many")).unwrap().collect();
+    assert_eq!(many.len(), 10_050);
+    assert_eq!(std::fs::read(m.path("many/e10049")).unwrap(), b"10049");
+    assert!(server.stats().lists >= 3, "the listing came in pages");
+}
