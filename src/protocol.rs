@@ -37,7 +37,14 @@ pub struct ServerCapabilities {
     pub ranges: bool,
     pub listing_etags: bool,
     pub digests: bool,
+    /// `PUT`, `DELETE`, `mkdir`, `move`, upload sessions.
     pub writes: bool,
+    /// `append`, `write` (a range in place) and `truncate`.
+    #[serde(default)]
+    pub partial_writes: bool,
+    /// `?afs=chunks`, `?afs=has-chunks` and parts that reference a chunk by hash.
+    #[serde(default)]
+    pub content_chunks: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
@@ -112,6 +119,91 @@ pub struct ServerStats {
     pub max_active: u64,
 }
 
+/// Content-defined chunking (FastCDC 2020) shared by the server's chunk index and clients
+/// that upload only the chunks a server lacks: boundaries depend on the content, so inserting
+/// bytes shifts only the chunks around the insertion.
+pub const CDC_MIN: usize = 64 << 10;
+pub const CDC_AVG: usize = 256 << 10;
+pub const CDC_MAX: usize = 1 << 20;
+
+/// One content-defined chunk of a file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CdcChunk {
+    pub offset: u64,
+    pub len: u64,
+    /// Hex blake3 of the chunk's bytes.
+    pub hash: String,
+}
+
+/// The content-defined chunks of `data`.
+pub fn cdc_chunks(data: &[u8]) -> Vec<CdcChunk> {
+    fastcdc::v2020::FastCDC::new(data, CDC_MIN, CDC_AVG, CDC_MAX)
+        .map(|c| CdcChunk {
+            offset: c.offset as u64,
+            len: c.length as u64,
+            hash: blake3::hash(&data[c.offset..c.offset + c.length]).to_hex().to_string(),
+        })
+        .collect()
+}
+
+/// `GET <file>?afs=chunks`: the content-defined chunks of the current version.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChunkList {
+    pub etag: String,
+    pub size: u64,
+    pub chunks: Vec<CdcChunk>,
+}
+
+/// `POST /?afs=has-chunks` request and answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HasChunksRequest {
+    pub chunks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HasChunksAnswer {
+    /// One per asked hash, in order.
+    pub have: Vec<bool>,
+}
+
+/// The answer to every write that makes a new version.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WriteResult {
+    /// Entity tag (without quotes) of the new version.
+    pub etag: String,
+    pub size: u64,
+    pub mtime_ns: i64,
+}
+
+/// `POST <file>?afs=upload`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UploadStarted {
+    pub upload: String,
+    /// The session is dropped after this long without a request.
+    pub expires_in_s: u64,
+}
+
+/// `PUT <file>?afs=part&…`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PartStored {
+    pub part: u32,
+    /// Hex blake3 of the part's bytes; handed back at commit.
+    pub tag: String,
+    pub size: u64,
+}
+
+/// `POST <file>?afs=commit&upload=ID` body: the parts, in the order they make the file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CommitRequest {
+    pub parts: Vec<PartRef>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PartRef {
+    pub part: u32,
+    pub tag: String,
+}
+
 /// Derives a file's entity tag (without quotes) from its per-chunk blake3 digests.
 ///
 /// Being a function of the chunk digests, the tag of an appended file is found by hashing only
@@ -154,6 +246,32 @@ mod tests {
         assert_ne!(base, etag_from_digests(3001, 1024, &a));
         assert_eq!(base.len(), 32);
         assert_eq!(base, etag_from_digests(3000, 1024, &a));
+    }
+
+    #[test]
+    fn content_defined_chunks_survive_an_insertion() {
+        let mut x = 7u64;
+        let data: Vec<u8> = (0..4 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let a = cdc_chunks(&data);
+        assert_eq!(a.iter().map(|c| c.len).sum::<u64>(), data.len() as u64);
+        assert!(a.iter().all(|c| c.len <= CDC_MAX as u64));
+        let mut edited = data[..1 << 20].to_vec();
+        edited.extend_from_slice(b"inserted bytes");
+        edited.extend_from_slice(&data[1 << 20..]);
+        let b = cdc_chunks(&edited);
+        let old: std::collections::HashSet<_> = a.iter().map(|c| &c.hash).collect();
+        let changed = b.iter().filter(|c| !old.contains(&c.hash)).map(|c| c.len).sum::<u64>();
+        assert!(
+            changed <= 2 * CDC_MAX as u64,
+            "{changed} bytes in new chunks after a 14-byte insertion"
+        );
     }
 
     #[test]

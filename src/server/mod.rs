@@ -390,6 +390,8 @@ fn server_info() -> ServerInfo {
             listing_etags: true,
             digests: true,
             writes: false,
+            partial_writes: false,
+            content_chunks: false,
         },
     }
 }

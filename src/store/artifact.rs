@@ -363,6 +363,8 @@ mod tests {
                     listing_etags: true,
                     digests: true,
                     writes: false,
+                    partial_writes: false,
+                    content_chunks: false,
                 },
             },
         }
