@@ -4,6 +4,7 @@ use std::ops::Range;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use futures_util::StreamExt;
 use http::StatusCode;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
@@ -12,8 +13,8 @@ use reqwest::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, ETAG, IF_M
 
 use super::http::{self as h, HttpConfig};
 use super::{
-    Capabilities, Content, Digests, DirEntry, ETag, GetResponse, Head, Listing, ObjectMeta, Revalidated, Store,
-    StoreError, StoreResult,
+    Capabilities, Content, Digests, DirEntry, ETag, GetResponse, Head, Listing, ObjectMeta, PartReceipt, PartSource,
+    Revalidated, Store, StoreError, StoreResult, UploadId, WriteCondition,
 };
 use crate::protocol::{self, DigestList, KIND_HEADER, ListPage, ServerInfo};
 
@@ -100,14 +101,87 @@ impl ArtifactStore {
     async fn fail(&self, what: &str, resp: reqwest::Response) -> StoreError {
         let status = resp.status();
         let body = resp.bytes().await.unwrap_or_default();
-        match status {
-            StatusCode::NOT_FOUND => StoreError::NotFound,
-            StatusCode::PRECONDITION_FAILED => StoreError::PreconditionFailed,
+        let err: Option<protocol::ErrorBody> = serde_json::from_slice(&body).ok();
+        let code = err.as_ref().map(|e| e.code.as_str()).unwrap_or("");
+        match (status, code) {
+            (StatusCode::NOT_FOUND, "no_such_upload") => StoreError::NoSuchUpload,
+            (StatusCode::NOT_FOUND, "unknown_chunk") => StoreError::UnknownChunk,
+            (StatusCode::NOT_FOUND, _) => StoreError::NotFound,
+            (StatusCode::PRECONDITION_FAILED, _) => StoreError::PreconditionFailed,
+            (StatusCode::CONFLICT, "offset_mismatch") => StoreError::OffsetMismatch {
+                size: serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["size"].as_u64())
+                    .unwrap_or(0),
+            },
+            (StatusCode::CONFLICT, code) => StoreError::Conflict(code.to_string()),
+            (StatusCode::RANGE_NOT_SATISFIABLE, _) => StoreError::RangeNotSatisfiable { size: None },
             _ => StoreError::Refused {
                 status: status.as_u16(),
                 message: format!("{what}: {}", h::error_message(&body)),
             },
         }
+    }
+
+    fn op_url(&self, path: &str, dir: bool, op: &str, params: &[(&str, &str)]) -> Url {
+        let mut url = self.url_for(path, dir);
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair(protocol::QUERY_KEY, op);
+            for (k, v) in params {
+                q.append_pair(k, v);
+            }
+        }
+        url
+    }
+
+    /// Sends a write and reads its answer: a [`protocol::WriteResult`] as an [`ObjectMeta`]
+    /// for writes that make a version, `None` for those that answer without a body.
+    async fn write(
+        &self,
+        what: String,
+        cond: &WriteCondition,
+        make: impl Fn() -> reqwest::RequestBuilder,
+    ) -> StoreResult<Option<ObjectMeta>> {
+        let resp = h::send(&self.cfg, &what, || with_condition(make(), cond)).await?;
+        match resp.status() {
+            StatusCode::NO_CONTENT => Ok(None),
+            s if s.is_success() => {
+                let body = resp.bytes().await.map_err(|e| h::body_error(&what, &e))?;
+                if body.is_empty() {
+                    return Ok(None);
+                }
+                let r: protocol::WriteResult =
+                    serde_json::from_slice(&body).map_err(|e| StoreError::Protocol(format!("{what}: {e}")))?;
+                Ok(Some(ObjectMeta {
+                    size: r.size,
+                    mtime: mtime_from_ns(r.mtime_ns),
+                    etag: Some(ETag::from_bare(&r.etag)),
+                    max_age: None,
+                }))
+            }
+            _ => Err(self.fail(&what, resp).await),
+        }
+    }
+
+    async fn write_version(
+        &self,
+        what: String,
+        cond: &WriteCondition,
+        make: impl Fn() -> reqwest::RequestBuilder,
+    ) -> StoreResult<ObjectMeta> {
+        let w = what.clone();
+        self.write(what, cond, make)
+            .await?
+            .ok_or_else(|| StoreError::Protocol(format!("{w}: no version in the answer")))
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(&self, what: &str, resp: reqwest::Response) -> StoreResult<T> {
+        if !resp.status().is_success() {
+            return Err(self.fail(what, resp).await);
+        }
+        let body = resp.bytes().await.map_err(|e| h::body_error(what, &e))?;
+        serde_json::from_slice(&body).map_err(|e| StoreError::Protocol(format!("{what}: {e}")))
     }
 
     async fn list_page(
@@ -150,6 +224,19 @@ impl ArtifactStore {
     }
 }
 
+fn with_condition(r: reqwest::RequestBuilder, cond: &WriteCondition) -> reqwest::RequestBuilder {
+    match cond {
+        WriteCondition::None => r,
+        WriteCondition::Matches(t) => r.header(IF_MATCH, t.as_str()),
+        WriteCondition::Absent => r.header(IF_NONE_MATCH, "*"),
+    }
+}
+
+/// A path as the `to=` of a move: the request path form, leading slash included.
+fn dest_param(path: &str) -> String {
+    format!("/{}", path.trim_start_matches('/'))
+}
+
 fn mtime_from_ns(ns: i64) -> SystemTime {
     if ns >= 0 {
         UNIX_EPOCH + Duration::from_nanos(ns as u64)
@@ -179,8 +266,13 @@ impl Store for ArtifactStore {
             ranged_reads: c.ranges,
             listing_etags: c.listing_etags,
             digest_chunk_size: c.digests.then_some(self.info.chunk_size),
-            // The client side of the write protocol comes with the write-back issue.
-            ..Capabilities::read_only()
+            writes: c.writes,
+            partial_writes: c.partial_writes,
+            server_side_copy: c.writes,
+            rename: c.writes,
+            content_chunks: c.content_chunks,
+            min_part_size: 0,
+            max_parts: 10_000,
         }
     }
 
@@ -340,6 +432,188 @@ impl Store for ArtifactStore {
             chunk_size: list.chunk_size,
             digests,
         }))
+    }
+
+    async fn put(&self, path: &str, body: Bytes, cond: WriteCondition) -> StoreResult<ObjectMeta> {
+        let url = self.url_for(path, false);
+        let what = format!("PUT {url} ({} bytes)", body.len());
+        self.write_version(what, &cond, || self.client.put(url.clone()).body(body.clone()))
+            .await
+    }
+
+    async fn delete(&self, path: &str, cond: WriteCondition) -> StoreResult<()> {
+        let url = self.url_for(path, false);
+        self.write(format!("DELETE {url}"), &cond, || self.client.delete(url.clone()))
+            .await
+            .map(drop)
+    }
+
+    async fn mkdir(&self, path: &str) -> StoreResult<()> {
+        let url = self.op_url(path, true, "mkdir", &[]);
+        self.write(format!("POST {url}"), &WriteCondition::None, || {
+            self.client.post(url.clone())
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn rmdir(&self, path: &str) -> StoreResult<()> {
+        let url = self.url_for(path, true);
+        self.write(format!("DELETE {url}"), &WriteCondition::None, || {
+            self.client.delete(url.clone())
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn rename(&self, from: &str, to: &str, cond: WriteCondition) -> StoreResult<()> {
+        let dest = dest_param(to);
+        let url = self.op_url(from, false, "move", &[("to", &dest)]);
+        self.write(format!("POST {url}"), &cond, || self.client.post(url.clone()))
+            .await
+            .map(drop)
+    }
+
+    async fn append(&self, path: &str, offset: u64, body: Bytes, cond: WriteCondition) -> StoreResult<ObjectMeta> {
+        let url = self.op_url(path, false, "append", &[("offset", &offset.to_string())]);
+        let what = format!("POST {url} ({} bytes)", body.len());
+        self.write_version(what, &cond, || self.client.post(url.clone()).body(body.clone()))
+            .await
+    }
+
+    async fn write_range(&self, path: &str, offset: u64, body: Bytes, cond: WriteCondition) -> StoreResult<ObjectMeta> {
+        let url = self.op_url(path, false, "write", &[("offset", &offset.to_string())]);
+        let what = format!("POST {url} ({} bytes)", body.len());
+        self.write_version(what, &cond, || self.client.post(url.clone()).body(body.clone()))
+            .await
+    }
+
+    async fn truncate(&self, path: &str, size: u64, cond: WriteCondition) -> StoreResult<ObjectMeta> {
+        let url = self.op_url(path, false, "truncate", &[("size", &size.to_string())]);
+        self.write_version(format!("POST {url}"), &cond, || self.client.post(url.clone()))
+            .await
+    }
+
+    async fn chunks(&self, path: &str, etag: &ETag) -> StoreResult<Vec<protocol::CdcChunk>> {
+        let url = self.op_url(path, false, "chunks", &[]);
+        let what = format!("GET {url}");
+        let resp = h::send(&self.cfg, &what, || {
+            self.client.get(url.clone()).header(IF_MATCH, etag.as_str())
+        })
+        .await?;
+        let list: protocol::ChunkList = self.json(&what, resp).await?;
+        if ETag::from_bare(&list.etag) != *etag {
+            return Err(StoreError::PreconditionFailed);
+        }
+        Ok(list.chunks)
+    }
+
+    async fn has_chunks(&self, hashes: &[[u8; 32]]) -> StoreResult<Vec<bool>> {
+        let url = self.op_url("", true, "has-chunks", &[]);
+        let what = format!("POST {url}");
+        let mut out = Vec::with_capacity(hashes.len());
+        for batch in hashes.chunks(10_000) {
+            let req = protocol::HasChunksRequest {
+                chunks: batch.iter().map(hex::encode).collect(),
+            };
+            let body = serde_json::to_vec(&req).map_err(|e| StoreError::Protocol(e.to_string()))?;
+            let resp = h::send(&self.cfg, &what, || {
+                self.client
+                    .post(url.clone())
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body.clone())
+            })
+            .await?;
+            let answer: protocol::HasChunksAnswer = self.json(&what, resp).await?;
+            if answer.have.len() != batch.len() {
+                return Err(StoreError::Protocol(format!(
+                    "{what}: {} answers for {} hashes",
+                    answer.have.len(),
+                    batch.len()
+                )));
+            }
+            out.extend(answer.have);
+        }
+        Ok(out)
+    }
+
+    async fn begin_upload(&self, path: &str, base: Option<ETag>) -> StoreResult<UploadId> {
+        let url = self.op_url(path, false, "upload", &[]);
+        let what = format!("POST {url}");
+        let cond = base.map(WriteCondition::Matches).unwrap_or(WriteCondition::None);
+        let resp = h::send(&self.cfg, &what, || {
+            with_condition(self.client.post(url.clone()), &cond)
+        })
+        .await?;
+        let started: protocol::UploadStarted = self.json(&what, resp).await?;
+        Ok(UploadId {
+            path: path.to_string(),
+            id: started.upload,
+        })
+    }
+
+    async fn upload_part(&self, id: &UploadId, number: u32, src: PartSource) -> StoreResult<PartReceipt> {
+        let n = number.to_string();
+        let mut params = vec![("upload", id.id.clone()), ("part", n)];
+        let body = match &src {
+            PartSource::Bytes(b) => b.clone(),
+            PartSource::CopyFromBase(r) => {
+                if r.is_empty() {
+                    return Err(StoreError::Protocol("an empty copy range".into()));
+                }
+                params.push(("copy", format!("{}-{}", r.start, r.end - 1)));
+                Bytes::new()
+            }
+            PartSource::Chunk(hash) => {
+                params.push(("chunk", hex::encode(hash)));
+                Bytes::new()
+            }
+        };
+        let pairs: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let url = self.op_url(&id.path, false, "part", &pairs);
+        let what = format!("PUT {url} ({} bytes)", body.len());
+        let resp = h::send(&self.cfg, &what, || self.client.put(url.clone()).body(body.clone())).await?;
+        let stored: protocol::PartStored = self.json(&what, resp).await?;
+        Ok(PartReceipt {
+            number: stored.part,
+            tag: stored.tag,
+            len: stored.size,
+        })
+    }
+
+    async fn commit_upload(
+        &self,
+        id: &UploadId,
+        parts: Vec<PartReceipt>,
+        cond: WriteCondition,
+    ) -> StoreResult<ObjectMeta> {
+        let url = self.op_url(&id.path, false, "commit", &[("upload", &id.id)]);
+        let req = protocol::CommitRequest {
+            parts: parts
+                .iter()
+                .map(|p| protocol::PartRef {
+                    part: p.number,
+                    tag: p.tag.clone(),
+                })
+                .collect(),
+        };
+        let body = Bytes::from(serde_json::to_vec(&req).map_err(|e| StoreError::Protocol(e.to_string()))?);
+        self.write_version(format!("POST {url}"), &cond, || {
+            self.client
+                .post(url.clone())
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone())
+        })
+        .await
+    }
+
+    async fn abort_upload(&self, id: &UploadId) -> StoreResult<()> {
+        let url = self.op_url(&id.path, false, "upload", &[("upload", &id.id)]);
+        self.write(format!("DELETE {url}"), &WriteCondition::None, || {
+            self.client.delete(url.clone())
+        })
+        .await
+        .map(drop)
     }
 }
 

@@ -51,6 +51,8 @@ pub struct MemoryStats {
     pub heads: AtomicU64,
     pub gets: AtomicU64,
     pub bytes_served: AtomicU64,
+    /// New bytes received by writes (put, append, write, byte parts).
+    pub bytes_received: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -86,6 +88,8 @@ impl MemoryStore {
                 partial_writes: true,
                 server_side_copy: true,
                 rename: true,
+                content_chunks: true,
+                min_part_size: 0,
                 ..Capabilities::read_only()
             },
             piece: 64 << 10,
@@ -343,6 +347,9 @@ impl Store for MemoryStore {
     }
 
     async fn put(&self, path: &str, body: Bytes, cond: WriteCondition) -> StoreResult<ObjectMeta> {
+        self.stats
+            .bytes_received
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
         let mut state = self.state.lock();
         Self::check(&cond, state.objects.get(path))?;
         Ok(Self::store_object(&mut state, path, body))
@@ -392,17 +399,75 @@ impl Store for MemoryStore {
         if !self.caps.partial_writes {
             return Err(StoreError::Unsupported("append"));
         }
+        self.stats
+            .bytes_received
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
         let mut state = self.state.lock();
         let current = state.objects.get(path);
         Self::check(&cond, current)?;
-        let old = current.map(|o| o.data.clone()).unwrap_or_default();
+        let old = current.map(|o| o.data.clone()).ok_or(StoreError::NotFound)?;
         if old.len() as u64 != offset {
-            return Err(StoreError::PreconditionFailed);
+            return Err(StoreError::OffsetMismatch { size: old.len() as u64 });
         }
         let mut data = Vec::with_capacity(old.len() + body.len());
         data.extend_from_slice(&old);
         data.extend_from_slice(&body);
         Ok(Self::store_object(&mut state, path, data.into()))
+    }
+
+    async fn write_range(&self, path: &str, offset: u64, body: Bytes, cond: WriteCondition) -> StoreResult<ObjectMeta> {
+        if !self.caps.partial_writes {
+            return Err(StoreError::Unsupported("ranged writes"));
+        }
+        self.stats
+            .bytes_received
+            .fetch_add(body.len() as u64, Ordering::Relaxed);
+        let mut state = self.state.lock();
+        let current = state.objects.get(path);
+        Self::check(&cond, current)?;
+        let mut data = current.map(|o| o.data.to_vec()).ok_or(StoreError::NotFound)?;
+        if offset > data.len() as u64 {
+            return Err(StoreError::RangeNotSatisfiable {
+                size: Some(data.len() as u64),
+            });
+        }
+        let end = offset as usize + body.len();
+        if end > data.len() {
+            data.resize(end, 0);
+        }
+        data[offset as usize..end].copy_from_slice(&body);
+        Ok(Self::store_object(&mut state, path, data.into()))
+    }
+
+    async fn truncate(&self, path: &str, size: u64, cond: WriteCondition) -> StoreResult<ObjectMeta> {
+        if !self.caps.partial_writes {
+            return Err(StoreError::Unsupported("truncate"));
+        }
+        let mut state = self.state.lock();
+        let current = state.objects.get(path);
+        Self::check(&cond, current)?;
+        let mut data = current.map(|o| o.data.to_vec()).ok_or(StoreError::NotFound)?;
+        data.resize(size as usize, 0);
+        Ok(Self::store_object(&mut state, path, data.into()))
+    }
+
+    async fn chunks(&self, path: &str, etag: &ETag) -> StoreResult<Vec<protocol::CdcChunk>> {
+        let obj = self.current(path)?;
+        if obj.etag != *etag {
+            return Err(StoreError::PreconditionFailed);
+        }
+        Ok(protocol::cdc_chunks(&obj.data))
+    }
+
+    async fn has_chunks(&self, hashes: &[[u8; 32]]) -> StoreResult<Vec<bool>> {
+        let state = self.state.lock();
+        let held: std::collections::HashSet<String> = state
+            .objects
+            .values()
+            .flat_map(|o| protocol::cdc_chunks(&o.data))
+            .map(|c| c.hash)
+            .collect();
+        Ok(hashes.iter().map(|h| held.contains(&hex::encode(h))).collect())
     }
 
     async fn begin_upload(&self, path: &str, base: Option<ETag>) -> StoreResult<UploadId> {
@@ -427,14 +492,31 @@ impl Store for MemoryStore {
                 parts: BTreeMap::new(),
             },
         );
-        Ok(UploadId(id))
+        Ok(UploadId {
+            path: path.to_string(),
+            id,
+        })
     }
 
     async fn upload_part(&self, id: &UploadId, number: u32, src: PartSource) -> StoreResult<PartReceipt> {
-        let mut state = self.state.lock();
-        let up = state.uploads.get_mut(&id.0).ok_or(StoreError::NoSuchUpload)?;
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        let up = state.uploads.get_mut(&id.id).ok_or(StoreError::NoSuchUpload)?;
+        if let PartSource::Bytes(b) = &src {
+            self.stats.bytes_received.fetch_add(b.len() as u64, Ordering::Relaxed);
+        }
         let data = match src {
             PartSource::Bytes(b) => b,
+            PartSource::Chunk(hash) => {
+                let hex = hex::encode(hash);
+                let found = state.objects.values().find_map(|o| {
+                    protocol::cdc_chunks(&o.data)
+                        .into_iter()
+                        .find(|c| c.hash == hex)
+                        .map(|c| o.data.slice(c.offset as usize..(c.offset + c.len) as usize))
+                });
+                found.ok_or(StoreError::UnknownChunk)?
+            }
             PartSource::CopyFromBase(r) => {
                 let (_, base) = up.base.as_ref().ok_or(StoreError::Unsupported("copy without a base"))?;
                 if r.end > base.len() as u64 || r.start > r.end {
@@ -458,7 +540,7 @@ impl Store for MemoryStore {
         cond: WriteCondition,
     ) -> StoreResult<ObjectMeta> {
         let mut state = self.state.lock();
-        let up = state.uploads.remove(&id.0).ok_or(StoreError::NoSuchUpload)?;
+        let up = state.uploads.remove(&id.id).ok_or(StoreError::NoSuchUpload)?;
         let mut out = Vec::new();
         for (i, p) in parts.iter().enumerate() {
             let data = up
@@ -485,7 +567,7 @@ impl Store for MemoryStore {
         self.state
             .lock()
             .uploads
-            .remove(&id.0)
+            .remove(&id.id)
             .ok_or(StoreError::NoSuchUpload)
             .map(|_| ())
     }
@@ -596,7 +678,7 @@ mod tests {
         let t = s.insert("log", b"abc".to_vec());
         assert!(matches!(
             s.append("log", 2, Bytes::from_static(b"d"), WriteCondition::None).await,
-            Err(StoreError::PreconditionFailed)
+            Err(StoreError::OffsetMismatch { size: 3 })
         ));
         s.append("log", 3, Bytes::from_static(b"d"), WriteCondition::Matches(t))
             .await

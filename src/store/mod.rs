@@ -76,6 +76,8 @@ pub struct Capabilities {
     pub server_side_copy: bool,
     /// Atomic rename of a file.
     pub rename: bool,
+    /// Content-defined chunk lists, "which chunks do you hold", parts by chunk hash.
+    pub content_chunks: bool,
     /// Smallest part of an upload session except the last (S3: 5 MiB).
     pub min_part_size: u64,
     /// Most parts in one upload session (S3: 10,000).
@@ -93,6 +95,7 @@ impl Capabilities {
             partial_writes: false,
             server_side_copy: false,
             rename: false,
+            content_chunks: false,
             min_part_size: 5 << 20,
             max_parts: 10_000,
         }
@@ -188,7 +191,12 @@ pub enum WriteCondition {
 
 /// An open upload session.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct UploadId(pub String);
+pub struct UploadId {
+    /// The file the session writes.
+    pub path: String,
+    /// The remote's name for the session.
+    pub id: String,
+}
 
 /// One part of an upload session.
 #[derive(Debug, Clone)]
@@ -197,6 +205,9 @@ pub enum PartSource {
     Bytes(Bytes),
     /// A range of the session's base version, copied on the server side.
     CopyFromBase(Range<u64>),
+    /// A content-defined chunk the server holds somewhere, by its blake3 hash
+    /// (`content_chunks`).
+    Chunk([u8; 32]),
 }
 
 /// Proof that a part was stored, handed back at commit.
@@ -227,6 +238,12 @@ pub enum StoreError {
     Protocol(String),
     #[error("unknown upload session")]
     NoSuchUpload,
+    #[error("the server no longer holds that chunk")]
+    UnknownChunk,
+    #[error("the path conflicts with what is there: {0}")]
+    Conflict(String),
+    #[error("the append offset is not the file's size ({size})")]
+    OffsetMismatch { size: u64 },
 }
 
 impl StoreError {
@@ -288,6 +305,33 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Appends `body` at `offset`, which must be the current size (`partial_writes`).
     async fn append(&self, _path: &str, _offset: u64, _body: Bytes, _cond: WriteCondition) -> StoreResult<ObjectMeta> {
         Err(StoreError::Unsupported("append"))
+    }
+
+    /// Writes `body` at `offset` (at most the size; may extend the file), atomically
+    /// (`partial_writes`).
+    async fn write_range(
+        &self,
+        _path: &str,
+        _offset: u64,
+        _body: Bytes,
+        _cond: WriteCondition,
+    ) -> StoreResult<ObjectMeta> {
+        Err(StoreError::Unsupported("ranged writes"))
+    }
+
+    /// Shrinks or extends (with zeros) a file to `size` (`partial_writes`).
+    async fn truncate(&self, _path: &str, _size: u64, _cond: WriteCondition) -> StoreResult<ObjectMeta> {
+        Err(StoreError::Unsupported("truncate"))
+    }
+
+    /// The content-defined chunks of version `etag` (`content_chunks`).
+    async fn chunks(&self, _path: &str, _etag: &ETag) -> StoreResult<Vec<crate::protocol::CdcChunk>> {
+        Err(StoreError::Unsupported("chunk lists"))
+    }
+
+    /// Which of these chunk hashes the remote holds, in any file (`content_chunks`).
+    async fn has_chunks(&self, _hashes: &[[u8; 32]]) -> StoreResult<Vec<bool>> {
+        Err(StoreError::Unsupported("chunk lookups"))
     }
 
     /// Opens an upload session that builds a new version of `path` from new bytes and, with
