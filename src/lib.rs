@@ -12,3 +12,4 @@ pub mod protocol;
 pub mod read;
 pub mod server;
 pub mod store;
+pub mod write;

@@ -1,0 +1,4 @@
+//! The write side: what a file being written holds locally, and how its changes reach the
+//! remote (append, ranged write, upload sessions of base ranges and new bytes, whole files).
+
+pub mod dirty;
