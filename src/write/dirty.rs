@@ -69,17 +69,19 @@ impl RangeSet {
         if r.is_empty() {
             return true;
         }
-        self.map
-            .range(..=r.start)
-            .next_back()
-            .is_some_and(|(_, &e)| e >= r.end)
+        self.map.range(..=r.start).next_back().is_some_and(|(_, &e)| e >= r.end)
     }
 
     /// `r` cut into pieces, each either covered (`true`) or not (`false`), in order.
     pub fn split(&self, r: Range<u64>) -> Vec<(Range<u64>, bool)> {
         let mut out = Vec::new();
         let mut pos = r.start;
-        let first = self.map.range(..=r.start).next_back().map(|(&s, _)| s).unwrap_or(r.start);
+        let first = self
+            .map
+            .range(..=r.start)
+            .next_back()
+            .map(|(&s, _)| s)
+            .unwrap_or(r.start);
         for (&s, &e) in self.map.range(first..r.end) {
             if e <= pos {
                 continue;
@@ -144,7 +146,13 @@ mod tests {
         assert!(s.covers(&(12..18)) && s.covers(&(10..20)) && !s.covers(&(15..25)));
         assert_eq!(
             s.split(0..50),
-            vec![(0..10, false), (10..20, true), (20..30, false), (30..40, true), (40..50, false)]
+            vec![
+                (0..10, false),
+                (10..20, true),
+                (20..30, false),
+                (30..40, true),
+                (40..50, false)
+            ]
         );
         assert_eq!(s.split(15..35), vec![(15..20, true), (20..30, false), (30..35, true)]);
         assert_eq!(s.split(21..29), vec![(21..29, false)]);

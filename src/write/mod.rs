@@ -2,3 +2,5 @@
 //! remote (append, ranged write, upload sessions of base ranges and new bytes, whole files).
 
 pub mod dirty;
+pub mod plan;
+pub mod staged;

@@ -1,0 +1,256 @@
+//! The local state of one file being written: its bytes written locally (in a sparse file of
+//! the cache directory's write area, at their own offsets), which ranges those are, its size,
+//! and which remote version its changes apply to. Pure bookkeeping plus the staging file; the
+//! decision of how to send the changes is `plan`, the sending is `upload`.
+//!
+//! The content of the file at offset `x` is, in this order: the local bytes when `x` was
+//! written locally; else the base's bytes when `x < layer_limit`; else zero (a hole left by a
+//! truncation and extension).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::dirty::RangeSet;
+use crate::store::ETag;
+
+/// A version on the remote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteVersion {
+    pub etag: ETag,
+    pub size: u64,
+}
+
+#[derive(Debug)]
+pub struct Staged {
+    file: File,
+    path: PathBuf,
+    /// Everything written locally since the file was opened (read through it).
+    overlay: RangeSet,
+    /// Bytes `[0, layer_limit)` not in `overlay` are the base's (the version opened, whose
+    /// bytes equal those of every version uploaded since, outside `overlay`).
+    layer_limit: u64,
+    size: u64,
+    /// The version on the remote the next upload replaces (`None`: the file does not exist
+    /// there yet).
+    remote: Option<RemoteVersion>,
+    /// Written since the last upload.
+    unsent: RangeSet,
+    /// Bytes `[0, unsent_keep)` of `remote` are unchanged since the last upload (outside
+    /// `unsent`).
+    unsent_keep: u64,
+    /// Something changed since the last upload (writes, truncations, creation).
+    changed: bool,
+}
+
+impl Staged {
+    /// A new file, not on the remote yet.
+    pub fn create(path: PathBuf) -> io::Result<Staged> {
+        Self::new(path, None, true)
+    }
+
+    /// Changes to the existing `remote` version.
+    pub fn modify(path: PathBuf, remote: RemoteVersion) -> io::Result<Staged> {
+        Self::new(path, Some(remote), false)
+    }
+
+    fn new(path: PathBuf, remote: Option<RemoteVersion>, changed: bool) -> io::Result<Staged> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        let size = remote.as_ref().map_or(0, |r| r.size);
+        Ok(Staged {
+            file,
+            path,
+            overlay: RangeSet::new(),
+            layer_limit: size,
+            size,
+            unsent_keep: size,
+            remote,
+            unsent: RangeSet::new(),
+            changed,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn remote(&self) -> Option<&RemoteVersion> {
+        self.remote.as_ref()
+    }
+
+    pub fn layer_limit(&self) -> u64 {
+        self.layer_limit
+    }
+
+    /// Whether there is anything to upload.
+    pub fn is_changed(&self) -> bool {
+        self.changed
+    }
+
+    pub fn unsent(&self) -> &RangeSet {
+        &self.unsent
+    }
+
+    pub fn unsent_keep(&self) -> u64 {
+        self.unsent_keep
+    }
+
+    pub fn overlay(&self) -> &RangeSet {
+        &self.overlay
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all_at(data, offset)?;
+        let r = offset..offset + data.len() as u64;
+        self.overlay.insert(r.clone());
+        self.unsent.insert(r.clone());
+        self.size = self.size.max(r.end);
+        self.changed = true;
+        Ok(())
+    }
+
+    pub fn truncate(&mut self, size: u64) -> io::Result<()> {
+        if size == self.size {
+            return Ok(());
+        }
+        if size < self.size {
+            self.overlay.truncate(size);
+            self.unsent.truncate(size);
+            self.layer_limit = self.layer_limit.min(size);
+            self.unsent_keep = self.unsent_keep.min(size);
+        }
+        self.file.set_len(size)?;
+        self.size = size;
+        self.changed = true;
+        Ok(())
+    }
+
+    /// The pieces of `range` (within the size): local bytes, base bytes, or zeros.
+    pub fn layers(&self, range: Range<u64>) -> Vec<(Range<u64>, Layer)> {
+        let range = range.start.min(self.size)..range.end.min(self.size);
+        let mut out = Vec::new();
+        for (r, local) in self.overlay.split(range) {
+            if local {
+                out.push((r, Layer::Local));
+                continue;
+            }
+            if r.start < self.layer_limit {
+                let mid = r.end.min(self.layer_limit);
+                out.push((r.start..mid, Layer::Base));
+                if mid < r.end {
+                    out.push((mid..r.end, Layer::Zero));
+                }
+            } else {
+                out.push((r, Layer::Zero));
+            }
+        }
+        out
+    }
+
+    /// Reads local bytes (a range `layers` called `Local`).
+    pub fn read_local(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    /// The changes are on the remote as version `now`.
+    pub fn uploaded(&mut self, now: RemoteVersion) {
+        self.unsent = RangeSet::new();
+        self.unsent_keep = now.size;
+        self.remote = Some(now);
+        self.changed = false;
+    }
+
+    /// The file moved on the remote (rename of an open file): later uploads go to its new
+    /// path with the same version.
+    pub fn set_remote(&mut self, remote: Option<RemoteVersion>) {
+        self.remote = remote;
+    }
+}
+
+/// Where the bytes of a piece of the file come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layer {
+    /// Written locally (in the staging file).
+    Local,
+    /// The base version (the cache, or the remote).
+    Base,
+    /// A hole.
+    Zero,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote(size: u64) -> RemoteVersion {
+        RemoteVersion {
+            etag: ETag::new("\"b\""),
+            size,
+        }
+    }
+
+    #[test]
+    fn writes_truncations_and_extensions_make_layers() {
+        let d = tempfile::tempdir().unwrap();
+        let mut s = Staged::modify(d.path().join("s"), remote(100)).unwrap();
+        assert!(!s.is_changed());
+        assert_eq!(s.layers(0..100), vec![(0..100, Layer::Base)]);
+        s.write(10, b"abc").unwrap();
+        s.truncate(50).unwrap();
+        s.truncate(80).unwrap();
+        s.write(60, b"xy").unwrap();
+        assert_eq!(s.size(), 80);
+        assert_eq!(
+            s.layers(0..200),
+            vec![
+                (0..10, Layer::Base),
+                (10..13, Layer::Local),
+                (13..50, Layer::Base),
+                (50..60, Layer::Zero),
+                (60..62, Layer::Local),
+                (62..80, Layer::Zero),
+            ]
+        );
+        let mut b = [0u8; 3];
+        s.read_local(10, &mut b).unwrap();
+        assert_eq!(&b, b"abc");
+        assert!(s.is_changed());
+        assert_eq!(s.unsent_keep(), 50);
+        s.uploaded(remote(80));
+        assert!(!s.is_changed() && s.unsent().is_empty());
+        assert_eq!(s.unsent_keep(), 80);
+        // The read layers do not change with an upload.
+        assert_eq!(s.layers(60..62), vec![(60..62, Layer::Local)]);
+    }
+
+    #[test]
+    fn a_new_file_is_changed_and_its_staging_file_goes_with_it() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("n");
+        let s = Staged::create(p.clone()).unwrap();
+        assert!(s.is_changed() && s.remote().is_none());
+        assert_eq!(s.layers(0..10), vec![]);
+        drop(s);
+        assert!(!p.exists());
+    }
+}
