@@ -4,3 +4,4 @@
 pub mod dirty;
 pub mod plan;
 pub mod staged;
+pub mod upload;

@@ -52,6 +52,8 @@ pub enum Plan {
     Nothing,
     /// The whole content in one request.
     Put,
+    /// The whole content as new bytes, in the parts of an upload session.
+    Parts,
     /// The bytes `offset..size` appended to the remote version.
     Append { offset: u64 },
     /// One range written in place (it may extend the file).
@@ -99,10 +101,14 @@ pub fn plan(s: &Staged, caps: &Capabilities, cfg: &PlanConfig) -> Plan {
         if size <= cfg.put_max || !sessions {
             return Plan::Put;
         }
-        return Plan::Session(pieces(s));
+        return Plan::Parts;
     };
     if !cfg.incremental {
-        return Plan::Put;
+        return if size <= cfg.put_max || !sessions {
+            Plan::Put
+        } else {
+            Plan::Parts
+        };
     }
     let keep = s.unsent_keep().min(remote.size);
     let ps = pieces(s);
@@ -115,7 +121,8 @@ pub fn plan(s: &Staged, caps: &Capabilities, cfg: &PlanConfig) -> Plan {
             // Only a size change: shorter, or longer with zeros.
             return Plan::Truncate(size);
         }
-        if keep == remote.size && unsent.len() == 1 {
+        // One request carries the bytes: kept for changes that fit one part.
+        if keep == remote.size && unsent.len() == 1 && unsent[0].end - unsent[0].start <= cfg.part_size {
             let u = unsent[0].clone();
             if u.start == remote.size && u.end == size {
                 return Plan::Append { offset: remote.size };
@@ -205,6 +212,16 @@ mod tests {
     }
 
     #[test]
+    fn a_large_append_goes_in_parts() {
+        let (_d, mut s) = modify(MIB);
+        s.write(MIB, &vec![1; 20 * MIB as usize]).unwrap();
+        assert_eq!(
+            plan(&s, &caps(true, true), &PlanConfig::default()),
+            Plan::Session(vec![Piece::Remote(0..MIB), Piece::Local(MIB..21 * MIB)])
+        );
+    }
+
+    #[test]
     fn a_write_that_extends_from_inside_is_one_ranged_write() {
         let (_d, mut s) = modify(100);
         s.write(90, &[1; 30]).unwrap();
@@ -250,6 +267,8 @@ mod tests {
             ..PlanConfig::default()
         };
         assert_eq!(plan(&s, &caps(true, true), &whole), Plan::Put);
+        s.write(0, &vec![7; 30 * MIB as usize]).unwrap();
+        assert_eq!(plan(&s, &caps(true, true), &whole), Plan::Parts);
     }
 
     #[test]
@@ -260,10 +279,7 @@ mod tests {
         assert_eq!(plan(&s, &caps(true, true), &PlanConfig::default()), Plan::Put);
         s.write(0, &vec![1; 20 * MIB as usize]).unwrap();
         assert_eq!(plan(&s, &caps(true, true), &PlanConfig::default()), Plan::Rewrite);
-        assert_eq!(
-            plan(&s, &caps(true, false), &PlanConfig::default()),
-            Plan::Session(vec![Piece::Local(0..20 * MIB)])
-        );
+        assert_eq!(plan(&s, &caps(true, false), &PlanConfig::default()), Plan::Parts);
         // An empty new file is still created.
         let e = Staged::create(d.path().join("e")).unwrap();
         assert_eq!(plan(&e, &caps(true, true), &PlanConfig::default()), Plan::Put);

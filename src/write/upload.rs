@@ -1,0 +1,351 @@
+//! Sends a file's changes as its [`Plan`] says: one conditional request for an append, a
+//! ranged write, a truncation or a small file; an upload session for the rest, whose parts
+//! (copies of the remote version's ranges, chunks the remote holds, new bytes) go in parallel
+//! and are committed atomically, conditional on the version the changes apply to.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+
+use super::plan::{Piece, Plan, PlanConfig, plan};
+use super::staged::{Layer, RemoteVersion, Staged};
+use crate::protocol;
+use crate::store::{DynStore, ObjectMeta, PartReceipt, PartSource, StoreError, UploadId, WriteCondition};
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UploadError {
+    /// Someone else changed the file on the remote since the version these changes apply to.
+    #[error("the file changed on the remote meanwhile")]
+    Conflict,
+    #[error("{0}")]
+    Store(StoreError),
+    #[error("reading the local copy: {0}")]
+    Local(String),
+}
+
+impl From<StoreError> for UploadError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::PreconditionFailed | StoreError::OffsetMismatch { .. } => UploadError::Conflict,
+            e => UploadError::Store(e),
+        }
+    }
+}
+
+/// Bytes of the version being modified that were not written locally (read through the
+/// cache, or fetched).
+#[async_trait]
+pub trait BaseSource: Send + Sync {
+    async fn read(&self, range: Range<u64>) -> Result<Bytes, String>;
+}
+
+/// What a session part is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Local(Range<u64>),
+    /// Read from the base layer locally and sent as bytes.
+    Base(Range<u64>),
+    Zero(u64),
+    Copy(Range<u64>),
+    Chunk([u8; 32]),
+}
+
+#[derive(Debug, Clone)]
+pub struct Uploader {
+    store: DynStore,
+    cfg: PlanConfig,
+    /// Parts in flight at once.
+    parallel: usize,
+}
+
+/// What an upload did, for logs and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub version: RemoteVersion,
+    pub plan: &'static str,
+    /// New bytes sent.
+    pub bytes_sent: u64,
+}
+
+impl Uploader {
+    pub fn new(store: DynStore, cfg: PlanConfig, parallel: usize) -> Self {
+        Uploader {
+            store,
+            cfg,
+            parallel: parallel.max(1),
+        }
+    }
+
+    pub fn config(&self) -> &PlanConfig {
+        &self.cfg
+    }
+
+    /// Sends the changes of `s` to `path`. `None` when there was nothing to send.
+    pub async fn upload(&self, path: &str, s: &Staged, base: &dyn BaseSource) -> Result<Option<Outcome>, UploadError> {
+        let caps = self.store.capabilities();
+        let p = plan(s, &caps, &self.cfg);
+        let cond = match s.remote() {
+            Some(r) => WriteCondition::Matches(r.etag.clone()),
+            None => WriteCondition::Absent,
+        };
+        let (meta, name, sent) = match p {
+            Plan::Nothing => return Ok(None),
+            Plan::Put => {
+                let body = self.whole(s, base).await?;
+                let n = body.len() as u64;
+                (self.store.put(path, body, cond).await?, "put", n)
+            }
+            Plan::Append { offset } => {
+                let body = local(s, offset..s.size())?;
+                let n = body.len() as u64;
+                (self.store.append(path, offset, body, cond).await?, "append", n)
+            }
+            Plan::WriteRange(r) => {
+                let body = local(s, r.clone())?;
+                let n = body.len() as u64;
+                (self.store.write_range(path, r.start, body, cond).await?, "write", n)
+            }
+            Plan::Truncate(size) => (self.store.truncate(path, size, cond).await?, "truncate", 0),
+            Plan::Parts => {
+                let parts = s
+                    .layers(0..s.size())
+                    .into_iter()
+                    .flat_map(|(r, l)| match l {
+                        Layer::Local => vec![Part::Local(r)],
+                        Layer::Base => vec![Part::Base(r)],
+                        Layer::Zero => vec![Part::Zero(r.end - r.start)],
+                    })
+                    .collect();
+                let (m, n) = self.session(path, s, base, None, parts, cond).await?;
+                (m, "parts", n)
+            }
+            Plan::Session(ps) => {
+                let parts = ps
+                    .into_iter()
+                    .map(|p| match p {
+                        Piece::Local(r) => Part::Local(r),
+                        Piece::Remote(r) => Part::Copy(r),
+                        Piece::Zero(r) => Part::Zero(r.end - r.start),
+                    })
+                    .collect();
+                let base_etag = s.remote().map(|r| r.etag.clone());
+                let (m, n) = self.session(path, s, base, base_etag, parts, cond).await?;
+                (m, "session", n)
+            }
+            Plan::Rewrite => {
+                let (parts, base_etag) = self.dedupe(path, s).await?;
+                let (m, n) = self.session(path, s, base, base_etag, parts, cond).await?;
+                (m, "chunks", n)
+            }
+        };
+        let version = version_of(meta)?;
+        tracing::debug!(path, plan = name, bytes = sent, etag = %version.etag, "uploaded");
+        Ok(Some(Outcome {
+            version,
+            plan: name,
+            bytes_sent: sent,
+        }))
+    }
+
+    /// The whole content in memory (small files).
+    async fn whole(&self, s: &Staged, base: &dyn BaseSource) -> Result<Bytes, UploadError> {
+        let mut out = Vec::with_capacity(s.size() as usize);
+        for (r, l) in s.layers(0..s.size()) {
+            match l {
+                Layer::Local => out.extend_from_slice(&local(s, r)?),
+                Layer::Base => out.extend_from_slice(&base.read(r).await.map_err(UploadError::Local)?),
+                Layer::Zero => out.resize(out.len() + (r.end - r.start) as usize, 0),
+            }
+        }
+        Ok(out.into())
+    }
+
+    /// The new content cut into content-defined chunks: copies of the remote version's
+    /// chunks, chunks the remote holds elsewhere, new bytes for the rest.
+    async fn dedupe(&self, path: &str, s: &Staged) -> Result<(Vec<Part>, Option<crate::store::ETag>), UploadError> {
+        let file = std::fs::File::open(s.path()).map_err(|e| UploadError::Local(e.to_string()))?;
+        let size = s.size();
+        let chunks = tokio::task::spawn_blocking(move || -> Result<Vec<(Range<u64>, [u8; 32])>, String> {
+            let reader = std::io::BufReader::with_capacity(1 << 20, std::io::Read::take(file, size));
+            let cdc = fastcdc::v2020::StreamCDC::new(reader, protocol::CDC_MIN, protocol::CDC_AVG, protocol::CDC_MAX);
+            cdc.map(|c| {
+                let c = c.map_err(|e| e.to_string())?;
+                Ok((c.offset..c.offset + c.length as u64, *blake3::hash(&c.data).as_bytes()))
+            })
+            .collect()
+        })
+        .await
+        .map_err(|e| UploadError::Local(e.to_string()))?
+        .map_err(UploadError::Local)?;
+        // Chunks of the version being replaced can be copied from it.
+        let mut in_base: HashMap<[u8; 32], Range<u64>> = HashMap::new();
+        let base_etag = s.remote().map(|r| r.etag.clone());
+        if let Some(etag) = &base_etag {
+            match self.store.chunks(path, etag).await {
+                Ok(list) => {
+                    for c in list {
+                        let mut h = [0u8; 32];
+                        if hex::decode_to_slice(&c.hash, &mut h).is_ok() {
+                            in_base.entry(h).or_insert(c.offset..c.offset + c.len);
+                        }
+                    }
+                }
+                Err(StoreError::PreconditionFailed) => return Err(UploadError::Conflict),
+                Err(e) => tracing::debug!(path, "no chunk list of the base: {e}"),
+            }
+        }
+        let ask: Vec<[u8; 32]> = chunks
+            .iter()
+            .map(|(_, h)| *h)
+            .filter(|h| !in_base.contains_key(h))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let held: HashSet<[u8; 32]> = if ask.is_empty() {
+            HashSet::new()
+        } else {
+            let have = self.store.has_chunks(&ask).await?;
+            ask.into_iter().zip(have).filter(|(_, h)| *h).map(|(c, _)| c).collect()
+        };
+        let mut parts: Vec<Part> = Vec::new();
+        for (r, h) in chunks {
+            let next = if let Some(b) = in_base.get(&h) {
+                Part::Copy(b.clone())
+            } else if held.contains(&h) {
+                Part::Chunk(h)
+            } else {
+                Part::Local(r)
+            };
+            match (parts.last_mut(), &next) {
+                (Some(Part::Local(a)), Part::Local(b)) if a.end == b.start => a.end = b.end,
+                (Some(Part::Copy(a)), Part::Copy(b)) if a.end == b.start => a.end = b.end,
+                _ => parts.push(next),
+            }
+        }
+        if parts.len() > 10_000 {
+            // Too many parts for one session: send new bytes in runs instead of chunk by chunk.
+            parts = vec![Part::Local(0..size)];
+        }
+        let copies = parts_copy(&parts);
+        Ok((parts, base_etag.filter(|_| copies)))
+    }
+
+    /// One upload session: parts in parallel, then an atomic commit under `cond`.
+    async fn session(
+        &self,
+        path: &str,
+        s: &Staged,
+        base: &dyn BaseSource,
+        base_etag: Option<crate::store::ETag>,
+        parts: Vec<Part>,
+        cond: WriteCondition,
+    ) -> Result<(ObjectMeta, u64), UploadError> {
+        // New bytes go in parts of at most `part_size`.
+        let mut jobs: Vec<Part> = Vec::new();
+        let ps = self.cfg.part_size.max(1);
+        for p in parts {
+            let is_local = matches!(p, Part::Local(_));
+            match p {
+                Part::Local(r) | Part::Base(r) if r.end - r.start > ps => {
+                    let mut a = r.start;
+                    while a < r.end {
+                        let b = (a + ps).min(r.end);
+                        jobs.push(if is_local { Part::Local(a..b) } else { Part::Base(a..b) });
+                        a = b;
+                    }
+                }
+                Part::Zero(n) if n > ps => {
+                    let mut left = n;
+                    while left > 0 {
+                        let k = left.min(ps);
+                        jobs.push(Part::Zero(k));
+                        left -= k;
+                    }
+                }
+                p => jobs.push(p),
+            }
+        }
+        if jobs.len() > 10_000 {
+            return Err(UploadError::Store(StoreError::Unsupported("more than 10,000 parts")));
+        }
+        let id = self.store.begin_upload(path, base_etag).await?;
+        let result = self.send_parts(&id, s, base, jobs).await;
+        let receipts = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = self.store.abort_upload(&id).await;
+                return Err(e);
+            }
+        };
+        let sent = receipts.1;
+        match self.store.commit_upload(&id, receipts.0, cond).await {
+            Ok(m) => Ok((m, sent)),
+            Err(e) => {
+                let _ = self.store.abort_upload(&id).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn send_parts(
+        &self,
+        id: &UploadId,
+        s: &Staged,
+        base: &dyn BaseSource,
+        jobs: Vec<Part>,
+    ) -> Result<(Vec<PartReceipt>, u64), UploadError> {
+        let store = &self.store;
+        let mut receipts: Vec<(PartReceipt, u64)> = futures_util::stream::iter(jobs.into_iter().enumerate())
+            .map(|(i, job)| async move {
+                let number = i as u32 + 1;
+                let (src, sent) = match job {
+                    Part::Local(r) => {
+                        let b = local(s, r)?;
+                        let n = b.len() as u64;
+                        (PartSource::Bytes(b), n)
+                    }
+                    Part::Base(r) => {
+                        let b = base.read(r).await.map_err(UploadError::Local)?;
+                        let n = b.len() as u64;
+                        (PartSource::Bytes(b), n)
+                    }
+                    Part::Zero(n) => (PartSource::Bytes(Bytes::from(vec![0u8; n as usize])), n),
+                    Part::Copy(r) => (PartSource::CopyFromBase(r), 0),
+                    Part::Chunk(h) => (PartSource::Chunk(h), 0),
+                };
+                let receipt = store.upload_part(id, number, src).await?;
+                Ok::<_, UploadError>((receipt, sent))
+            })
+            .buffer_unordered(self.parallel)
+            .try_collect()
+            .await?;
+        receipts.sort_by_key(|(r, _)| r.number);
+        let sent = receipts.iter().map(|(_, n)| n).sum();
+        Ok((receipts.into_iter().map(|(r, _)| r).collect(), sent))
+    }
+}
+
+fn parts_copy(parts: &[Part]) -> bool {
+    parts.iter().any(|p| matches!(p, Part::Copy(_)))
+}
+
+/// Local bytes of `r` (all written locally).
+fn local(s: &Staged, r: Range<u64>) -> Result<Bytes, UploadError> {
+    let mut buf = vec![0u8; (r.end - r.start) as usize];
+    s.read_local(r.start, &mut buf)
+        .map_err(|e| UploadError::Local(e.to_string()))?;
+    Ok(buf.into())
+}
+
+fn version_of(m: ObjectMeta) -> Result<RemoteVersion, UploadError> {
+    let etag = m
+        .etag
+        .ok_or_else(|| UploadError::Store(StoreError::Protocol("no ETag for the new version".into())))?;
+    Ok(RemoteVersion { etag, size: m.size })
+}
+
+#[cfg(test)]
+mod tests;
