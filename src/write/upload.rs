@@ -168,7 +168,7 @@ impl Uploader {
     async fn dedupe(&self, path: &str, s: &Staged) -> Result<(Vec<Part>, Option<crate::store::ETag>), UploadError> {
         let file = std::fs::File::open(s.path()).map_err(|e| UploadError::Local(e.to_string()))?;
         let size = s.size();
-        let chunks = tokio::task::spawn_blocking(move || -> Result<Vec<(Range<u64>, [u8; 32])>, String> {
+        let chunks = tokio::task::spawn_blocking(move || -> Result<Vec<HashedChunk>, String> {
             let reader = std::io::BufReader::with_capacity(1 << 20, std::io::Read::take(file, size));
             let cdc = fastcdc::v2020::StreamCDC::new(reader, protocol::CDC_MIN, protocol::CDC_AVG, protocol::CDC_MAX);
             cdc.map(|c| {
@@ -327,6 +327,9 @@ impl Uploader {
         Ok((receipts.into_iter().map(|(r, _)| r).collect(), sent))
     }
 }
+
+/// A content-defined chunk: where it is in the new content, and its blake3.
+type HashedChunk = (Range<u64>, [u8; 32]);
 
 fn parts_copy(parts: &[Part]) -> bool {
     parts.iter().any(|p| matches!(p, Part::Copy(_)))
