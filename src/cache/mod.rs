@@ -236,6 +236,11 @@ impl Cache {
         &self.shared.root
     }
 
+    /// Where files being written keep their local bytes; never evicted.
+    pub fn write_area(&self) -> PathBuf {
+        self.shared.root.join("pending")
+    }
+
     pub fn chunk_size(&self) -> u64 {
         self.shared.chunk_size
     }

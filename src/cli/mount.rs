@@ -183,6 +183,11 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
         },
         rt.handle().clone(),
     );
+    // Writes need a remote that takes them.
+    let read_only = cfg.mount.read_only || !store.capabilities().writes;
+    if read_only && !cfg.mount.read_only {
+        tracing::info!(remote = store.id(), "the remote takes no writes: mounting read-only");
+    }
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let fs = ArtifactFs::new(
@@ -197,6 +202,10 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
             dir_mode: cfg.mount.dir_mode.unwrap_or(0o555),
             block_size: cfg.cache.chunk_size.0 as u32,
             statfs_dir: Some(r.cache_dir.clone()),
+            read_only,
+            staging_dir: cache.write_area(),
+            upload: crate::write::plan::PlanConfig::default(),
+            upload_parallel: 4,
         },
     );
     let mut options = vec![
@@ -205,9 +214,10 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
         MountOption::NoDev,
         MountOption::NoSuid,
         MountOption::NoAtime,
-        // Writes come with the write-back release; until then every mount is read-only.
-        MountOption::RO,
     ];
+    if read_only {
+        options.push(MountOption::RO);
+    }
     if cfg.mount.allow_other {
         options.push(MountOption::DefaultPermissions);
     }

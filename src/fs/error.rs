@@ -21,6 +21,20 @@ pub enum FsError {
     InvalidName,
     #[error("bad file handle")]
     BadHandle,
+    #[error("file exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("not supported: {0}")]
+    NotSupported(&'static str),
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+    #[error("{path} changed on the remote meanwhile; your version is kept at {kept}")]
+    Conflict { path: String, kept: String },
+    #[error("{path}: the upload failed: {err}")]
+    Upload { path: String, err: String },
+    #[error("local write area: {0}")]
+    Local(String),
     #[error("{path}: {err}")]
     Remote { path: String, err: StoreError },
     #[error("{path}: {err}")]
@@ -32,6 +46,18 @@ impl FsError {
         match err {
             StoreError::NotFound => FsError::NotFound,
             StoreError::PreconditionFailed => FsError::Stale,
+            StoreError::Conflict(code) => match code.as_str() {
+                "exists" => FsError::Exists,
+                "not_empty" => FsError::NotEmpty,
+                "is_dir" => FsError::IsDir,
+                "not_dir" | "no_parent" => FsError::NotDir,
+                "bad_move" => FsError::Invalid("a folder cannot move into itself"),
+                _ => FsError::Remote {
+                    path: path.to_string(),
+                    err: StoreError::Conflict(code),
+                },
+            },
+            StoreError::Unsupported(what) => FsError::NotSupported(what),
             err => FsError::Remote {
                 path: path.to_string(),
                 err,
@@ -60,14 +86,26 @@ impl FsError {
             FsError::NameTooLong => libc::ENAMETOOLONG,
             FsError::InvalidName => libc::EINVAL,
             FsError::BadHandle => libc::EBADF,
-            FsError::Remote { .. } | FsError::Read { .. } => libc::EIO,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::NotSupported(_) => libc::EPERM,
+            FsError::Invalid(_) => libc::EINVAL,
+            FsError::Conflict { .. } => libc::ESTALE,
+            FsError::Remote { .. } | FsError::Read { .. } | FsError::Upload { .. } | FsError::Local(_) => libc::EIO,
         }
     }
 
     /// Whether the error says something about the remote or the cache that a user must see
     /// in the log (the others are ordinary answers).
     pub fn is_failure(&self) -> bool {
-        matches!(self, FsError::Remote { .. } | FsError::Read { .. })
+        matches!(
+            self,
+            FsError::Remote { .. }
+                | FsError::Read { .. }
+                | FsError::Upload { .. }
+                | FsError::Local(_)
+                | FsError::Conflict { .. }
+        )
     }
 }
 

@@ -11,6 +11,7 @@
 
 pub mod error;
 pub mod fuse;
+mod mutate;
 pub mod name;
 #[cfg(test)]
 mod tests;
@@ -49,6 +50,14 @@ pub struct FsConfig {
     pub block_size: u32,
     /// Directory whose filesystem `statfs` reports (the cache's).
     pub statfs_dir: Option<PathBuf>,
+    /// Refuse every change with `EROFS`.
+    pub read_only: bool,
+    /// Where files being written keep their local bytes (the cache's write area).
+    pub staging_dir: PathBuf,
+    /// How changes are sent.
+    pub upload: crate::write::plan::PlanConfig,
+    /// Upload parts in flight at once per file.
+    pub upload_parallel: usize,
 }
 
 impl Default for FsConfig {
@@ -63,6 +72,10 @@ impl Default for FsConfig {
             dir_mode: 0o555,
             block_size: 1 << 20,
             statfs_dir: None,
+            read_only: false,
+            staging_dir: std::env::temp_dir(),
+            upload: crate::write::plan::PlanConfig::default(),
+            upload_parallel: 4,
         }
     }
 }
@@ -157,6 +170,10 @@ struct Inode {
     current: bool,
     /// Metadata trusted until then.
     valid_until: Instant,
+    /// Local changes (a file being written).
+    local: Option<Arc<mutate::LocalFile>>,
+    /// Made here and not uploaded yet: listings of the remote do not know it.
+    pending_create: bool,
 }
 
 impl Inode {
@@ -208,7 +225,8 @@ struct Table {
 #[derive(Debug)]
 struct FileHandle {
     ino: u64,
-    version: Arc<Version>,
+    /// The version read (`None` for a file made here).
+    version: Option<Arc<Version>>,
     readahead: Mutex<Readahead>,
 }
 
@@ -230,6 +248,7 @@ const HEADS_BEFORE_LISTING: u32 = 2;
 pub struct ArtifactFs {
     store: DynStore,
     reader: Arc<Reader>,
+    uploader: crate::write::upload::Uploader,
     cfg: FsConfig,
     table: Mutex<Table>,
     files: Mutex<HashMap<u64, Arc<FileHandle>>>,
@@ -290,11 +309,18 @@ impl ArtifactFs {
                 lookups: 1,
                 current: true,
                 valid_until: Instant::now(),
+                local: None,
+                pending_create: false,
             },
         );
         table.by_path.insert(String::new(), ROOT);
         Arc::new(ArtifactFs {
             store: reader.store().clone(),
+            uploader: crate::write::upload::Uploader::new(
+                reader.store().clone(),
+                cfg.upload.clone(),
+                cfg.upload_parallel,
+            ),
             reader,
             cfg,
             table: Mutex::new(table),
@@ -400,6 +426,8 @@ impl ArtifactFs {
                 lookups: 0,
                 current: true,
                 valid_until,
+                local: None,
+                pending_create: false,
             },
         );
         t.by_path.insert(path, ino);
@@ -495,8 +523,26 @@ impl ArtifactFs {
                         }
                     }
                 }
-                let entries = Arc::new(entries);
                 let mut t = self.table.lock();
+                // Files made here and not uploaded yet are not on the remote: keep them.
+                for i in t.inodes.values() {
+                    if i.parent == dir
+                        && i.current
+                        && i.pending_create
+                        && let Ok(n) = ValidName::from_remote(&i.name)
+                    {
+                        entries.insert(
+                            n,
+                            Child {
+                                kind: i.kind,
+                                size: i.size,
+                                mtime: i.mtime,
+                                etag: None,
+                            },
+                        );
+                    }
+                }
+                let entries = Arc::new(entries);
                 // Children that changed or disappeared move off their inodes now.
                 let names: Vec<&ValidName> = match &old {
                     Some(o) => o.keys().chain(entries.keys()).collect(),
@@ -567,6 +613,15 @@ impl ArtifactFs {
             }
         };
         let path = join_path(&parent_path, name.as_str());
+        {
+            // Made here and not uploaded yet: only we know it.
+            let mut t = self.table.lock();
+            if let Some(&ino) = t.by_path.get(&path)
+                && t.inodes.get(&ino).is_some_and(|i| i.pending_create && i.current)
+            {
+                return self.referenced(&mut t, ino);
+            }
+        }
         if let Some(entries) = self.listing(parent, true).await? {
             let child = entries.get(&name).ok_or(FsError::NotFound)?;
             let mut t = self.table.lock();
@@ -684,6 +739,12 @@ impl ArtifactFs {
         let (parent, name, kind) = {
             let t = self.table.lock();
             let i = t.inodes.get(&ino).ok_or(FsError::NotFound)?;
+            if i.local.is_some() {
+                // Being written here: what we have is what it is.
+                let mut e = self.entry_of(&t, ino)?;
+                e.ttl = self.cfg.metadata_ttl;
+                return Ok(e);
+            }
             if !i.current || i.valid_until > Instant::now() || ino == ROOT {
                 let mut e = self.entry_of(&t, ino)?;
                 if !i.current {
@@ -771,11 +832,9 @@ impl ArtifactFs {
         Ok(())
     }
 
-    /// `open` of a file for reading.
-    pub async fn open(&self, ino: u64, write: bool) -> Result<OpenReply, FsError> {
-        if write {
-            return Err(FsError::ReadOnly);
-        }
+    /// The version file inode `ino` holds, as (path, ETag, size); asks the remote when the
+    /// listing did not say. `Stale` when the path moved on.
+    pub(crate) async fn file_version(&self, ino: u64) -> Result<(String, ETag, u64), FsError> {
         let (path, etag, size, mtime, parent, name) = {
             let t = self.table.lock();
             let i = t.inodes.get(&ino).ok_or(FsError::NotFound)?;
@@ -783,7 +842,6 @@ impl ArtifactFs {
                 return Err(FsError::IsDir);
             }
             if !i.current {
-                // The kernel looks the path up again and opens the new version.
                 return Err(FsError::Stale);
             }
             (
@@ -795,56 +853,75 @@ impl ArtifactFs {
                 i.name.clone(),
             )
         };
-        let etag = match etag {
-            Some(e) => e,
-            None => {
-                // The listing did not say which version this is: ask.
-                let head = self
-                    .store
-                    .head(&path, None)
-                    .await
-                    .map_err(|e| FsError::remote(&path, e))?;
-                let Revalidated::Modified(Head::File(m)) = head else {
-                    let mut t = self.table.lock();
-                    self.supersede(&mut t, ino);
-                    return Err(FsError::Stale);
-                };
-                let Some(etag) = m.etag.clone() else {
-                    return Err(FsError::remote(
-                        &path,
-                        crate::store::StoreError::Protocol("no ETag for this file".into()),
-                    ));
-                };
-                let mut t = self.table.lock();
-                let same = m.size == size && same_second(m.mtime, mtime);
-                if !same {
-                    let child = Child {
-                        kind: Kind::File,
-                        size: m.size,
-                        mtime: m.mtime,
-                        etag: Some(etag),
-                    };
-                    if let Ok(n) = ValidName::from_remote(&name) {
-                        self.upsert(&mut t, parent, &n, &child, Instant::now() + self.cfg.metadata_ttl);
-                    }
-                    return Err(FsError::Stale);
-                }
-                if let Some(i) = t.inodes.get_mut(&ino) {
-                    i.etag = Some(etag.clone());
-                }
-                etag
-            }
+        if let Some(e) = etag {
+            return Ok((path, e, size));
+        }
+        // The listing did not say which version this is: ask.
+        let head = self
+            .store
+            .head(&path, None)
+            .await
+            .map_err(|e| FsError::remote(&path, e))?;
+        let Revalidated::Modified(Head::File(m)) = head else {
+            let mut t = self.table.lock();
+            self.supersede(&mut t, ino);
+            return Err(FsError::Stale);
         };
-        let version = self.reader.open_version(&path, &etag, size);
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.files.lock().insert(
-            fh,
-            Arc::new(FileHandle {
-                ino,
-                version,
-                readahead: Mutex::new(Readahead::default()),
-            }),
-        );
+        let Some(etag) = m.etag.clone() else {
+            return Err(FsError::remote(
+                &path,
+                crate::store::StoreError::Protocol("no ETag for this file".into()),
+            ));
+        };
+        let mut t = self.table.lock();
+        if !(m.size == size && same_second(m.mtime, mtime)) {
+            let child = Child {
+                kind: Kind::File,
+                size: m.size,
+                mtime: m.mtime,
+                etag: Some(etag),
+            };
+            if let Ok(n) = ValidName::from_remote(&name) {
+                self.upsert(&mut t, parent, &n, &child, Instant::now() + self.cfg.metadata_ttl);
+            }
+            return Err(FsError::Stale);
+        }
+        if let Some(i) = t.inodes.get_mut(&ino) {
+            i.etag = Some(etag.clone());
+        }
+        Ok((path, etag, size))
+    }
+
+    /// `open` of a file. `write`: for writing; `truncate`: `O_TRUNC`.
+    pub async fn open(&self, ino: u64, write: bool, truncate: bool) -> Result<OpenReply, FsError> {
+        if (write || truncate) && self.cfg.read_only {
+            return Err(FsError::ReadOnly);
+        }
+        let local = {
+            let t = self.table.lock();
+            let i = t.inodes.get(&ino).ok_or(FsError::NotFound)?;
+            if i.kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            if !i.current {
+                // The kernel looks the path up again and opens the new version.
+                return Err(FsError::Stale);
+            }
+            i.local.clone()
+        };
+        let version = if local.is_some() || write || truncate {
+            if write || truncate {
+                self.ensure_local(ino).await?;
+            }
+            if truncate {
+                self.truncate_on_open(ino).await?;
+            }
+            None
+        } else {
+            let (path, etag, size) = self.file_version(ino).await?;
+            Some(self.reader.open_version(&path, &etag, size))
+        };
+        let fh = self.add_handle(ino, version);
         Ok(OpenReply { fh, keep_cache: true })
     }
 
@@ -853,13 +930,22 @@ impl ArtifactFs {
         let Some(h) = self.files.lock().get(&fh).cloned() else {
             return reply(Err(FsError::BadHandle));
         };
-        let stale = h
-            .version
+        let local = self.table.lock().inodes.get(&h.ino).and_then(|i| i.local.clone());
+        if let Some(l) = local {
+            return match self.read_local(&l, &h, offset, size).await {
+                Ok(b) => reply(Ok(&b)),
+                Err(e) => reply(Err(e)),
+            };
+        }
+        let Some(version) = &h.version else {
+            return reply(Err(FsError::BadHandle));
+        };
+        let stale = version
             .read(&h.readahead, offset, size, |r| match r {
                 Ok(b) => (reply(Ok(b)), false),
                 Err(e) => {
                     let stale = matches!(e, crate::read::ReadError::Stale);
-                    (reply(Err(FsError::read(&h.version.path, e))), stale)
+                    (reply(Err(FsError::read(&version.path, e))), stale)
                 }
             })
             .await;
@@ -875,11 +961,6 @@ impl ArtifactFs {
             }
         }
         stale.0
-    }
-
-    /// `release` of a file handle.
-    pub fn release(&self, fh: u64) {
-        self.files.lock().remove(&fh);
     }
 
     /// `opendir`: takes a snapshot of the listing for the handle's `readdir` calls.

@@ -29,6 +29,10 @@ impl Invalidator for Recorder {
 }
 
 fn env_with(mem: MemoryStore, ttl: Duration) -> Env {
+    env_cfg(mem, ttl, false)
+}
+
+fn env_cfg(mem: MemoryStore, ttl: Duration, read_only: bool) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let mem = Arc::new(mem);
     let faulty = FaultyStore::new(mem.clone());
@@ -55,6 +59,8 @@ fn env_with(mem: MemoryStore, ttl: Duration) -> Env {
         FsConfig {
             metadata_ttl: ttl,
             negative_ttl: ttl,
+            read_only,
+            staging_dir: dir.path().join("pending"),
             ..FsConfig::default()
         },
     );
@@ -92,7 +98,7 @@ async fn read_fh(fs: &ArtifactFs, fh: u64, off: u64, len: u32) -> Result<Vec<u8>
 
 async fn cat(fs: &ArtifactFs, path: &str) -> Result<Vec<u8>, FsError> {
     let e = resolve(fs, path).await?;
-    let o = fs.open(e.attr.ino, false).await?;
+    let o = fs.open(e.attr.ino, false, false).await?;
     let mut out = Vec::new();
     loop {
         let b = read_fh(fs, o.fh, out.len() as u64, 1 << 20).await?;
@@ -101,7 +107,7 @@ async fn cat(fs: &ArtifactFs, path: &str) -> Result<Vec<u8>, FsError> {
         }
         out.extend_from_slice(&b);
     }
-    fs.release(o.fh);
+    fs.release_handle(o.fh).await.unwrap();
     Ok(out)
 }
 
@@ -127,8 +133,7 @@ async fn files_resolve_read_and_keep_their_inode_number() {
     let d = resolve(&e.fs, "models").await.unwrap();
     assert_eq!((d.attr.kind, d.attr.perm), (Kind::Dir, 0o555));
     assert!(matches!(resolve(&e.fs, "README/x").await, Err(FsError::NotDir)));
-    assert!(matches!(e.fs.open(d.attr.ino, false).await, Err(FsError::IsDir)));
-    assert!(matches!(e.fs.open(a.attr.ino, true).await, Err(FsError::ReadOnly)));
+    assert!(matches!(e.fs.open(d.attr.ino, false, false).await, Err(FsError::IsDir)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,7 +142,7 @@ async fn a_new_version_gets_a_new_inode_and_the_old_one_goes_stale() {
     let old: Vec<u8> = (0..40 * MIB).map(|i| (i % 251) as u8).collect();
     e.mem.insert("f", old.clone());
     let a = resolve(&e.fs, "f").await.unwrap();
-    let h = e.fs.open(a.attr.ino, false).await.unwrap();
+    let h = e.fs.open(a.attr.ino, false, false).await.unwrap();
     // Cache one chunk far from the start (a random read: no readahead).
     let o = 30 * MIB as u64;
     assert_eq!(read_fh(&e.fs, h.fh, o, 100).await.unwrap(), &old[o as usize..][..100]);
@@ -151,14 +156,14 @@ async fn a_new_version_gets_a_new_inode_and_the_old_one_goes_stale() {
         "the kernel was told"
     );
     // Opening the old inode sends the kernel back to lookup.
-    assert!(matches!(e.fs.open(a.attr.ino, false).await, Err(FsError::Stale)));
+    assert!(matches!(e.fs.open(a.attr.ino, false, false).await, Err(FsError::Stale)));
     // The handle opened before the change reads its own version or fails; never new bytes.
     assert_eq!(read_fh(&e.fs, h.fh, o, 100).await.unwrap(), &old[o as usize..][..100]);
     assert!(matches!(
         read_fh(&e.fs, h.fh, 10 * MIB as u64, 100).await,
         Err(FsError::Stale)
     ));
-    e.fs.release(h.fh);
+    e.fs.release_handle(h.fh).await.unwrap();
     assert_eq!(cat(&e.fs, "f").await.unwrap(), new);
     // The old inode still answers getattr with its own size, for whoever holds it.
     let old_attr = e.fs.getattr(a.attr.ino).await.unwrap();
@@ -190,7 +195,7 @@ async fn deleted_files_disappear_after_the_ttl() {
     assert!(resolve(&e.fs, "d/f").await.is_ok(), "trusted within the TTL");
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(matches!(resolve(&e.fs, "d/f").await, Err(FsError::NotFound)));
-    assert!(matches!(e.fs.open(f.attr.ino, false).await, Err(FsError::Stale)));
+    assert!(matches!(e.fs.open(f.attr.ino, false, false).await, Err(FsError::Stale)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -355,3 +360,5 @@ async fn listings_without_etags_learn_the_version_at_open() {
     assert_eq!(cat(&e.fs, "d/f").await.unwrap(), b"abc");
     assert_eq!(e.mem.stats.heads.load(Ordering::Relaxed), heads + 1, "one HEAD at open");
 }
+
+mod write;

@@ -12,7 +12,8 @@ use futures_util::StreamExt;
 use parking_lot::Mutex;
 
 use super::{
-    Capabilities, Digests, DynStore, ETag, GetResponse, Head, Listing, Revalidated, Store, StoreError, StoreResult,
+    Capabilities, Digests, DynStore, ETag, GetResponse, Head, Listing, ObjectMeta, PartReceipt, PartSource,
+    Revalidated, Store, StoreError, StoreResult, UploadId, WriteCondition,
 };
 
 /// Which store call a fault applies to.
@@ -22,6 +23,11 @@ pub enum Op {
     Head,
     Get,
     Digests,
+    /// Any write that makes or removes something (put, delete, mkdir, rename, append,
+    /// ranged write, truncate, opening and committing an upload session).
+    Write,
+    /// Storing one part of an upload session.
+    Part,
 }
 
 #[derive(Debug, Clone)]
@@ -199,6 +205,78 @@ impl Store for FaultyStore {
     async fn digests(&self, path: &str, etag: &ETag) -> StoreResult<Option<Digests>> {
         self.fail(Op::Digests)?;
         self.inner.digests(path, etag).await
+    }
+
+    async fn put(&self, path: &str, body: Bytes, cond: WriteCondition) -> StoreResult<ObjectMeta> {
+        self.fail(Op::Write)?;
+        self.inner.put(path, body, cond).await
+    }
+
+    async fn delete(&self, path: &str, cond: WriteCondition) -> StoreResult<()> {
+        self.fail(Op::Write)?;
+        self.inner.delete(path, cond).await
+    }
+
+    async fn mkdir(&self, path: &str) -> StoreResult<()> {
+        self.fail(Op::Write)?;
+        self.inner.mkdir(path).await
+    }
+
+    async fn rmdir(&self, path: &str) -> StoreResult<()> {
+        self.fail(Op::Write)?;
+        self.inner.rmdir(path).await
+    }
+
+    async fn rename(&self, from: &str, to: &str, cond: WriteCondition) -> StoreResult<()> {
+        self.fail(Op::Write)?;
+        self.inner.rename(from, to, cond).await
+    }
+
+    async fn append(&self, path: &str, offset: u64, body: Bytes, cond: WriteCondition) -> StoreResult<ObjectMeta> {
+        self.fail(Op::Write)?;
+        self.inner.append(path, offset, body, cond).await
+    }
+
+    async fn write_range(&self, path: &str, offset: u64, body: Bytes, cond: WriteCondition) -> StoreResult<ObjectMeta> {
+        self.fail(Op::Write)?;
+        self.inner.write_range(path, offset, body, cond).await
+    }
+
+    async fn truncate(&self, path: &str, size: u64, cond: WriteCondition) -> StoreResult<ObjectMeta> {
+        self.fail(Op::Write)?;
+        self.inner.truncate(path, size, cond).await
+    }
+
+    async fn chunks(&self, path: &str, etag: &ETag) -> StoreResult<Vec<crate::protocol::CdcChunk>> {
+        self.inner.chunks(path, etag).await
+    }
+
+    async fn has_chunks(&self, hashes: &[[u8; 32]]) -> StoreResult<Vec<bool>> {
+        self.inner.has_chunks(hashes).await
+    }
+
+    async fn begin_upload(&self, path: &str, base: Option<ETag>) -> StoreResult<UploadId> {
+        self.fail(Op::Write)?;
+        self.inner.begin_upload(path, base).await
+    }
+
+    async fn upload_part(&self, id: &UploadId, number: u32, src: PartSource) -> StoreResult<PartReceipt> {
+        self.fail(Op::Part)?;
+        self.inner.upload_part(id, number, src).await
+    }
+
+    async fn commit_upload(
+        &self,
+        id: &UploadId,
+        parts: Vec<PartReceipt>,
+        cond: WriteCondition,
+    ) -> StoreResult<ObjectMeta> {
+        self.fail(Op::Write)?;
+        self.inner.commit_upload(id, parts, cond).await
+    }
+
+    async fn abort_upload(&self, id: &UploadId) -> StoreResult<()> {
+        self.inner.abort_upload(id).await
     }
 }
 

@@ -364,7 +364,15 @@ impl Store for MemoryStore {
     }
 
     async fn mkdir(&self, path: &str) -> StoreResult<()> {
-        self.state.lock().dirs.insert(path.to_string());
+        let mut state = self.state.lock();
+        if state.objects.contains_key(path) || Self::is_dir(&state, path) {
+            return Err(StoreError::Conflict("exists".into()));
+        }
+        let parent = path.rsplit_once('/').map_or("", |(p, _)| p);
+        if !Self::is_dir(&state, parent) {
+            return Err(StoreError::Conflict("no_parent".into()));
+        }
+        state.dirs.insert(path.to_string());
         Ok(())
     }
 
@@ -372,10 +380,7 @@ impl Store for MemoryStore {
         let mut state = self.state.lock();
         let prefix = format!("{path}/");
         if state.objects.keys().any(|k| k.starts_with(&prefix)) || state.dirs.iter().any(|d| d.starts_with(&prefix)) {
-            return Err(StoreError::Refused {
-                status: 409,
-                message: "directory not empty".into(),
-            });
+            return Err(StoreError::Conflict("not_empty".into()));
         }
         if !state.dirs.remove(path) {
             return Err(StoreError::NotFound);
@@ -388,10 +393,39 @@ impl Store for MemoryStore {
             return Err(StoreError::Unsupported("rename"));
         }
         let mut state = self.state.lock();
-        let obj = state.objects.get(from).ok_or(StoreError::NotFound)?;
-        Self::check(&cond, Some(obj))?;
-        let obj = state.objects.remove(from).ok_or(StoreError::NotFound)?;
-        state.objects.insert(to.to_string(), obj);
+        if let Some(obj) = state.objects.get(from) {
+            Self::check(&cond, Some(obj))?;
+            if Self::is_dir(&state, to) {
+                return Err(StoreError::Conflict("is_dir".into()));
+            }
+            let obj = state.objects.remove(from).ok_or(StoreError::NotFound)?;
+            state.objects.insert(to.to_string(), obj);
+            return Ok(());
+        }
+        if !Self::is_dir(&state, from) || from.is_empty() {
+            return Err(StoreError::NotFound);
+        }
+        if to.starts_with(&format!("{from}/")) {
+            return Err(StoreError::Conflict("bad_move".into()));
+        }
+        // A folder: everything under it moves.
+        let (old, new) = (format!("{from}/"), format!("{to}/"));
+        let keys: Vec<String> = state.objects.keys().filter(|k| k.starts_with(&old)).cloned().collect();
+        for k in keys {
+            if let Some(o) = state.objects.remove(&k) {
+                state.objects.insert(format!("{new}{}", &k[old.len()..]), o);
+            }
+        }
+        let dirs: Vec<String> = state
+            .dirs
+            .iter()
+            .filter(|d| *d == from || d.starts_with(&old))
+            .cloned()
+            .collect();
+        for d in dirs {
+            state.dirs.remove(&d);
+            state.dirs.insert(format!("{to}{}", &d[from.len()..]));
+        }
         Ok(())
     }
 

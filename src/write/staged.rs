@@ -174,10 +174,13 @@ impl Staged {
         self.changed = false;
     }
 
-    /// The file moved on the remote (rename of an open file): later uploads go to its new
-    /// path with the same version.
-    pub fn set_remote(&mut self, remote: Option<RemoteVersion>) {
+    /// A file not uploaded yet was renamed over `remote`: its upload replaces that version
+    /// (whose bytes are not part of this file).
+    pub fn replace_remote(&mut self, remote: Option<RemoteVersion>) {
         self.remote = remote;
+        self.unsent_keep = 0;
+        self.unsent.insert(0..self.size);
+        self.changed = true;
     }
 }
 

@@ -1,0 +1,710 @@
+//! Changing the mount: files being written (their local state, reads through it, uploads at
+//! `flush`/`fsync`/`release`), creation, truncation, removal, folders and renames.
+//!
+//! A file being written keeps its changes in a [`Staged`] file of the cache's write area; what
+//! was not written is read from the version it started from. `close` and `fsync` return once
+//! the remote holds the new version (see `docs/SEMANTICS.md`). Every upload is conditional on
+//! the version it started from; a conflict keeps the local version in the cache directory.
+
+use std::ffi::OsStr;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use super::{ArtifactFs, Attr, Child, Entry, FileHandle, FsError, Inode, Kind, OpenReply, Table, ValidName, ino_hash};
+use crate::read::{Readahead, Version};
+use crate::store::{WriteCondition, join_path};
+use crate::write::staged::{Layer, RemoteVersion, Staged};
+use crate::write::upload::{BaseSource, UploadError};
+
+/// The local state of a file being written, shared by all its handles.
+#[derive(Debug)]
+pub(crate) struct LocalFile {
+    pub(crate) state: tokio::sync::Mutex<LocalState>,
+}
+
+#[derive(Debug)]
+pub(crate) struct LocalState {
+    pub(crate) staged: Staged,
+    /// Where the file is on the remote now (renames move it).
+    pub(crate) path: String,
+    /// The version read for bytes not written locally (rebased after each upload).
+    pub(crate) base: Option<Arc<Version>>,
+    /// Removed while open: its changes are never sent.
+    pub(crate) unlinked: bool,
+    /// A conflict was found: later flushes report it again instead of uploading.
+    pub(crate) conflict: Option<FsError>,
+}
+
+/// Reads the base layer through the read engine (for whole-file uploads).
+struct VersionSource<'a> {
+    version: Option<&'a Arc<Version>>,
+}
+
+#[async_trait]
+impl BaseSource for VersionSource<'_> {
+    async fn read(&self, range: Range<u64>) -> Result<Bytes, String> {
+        let v = self.version.ok_or("no base version to read from")?;
+        read_all(v, range).await.map_err(|e| e.to_string())
+    }
+}
+
+/// Reads `range` of a version into memory, through the cache.
+async fn read_all(v: &Arc<Version>, range: Range<u64>) -> Result<Bytes, FsError> {
+    let ra = Mutex::new(Readahead::default());
+    let mut out = Vec::with_capacity((range.end - range.start) as usize);
+    let mut pos = range.start;
+    while pos < range.end {
+        let n = (range.end - pos).min(1 << 20) as u32;
+        let got = v
+            .read(&ra, pos, n, |r| {
+                r.map(|b| {
+                    out.extend_from_slice(b);
+                    b.len()
+                })
+            })
+            .await
+            .map_err(|e| FsError::read(&v.path, e))?;
+        if got == 0 {
+            break;
+        }
+        pos += got as u64;
+    }
+    Ok(out.into())
+}
+
+impl ArtifactFs {
+    fn writable(&self) -> Result<(), FsError> {
+        if self.cfg.read_only {
+            return Err(FsError::ReadOnly);
+        }
+        Ok(())
+    }
+
+    fn staging_path(&self) -> std::path::PathBuf {
+        let n = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.cfg.staging_dir.join(format!("w-{}-{n}.data", std::process::id()))
+    }
+
+    /// The local state of file `ino`, made on first need from the version it holds.
+    pub(super) async fn ensure_local(&self, ino: u64) -> Result<Arc<LocalFile>, FsError> {
+        if let Some(l) = self.table.lock().inodes.get(&ino).and_then(|i| i.local.clone()) {
+            return Ok(l);
+        }
+        let (path, etag, size) = self.file_version(ino).await?;
+        let version = self.reader.open_version(&path, &etag, size);
+        let staged = Staged::modify(self.staging_path(), RemoteVersion { etag, size })
+            .map_err(|e| FsError::Local(e.to_string()))?;
+        let mut t = self.table.lock();
+        let i = t.inodes.get_mut(&ino).ok_or(FsError::NotFound)?;
+        if let Some(l) = &i.local {
+            // Made meanwhile by another handle.
+            return Ok(l.clone());
+        }
+        let l = Arc::new(LocalFile {
+            state: tokio::sync::Mutex::new(LocalState {
+                staged,
+                path,
+                base: Some(version),
+                unlinked: false,
+                conflict: None,
+            }),
+        });
+        i.local = Some(l.clone());
+        Ok(l)
+    }
+
+    /// `create`: a new, empty file, on the remote at its first upload.
+    pub async fn create(&self, parent: u64, name: &OsStr) -> Result<(Entry, OpenReply), FsError> {
+        self.writable()?;
+        let name = ValidName::from_kernel(name)?;
+        let staged = Staged::create(self.staging_path()).map_err(|e| FsError::Local(e.to_string()))?;
+        let mut t = self.table.lock();
+        let parent_path = match t.inodes.get(&parent) {
+            Some(i) if i.kind == Kind::Dir => i.path.clone(),
+            Some(_) => return Err(FsError::NotDir),
+            None => return Err(FsError::NotFound),
+        };
+        let path = join_path(&parent_path, name.as_str());
+        if let Some(&old) = t.by_path.get(&path) {
+            self.supersede(&mut t, old);
+        }
+        let serial = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let mut ino = ino_hash(&[b"created", path.as_bytes(), &serial.to_le_bytes()]);
+        while t.inodes.contains_key(&ino) {
+            ino = ino.wrapping_add(1).max(2);
+        }
+        let now = SystemTime::now();
+        t.inodes.insert(
+            ino,
+            Inode {
+                parent,
+                name: name.as_str().to_string(),
+                path: path.clone(),
+                kind: Kind::File,
+                size: 0,
+                mtime: now,
+                etag: None,
+                lookups: 1,
+                current: true,
+                valid_until: Instant::now() + self.cfg.metadata_ttl,
+                local: Some(Arc::new(LocalFile {
+                    state: tokio::sync::Mutex::new(LocalState {
+                        staged,
+                        path: path.clone(),
+                        base: None,
+                        unlinked: false,
+                        conflict: None,
+                    }),
+                })),
+                pending_create: true,
+            },
+        );
+        t.by_path.insert(path, ino);
+        t.negative.clear();
+        set_child(
+            &mut t,
+            parent,
+            &name,
+            Some(Child {
+                kind: Kind::File,
+                size: 0,
+                mtime: now,
+                etag: None,
+            }),
+        );
+        let entry = self.entry_of(&t, ino)?;
+        drop(t);
+        let fh = self.add_handle(ino, None);
+        Ok((entry, OpenReply { fh, keep_cache: true }))
+    }
+
+    pub(super) fn add_handle(&self, ino: u64, version: Option<Arc<Version>>) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.files.lock().insert(
+            fh,
+            Arc::new(FileHandle {
+                ino,
+                version,
+                readahead: Mutex::new(Readahead::default()),
+            }),
+        );
+        fh
+    }
+
+    /// `write`: into the file's local state.
+    pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        self.writable()?;
+        let h = self.files.lock().get(&fh).cloned().ok_or(FsError::BadHandle)?;
+        let l = self.ensure_local(h.ino).await?;
+        let mut st = l.state.lock().await;
+        st.staged
+            .write(offset, data)
+            .map_err(|e| FsError::Local(e.to_string()))?;
+        let size = st.staged.size();
+        drop(st);
+        self.touch(h.ino, size);
+        Ok(data.len() as u32)
+    }
+
+    /// The inode's size and mtime after a local change.
+    fn touch(&self, ino: u64, size: u64) {
+        let mut t = self.table.lock();
+        if let Some(i) = t.inodes.get_mut(&ino) {
+            i.size = size;
+            i.mtime = SystemTime::now();
+        }
+    }
+
+    /// Reads a file with local changes: written bytes from the write area, the rest from the
+    /// version it started from, holes as zeros.
+    pub(super) async fn read_local(
+        &self,
+        l: &LocalFile,
+        h: &FileHandle,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>, FsError> {
+        let st = l.state.lock().await;
+        let end = offset.saturating_add(size as u64).min(st.staged.size());
+        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        for (r, layer) in st.staged.layers(offset..end) {
+            let n = (r.end - r.start) as usize;
+            match layer {
+                Layer::Local => {
+                    let at = out.len();
+                    out.resize(at + n, 0);
+                    st.staged
+                        .read_local(r.start, &mut out[at..])
+                        .map_err(|e| FsError::Local(e.to_string()))?;
+                }
+                Layer::Zero => out.resize(out.len() + n, 0),
+                Layer::Base => {
+                    let v = st.base.as_ref().ok_or(FsError::Local("no base version".into()))?;
+                    let mut pos = r.start;
+                    while pos < r.end {
+                        let want = (r.end - pos).min(1 << 20) as u32;
+                        let got = v
+                            .read(&h.readahead, pos, want, |res| {
+                                res.map(|b| {
+                                    out.extend_from_slice(b);
+                                    b.len()
+                                })
+                            })
+                            .await
+                            .map_err(|e| FsError::read(&st.path, e))?;
+                        if got == 0 {
+                            return Err(FsError::Stale);
+                        }
+                        pos += got as u64;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `flush` / `fsync`: the remote holds the file's changes when this returns.
+    pub async fn flush(&self, fh: u64) -> Result<(), FsError> {
+        let Some(h) = self.files.lock().get(&fh).cloned() else {
+            return Err(FsError::BadHandle);
+        };
+        self.sync_inode(h.ino).await
+    }
+
+    /// Uploads what inode `ino` changed since its last upload.
+    pub(super) async fn sync_inode(&self, ino: u64) -> Result<(), FsError> {
+        let local = self.table.lock().inodes.get(&ino).and_then(|i| i.local.clone());
+        let Some(l) = local else { return Ok(()) };
+        let mut st = l.state.lock().await;
+        if let Some(c) = &st.conflict {
+            return Err(c.clone());
+        }
+        if st.unlinked || !st.staged.is_changed() {
+            return Ok(());
+        }
+        let path = st.path.clone();
+        let result = {
+            let src = VersionSource {
+                version: st.base.as_ref(),
+            };
+            self.uploader.upload(&path, &st.staged, &src).await
+        };
+        match result {
+            Ok(None) => Ok(()),
+            Ok(Some(o)) => {
+                let v = o.version;
+                st.staged.uploaded(v.clone());
+                // Bytes not written locally now come from the new version.
+                st.base = Some(self.reader.open_version(&path, &v.etag, v.size));
+                drop(st);
+                self.uploaded(ino, &v);
+                Ok(())
+            }
+            Err(UploadError::Conflict) => {
+                let kept = self.keep_conflicting(&st).await;
+                tracing::error!(
+                    path,
+                    kept = %kept,
+                    "the file changed on the remote since it was opened: not overwritten; the local version is kept"
+                );
+                let err = FsError::Conflict { path, kept };
+                st.conflict = Some(err.clone());
+                drop(st);
+                let mut t = self.table.lock();
+                self.supersede(&mut t, ino);
+                Err(err)
+            }
+            Err(e) => Err(FsError::Upload {
+                path,
+                err: e.to_string(),
+            }),
+        }
+    }
+
+    /// Records a new version made by an upload of inode `ino`.
+    fn uploaded(&self, ino: u64, v: &RemoteVersion) {
+        let mut t = self.table.lock();
+        let Some(i) = t.inodes.get_mut(&ino) else { return };
+        i.etag = Some(v.etag.clone());
+        i.size = v.size;
+        i.pending_create = false;
+        i.valid_until = Instant::now() + self.cfg.metadata_ttl;
+        let (parent, name, mtime) = (i.parent, i.name.clone(), i.mtime);
+        if let Ok(n) = ValidName::from_remote(&name) {
+            set_child(
+                &mut t,
+                parent,
+                &n,
+                Some(Child {
+                    kind: Kind::File,
+                    size: v.size,
+                    mtime,
+                    etag: Some(v.etag.clone()),
+                }),
+            );
+        }
+    }
+
+    /// Saves the local version of a file whose upload conflicted; returns where.
+    async fn keep_conflicting(&self, st: &LocalState) -> String {
+        let dir = self.cfg.staging_dir.join("conflicts");
+        let stamp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let name = format!("{stamp}-{}", st.path.replace('/', "%2F"));
+        let dest = dir.join(&name);
+        let mut content = Vec::new();
+        let mut ok = true;
+        for (r, layer) in st.staged.layers(0..st.staged.size()) {
+            let n = (r.end - r.start) as usize;
+            match layer {
+                Layer::Local => {
+                    let at = content.len();
+                    content.resize(at + n, 0);
+                    ok &= st.staged.read_local(r.start, &mut content[at..]).is_ok();
+                }
+                Layer::Zero => content.resize(content.len() + n, 0),
+                Layer::Base => match st.base.as_ref() {
+                    Some(v) => match read_all(v, r).await {
+                        Ok(b) => content.extend_from_slice(&b),
+                        Err(_) => {
+                            ok = false;
+                            content.resize(content.len() + n, 0);
+                        }
+                    },
+                    None => ok = false,
+                },
+            }
+        }
+        let written = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&dest, &content));
+        match (written, ok) {
+            (Ok(()), true) => dest.display().to_string(),
+            (Ok(()), false) => format!(
+                "{} (bytes not written locally could not be read: zeros)",
+                dest.display()
+            ),
+            (Err(e), _) => format!("nowhere ({}: {e})", dest.display()),
+        }
+    }
+
+    /// `release`: the last close of a handle; sends what is left (writes through a shared
+    /// mapping arrive after the last flush) and lets go of the local state when nobody holds
+    /// the file any more.
+    pub async fn release_handle(&self, fh: u64) -> Result<(), FsError> {
+        let Some(h) = self.files.lock().remove(&fh) else {
+            return Ok(());
+        };
+        let result = self.sync_inode(h.ino).await;
+        if let Err(e) = &result {
+            tracing::error!("release: {e}");
+        }
+        let still_open = self.files.lock().values().any(|o| o.ino == h.ino);
+        if !still_open {
+            let mut t = self.table.lock();
+            let done = t.inodes.get(&h.ino).and_then(|i| i.local.as_ref()).is_some_and(|l| {
+                l.state
+                    .try_lock()
+                    .is_ok_and(|st| !st.staged.is_changed() || st.unlinked || st.conflict.is_some())
+            });
+            if done && let Some(i) = t.inodes.get_mut(&h.ino) {
+                i.local = None;
+            }
+        }
+        result
+    }
+
+    /// `setattr`: a size change truncates (uploaded at once when no handle is given: nothing
+    /// else would send it); modes, owners and times are accepted and not kept (see
+    /// `docs/SEMANTICS.md`).
+    pub async fn setattr(&self, ino: u64, size: Option<u64>, fh: Option<u64>) -> Result<Entry, FsError> {
+        if let Some(size) = size {
+            self.writable()?;
+            let kind = self
+                .table
+                .lock()
+                .inodes
+                .get(&ino)
+                .map(|i| i.kind)
+                .ok_or(FsError::NotFound)?;
+            if kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            let l = self.ensure_local(ino).await?;
+            let mut st = l.state.lock().await;
+            st.staged.truncate(size).map_err(|e| FsError::Local(e.to_string()))?;
+            drop(st);
+            self.touch(ino, size);
+            if fh.is_none() {
+                self.sync_inode(ino).await?;
+            }
+        }
+        let t = self.table.lock();
+        let mut e = self.entry_of(&t, ino)?;
+        if size.is_some() {
+            e.ttl = self.cfg.metadata_ttl;
+        }
+        Ok(e)
+    }
+
+    /// `open` with `O_TRUNC` (the kernel passes it on with atomic truncation).
+    pub(super) async fn truncate_on_open(&self, ino: u64) -> Result<(), FsError> {
+        let l = self.ensure_local(ino).await?;
+        let mut st = l.state.lock().await;
+        st.staged.truncate(0).map_err(|e| FsError::Local(e.to_string()))?;
+        drop(st);
+        self.touch(ino, 0);
+        Ok(())
+    }
+
+    /// The current child `name` of `parent`: its inode, looked up if need be.
+    async fn child(&self, parent: u64, name: &OsStr) -> Result<(u64, String, Kind), FsError> {
+        let e = self.lookup(parent, name).await?;
+        // `lookup` counted a kernel reference that the kernel will not forget: take it back.
+        let mut t = self.table.lock();
+        let i = t.inodes.get_mut(&e.attr.ino).ok_or(FsError::NotFound)?;
+        i.lookups = i.lookups.saturating_sub(1);
+        Ok((e.attr.ino, i.path.clone(), i.kind))
+    }
+
+    /// `unlink` of a file.
+    pub async fn unlink(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
+        self.writable()?;
+        let (ino, path, kind) = self.child(parent, name).await?;
+        if kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        let (pending, etag, local) = {
+            let t = self.table.lock();
+            let i = t.inodes.get(&ino).ok_or(FsError::NotFound)?;
+            (i.pending_create, i.etag.clone(), i.local.clone())
+        };
+        if let Some(l) = &local {
+            l.state.lock().await.unlinked = true;
+        }
+        if !pending {
+            let cond = etag.map(WriteCondition::Matches).unwrap_or(WriteCondition::None);
+            match self.store.delete(&path, cond).await {
+                Ok(()) | Err(crate::store::StoreError::NotFound) => {}
+                Err(e) => {
+                    if let Some(l) = &local {
+                        l.state.lock().await.unlinked = false;
+                    }
+                    return Err(FsError::remote(&path, e));
+                }
+            }
+        }
+        self.removed(parent, name, ino);
+        Ok(())
+    }
+
+    /// A child is gone: out of its parent's listing and off its inode.
+    fn removed(&self, parent: u64, name: &OsStr, ino: u64) {
+        let mut t = self.table.lock();
+        if let Some(n) = name.to_str().and_then(|n| ValidName::from_remote(n).ok()) {
+            set_child(&mut t, parent, &n, None);
+        }
+        self.supersede(&mut t, ino);
+    }
+
+    /// `mkdir`.
+    pub async fn mkdir(&self, parent: u64, name: &OsStr) -> Result<Entry, FsError> {
+        self.writable()?;
+        let name = ValidName::from_kernel(name)?;
+        let parent_path = self.dir_path(parent)?;
+        let path = join_path(&parent_path, name.as_str());
+        self.store.mkdir(&path).await.map_err(|e| FsError::remote(&path, e))?;
+        let mut t = self.table.lock();
+        let child = Child {
+            kind: Kind::Dir,
+            size: 0,
+            mtime: SystemTime::now(),
+            etag: None,
+        };
+        set_child(&mut t, parent, &name, Some(child.clone()));
+        let ino = self.upsert(&mut t, parent, &name, &child, Instant::now() + self.cfg.metadata_ttl);
+        // A new folder is empty: known without asking.
+        let d = t.dirs.entry(ino).or_default();
+        d.entries = Some(Arc::new(Default::default()));
+        d.valid_until = Some(Instant::now() + self.cfg.metadata_ttl);
+        self.referenced(&mut t, ino)
+    }
+
+    fn dir_path(&self, ino: u64) -> Result<String, FsError> {
+        let t = self.table.lock();
+        match t.inodes.get(&ino) {
+            Some(i) if i.kind == Kind::Dir => Ok(i.path.clone()),
+            Some(_) => Err(FsError::NotDir),
+            None => Err(FsError::NotFound),
+        }
+    }
+
+    /// `rmdir`.
+    pub async fn rmdir(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
+        self.writable()?;
+        let (ino, path, kind) = self.child(parent, name).await?;
+        if kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        // Files made here and not uploaded yet are children the remote does not know of.
+        let has_pending = {
+            let t = self.table.lock();
+            t.inodes
+                .values()
+                .any(|i| i.parent == ino && i.current && i.pending_create)
+        };
+        if has_pending {
+            return Err(FsError::NotEmpty);
+        }
+        self.store.rmdir(&path).await.map_err(|e| FsError::remote(&path, e))?;
+        self.removed(parent, name, ino);
+        Ok(())
+    }
+
+    /// `rename`. `no_replace`: fail when the destination exists (`RENAME_NOREPLACE`).
+    pub async fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        no_replace: bool,
+    ) -> Result<(), FsError> {
+        self.writable()?;
+        let (ino, from, kind) = self.child(parent, name).await?;
+        let dest_name = ValidName::from_kernel(new_name)?;
+        let to = join_path(&self.dir_path(new_parent)?, dest_name.as_str());
+        if from == to {
+            return Ok(());
+        }
+        if kind == Kind::Dir && (to.starts_with(&format!("{from}/"))) {
+            return Err(FsError::Invalid("a folder cannot move into itself"));
+        }
+        let dest = match self.child(new_parent, new_name).await {
+            Ok(d) => Some(d),
+            Err(FsError::NotFound) => None,
+            Err(e) => return Err(e),
+        };
+        if let Some((_, _, dk)) = &dest {
+            if no_replace {
+                return Err(FsError::Exists);
+            }
+            match (kind, dk) {
+                (Kind::Dir, Kind::File) => return Err(FsError::NotDir),
+                (Kind::File, Kind::Dir) => return Err(FsError::IsDir),
+                _ => {}
+            }
+        }
+        let (pending, etag, local) = {
+            let t = self.table.lock();
+            let i = t.inodes.get(&ino).ok_or(FsError::NotFound)?;
+            (i.pending_create, i.etag.clone(), i.local.clone())
+        };
+        if pending {
+            // Not on the remote yet: it moves here; its upload will go to the new path and
+            // replace what is there.
+            if let Some(l) = &local {
+                let mut st = l.state.lock().await;
+                st.path = to.clone();
+                let dest_version = dest.as_ref().and_then(|(dino, _, _)| {
+                    let t = self.table.lock();
+                    let d = t.inodes.get(dino)?;
+                    Some(RemoteVersion {
+                        etag: d.etag.clone()?,
+                        size: d.size,
+                    })
+                });
+                st.staged.replace_remote(dest_version);
+            }
+        } else {
+            let cond = match (kind, etag) {
+                (Kind::File, Some(e)) => WriteCondition::Matches(e),
+                _ => WriteCondition::None,
+            };
+            self.store
+                .rename(&from, &to, cond)
+                .await
+                .map_err(|e| FsError::remote(&from, e))?;
+            if let Some(l) = &local {
+                l.state.lock().await.path = to.clone();
+            }
+        }
+        let mut t = self.table.lock();
+        if let Some((dino, _, _)) = dest {
+            self.supersede(&mut t, dino);
+        }
+        moved(&mut t, ino, &from, &to, new_parent, &dest_name);
+        if let Some(n) = name.to_str().and_then(|n| ValidName::from_remote(n).ok()) {
+            set_child(&mut t, parent, &n, None);
+        }
+        let child = t.inodes.get(&ino).map(|i| Child {
+            kind: i.kind,
+            size: i.size,
+            mtime: i.mtime,
+            etag: i.etag.clone(),
+        });
+        set_child(&mut t, new_parent, &dest_name, child);
+        Ok(())
+    }
+}
+
+/// Moves inode `ino` (and, for a folder, everything under it) from path `from` to `to`.
+fn moved(t: &mut Table, ino: u64, from: &str, to: &str, new_parent: u64, new_name: &ValidName) {
+    if let Some(i) = t.inodes.get_mut(&ino) {
+        i.parent = new_parent;
+        i.name = new_name.as_str().to_string();
+    }
+    let prefix = format!("{from}/");
+    let affected: Vec<(u64, String)> = t
+        .inodes
+        .iter()
+        .filter(|(n, i)| i.current && (**n == ino || i.path.starts_with(&prefix)))
+        .map(|(n, i)| (*n, i.path.clone()))
+        .collect();
+    for (n, old) in affected {
+        let new = format!("{to}{}", &old[from.len()..]);
+        if t.by_path.get(&old) == Some(&n) {
+            t.by_path.remove(&old);
+        }
+        if let Some(i) = t.inodes.get_mut(&n) {
+            i.path = new.clone();
+            if let Some(l) = &i.local
+                && let Ok(mut st) = l.state.try_lock()
+            {
+                st.path = new.clone();
+            }
+        }
+        t.by_path.insert(new, n);
+    }
+}
+
+/// Sets (or, with `None`, removes) `name` in the cached listing of `dir`, if it is listed.
+fn set_child(t: &mut Table, dir: u64, name: &ValidName, child: Option<Child>) {
+    if let Some(d) = t.dirs.get_mut(&dir)
+        && let Some(entries) = &mut d.entries
+    {
+        let map = Arc::make_mut(entries);
+        match child {
+            Some(c) => {
+                map.insert(name.clone(), c);
+            }
+            None => {
+                map.remove(name);
+            }
+        }
+    }
+}
+
+impl ArtifactFs {
+    /// Attributes of an inode (for replies after changes).
+    pub fn attr(&self, ino: u64) -> Option<Attr> {
+        let t = self.table.lock();
+        t.inodes.get(&ino).map(|i| self.attr_of(ino, i))
+    }
+}

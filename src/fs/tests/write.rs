@@ -1,0 +1,293 @@
+//! The write side of the filesystem core against the in-memory store: what reaches the remote,
+//! what a reader sees meanwhile, and what happens on a conflict.
+
+use super::*;
+
+async fn write_all(fs: &ArtifactFs, fh: u64, mut off: u64, data: &[u8]) {
+    for piece in data.chunks(128 << 10) {
+        assert_eq!(fs.write(fh, off, piece).await.unwrap() as usize, piece.len());
+        off += piece.len() as u64;
+    }
+}
+
+/// Pseudo-random bytes (content-defined chunking needs content that is not periodic).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn remote(e: &Env, path: &str) -> Option<Vec<u8>> {
+    e.mem.object(path).map(|(b, _)| b.to_vec())
+}
+
+fn received(e: &Env) -> u64 {
+    e.mem.stats.bytes_received.load(Ordering::Relaxed)
+}
+
+async fn names(fs: &ArtifactFs, dir: u64) -> Vec<String> {
+    let fh = fs.opendir(dir).await.unwrap();
+    let mut out = Vec::new();
+    fs.readdir(fh, 2, |item, _| {
+        out.push(item.name.clone());
+        false
+    })
+    .unwrap();
+    fs.releasedir(fh);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_file_is_visible_at_once_and_on_the_remote_after_close() {
+    let e = env(Duration::from_secs(60));
+    e.mem.insert("d/old", b"x".to_vec());
+    let d = resolve(&e.fs, "d").await.unwrap();
+    let (entry, o) = e.fs.create(d.attr.ino, OsStr::new("new.txt")).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"hello world").await;
+    // Before any upload: listed, looked up, read back.
+    assert_eq!(names(&e.fs, d.attr.ino).await, vec!["new.txt", "old"]);
+    assert_eq!(resolve(&e.fs, "d/new.txt").await.unwrap().attr.ino, entry.attr.ino);
+    assert_eq!(read_fh(&e.fs, o.fh, 6, 100).await.unwrap(), b"world");
+    assert_eq!(e.fs.getattr(entry.attr.ino).await.unwrap().attr.size, 11);
+    assert!(remote(&e, "d/new.txt").is_none());
+    e.fs.flush(o.fh).await.unwrap();
+    assert_eq!(remote(&e, "d/new.txt").unwrap(), b"hello world");
+    // A second flush (dup'd descriptor) sends nothing.
+    let before = received(&e);
+    e.fs.flush(o.fh).await.unwrap();
+    e.fs.release_handle(o.fh).await.unwrap();
+    assert_eq!(received(&e), before);
+    assert_eq!(cat(&e.fs, "d/new.txt").await.unwrap(), b"hello world");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_and_overwrites_send_only_what_changed() {
+    let e = env(Duration::from_secs(60));
+    let old: Vec<u8> = (0..16 * MIB).map(|i| (i % 253) as u8).collect();
+    e.mem.insert("big.bin", old.clone());
+    let f = resolve(&e.fs, "big.bin").await.unwrap();
+    let o = e.fs.open(f.attr.ino, true, false).await.unwrap();
+    write_all(&e.fs, o.fh, old.len() as u64, &[7u8; 1024]).await;
+    let before = received(&e);
+    e.fs.flush(o.fh).await.unwrap();
+    assert_eq!(received(&e) - before, 1024, "an append sends the appended bytes");
+    write_all(&e.fs, o.fh, 4096, &[9u8; 4096]).await;
+    let before = received(&e);
+    e.fs.release_handle(o.fh).await.unwrap();
+    assert_eq!(received(&e) - before, 4096, "an overwrite sends the written range");
+    let mut want = old.clone();
+    want.extend_from_slice(&[7u8; 1024]);
+    want[4096..8192].fill(9);
+    assert_eq!(remote(&e, "big.bin").unwrap(), want);
+    assert_eq!(cat(&e.fs, "big.bin").await.unwrap(), want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_through_a_file_being_written_merge_local_and_remote_bytes() {
+    let e = env(Duration::from_secs(60));
+    let old: Vec<u8> = (0..3 * MIB).map(|i| (i % 251) as u8).collect();
+    e.mem.insert("f", old.clone());
+    let f = resolve(&e.fs, "f").await.unwrap();
+    let reader = e.fs.open(f.attr.ino, false, false).await.unwrap();
+    let writer = e.fs.open(f.attr.ino, true, false).await.unwrap();
+    write_all(&e.fs, writer.fh, MIB as u64 + 10, b"LOCAL").await;
+    // The handle opened for reading before the write sees it too (one file, one content).
+    let got = read_fh(&e.fs, reader.fh, MIB as u64, 20).await.unwrap();
+    let mut want = old[MIB..MIB + 20].to_vec();
+    want[10..15].copy_from_slice(b"LOCAL");
+    assert_eq!(got, want);
+    // Truncate and extend: the gap reads as zeros.
+    e.fs.setattr(f.attr.ino, Some(100), Some(writer.fh)).await.unwrap();
+    e.fs.setattr(f.attr.ino, Some(200), Some(writer.fh)).await.unwrap();
+    let got = read_fh(&e.fs, reader.fh, 90, 200).await.unwrap();
+    assert_eq!(got.len(), 110);
+    assert_eq!(&got[..10], &old[90..100]);
+    assert!(got[10..].iter().all(|&b| b == 0));
+    e.fs.release_handle(writer.fh).await.unwrap();
+    e.fs.release_handle(reader.fh).await.unwrap();
+    let mut want = old[..100].to_vec();
+    want.resize(200, 0);
+    assert_eq!(remote(&e, "f").unwrap(), want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn o_trunc_then_writes_is_one_new_version() {
+    let e = env(Duration::from_secs(60));
+    let old = noise(20 * MIB, 1);
+    let before_tag = e.mem.insert("m.bin", old.clone());
+    let f = resolve(&e.fs, "m.bin").await.unwrap();
+    let mut new = old.clone();
+    new[10 * MIB..11 * MIB].fill(1);
+    let o = e.fs.open(f.attr.ino, true, true).await.unwrap();
+    // The remote keeps the old version until the close.
+    assert_eq!(e.mem.object("m.bin").unwrap().1, before_tag);
+    write_all(&e.fs, o.fh, 0, &new).await;
+    let before = received(&e);
+    e.fs.release_handle(o.fh).await.unwrap();
+    assert_eq!(remote(&e, "m.bin").unwrap(), new);
+    let sent = received(&e) - before;
+    assert!(
+        sent < 4 * MIB as u64,
+        "cp over a file with 1 MiB changed sent {sent} bytes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflicting_change_is_refused_and_the_local_version_kept() {
+    let e = env(Duration::from_secs(60));
+    e.mem.insert("c.txt", b"base".to_vec());
+    let f = resolve(&e.fs, "c.txt").await.unwrap();
+    let o = e.fs.open(f.attr.ino, true, true).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"mine").await;
+    let theirs = e.mem.insert("c.txt", b"theirs".to_vec());
+    let err = e.fs.flush(o.fh).await.unwrap_err();
+    assert_eq!(err.errno(), libc::ESTALE);
+    let FsError::Conflict { kept, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(std::fs::read(kept.split(' ').next().unwrap()).unwrap(), b"mine");
+    assert_eq!(e.mem.object("c.txt").unwrap().1, theirs, "theirs is not overwritten");
+    assert!(e.fs.release_handle(o.fh).await.is_err());
+    assert_eq!(cat(&e.fs, "c.txt").await.unwrap(), b"theirs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlink_mkdir_rmdir_and_renames() {
+    let e = env(Duration::from_secs(60));
+    e.mem.insert("a/f1", b"one".to_vec());
+    e.mem.insert("a/sub/f2", b"two".to_vec());
+    let a = resolve(&e.fs, "a").await.unwrap();
+    // mkdir, then a file in it, then rmdir refuses, unlink, rmdir.
+    let d = e.fs.mkdir(a.attr.ino, OsStr::new("new")).await.unwrap();
+    assert!(matches!(
+        e.fs.mkdir(a.attr.ino, OsStr::new("new")).await,
+        Err(FsError::Exists)
+    ));
+    let (_, o) = e.fs.create(d.attr.ino, OsStr::new("x")).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"x").await;
+    e.fs.release_handle(o.fh).await.unwrap();
+    assert!(matches!(
+        e.fs.rmdir(a.attr.ino, OsStr::new("new")).await,
+        Err(FsError::NotEmpty)
+    ));
+    e.fs.unlink(d.attr.ino, OsStr::new("x")).await.unwrap();
+    assert!(remote(&e, "a/new/x").is_none());
+    e.fs.rmdir(a.attr.ino, OsStr::new("new")).await.unwrap();
+    assert!(matches!(resolve(&e.fs, "a/new").await, Err(FsError::NotFound)));
+    // Rename a file, and a folder with what is inside.
+    e.fs.rename(a.attr.ino, OsStr::new("f1"), ROOT, OsStr::new("moved"), false)
+        .await
+        .unwrap();
+    assert_eq!(remote(&e, "moved").unwrap(), b"one");
+    assert!(remote(&e, "a/f1").is_none());
+    assert_eq!(cat(&e.fs, "moved").await.unwrap(), b"one");
+    let sub = resolve(&e.fs, "a/sub/f2").await.unwrap();
+    e.fs.rename(a.attr.ino, OsStr::new("sub"), ROOT, OsStr::new("top"), false)
+        .await
+        .unwrap();
+    assert_eq!(cat(&e.fs, "top/f2").await.unwrap(), b"two");
+    assert_eq!(
+        resolve(&e.fs, "top/f2").await.unwrap().attr.ino,
+        sub.attr.ino,
+        "moved inodes keep their numbers"
+    );
+    assert!(matches!(resolve(&e.fs, "a/sub").await, Err(FsError::NotFound)));
+    // No-replace rename over an existing name.
+    assert!(matches!(
+        e.fs.rename(ROOT, OsStr::new("moved"), ROOT, OsStr::new("top"), true)
+            .await,
+        Err(FsError::Exists)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_file_renamed_uploads_to_its_new_name_and_an_unlinked_one_never() {
+    let e = env(Duration::from_secs(60));
+    let (_, o) = e.fs.create(ROOT, OsStr::new("draft")).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"text").await;
+    e.fs.rename(ROOT, OsStr::new("draft"), ROOT, OsStr::new("final"), false)
+        .await
+        .unwrap();
+    e.fs.release_handle(o.fh).await.unwrap();
+    assert_eq!(remote(&e, "final").unwrap(), b"text");
+    assert!(remote(&e, "draft").is_none());
+    let (_, o) = e.fs.create(ROOT, OsStr::new("scratch")).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"gone").await;
+    e.fs.unlink(ROOT, OsStr::new("scratch")).await.unwrap();
+    // Still readable through the open handle, as on any filesystem.
+    assert_eq!(read_fh(&e.fs, o.fh, 0, 10).await.unwrap(), b"gone");
+    e.fs.release_handle(o.fh).await.unwrap();
+    assert!(remote(&e, "scratch").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn save_through_a_temp_file_renamed_over_the_original() {
+    let e = env(Duration::from_secs(60));
+    let old = noise(24 * MIB, 2);
+    e.mem.insert("doc", old.clone());
+    let mut new = old.clone();
+    new.splice(5 * MIB..5 * MIB, b"inserted".iter().copied());
+    let before = received(&e);
+    let (_, o) = e.fs.create(ROOT, OsStr::new("doc.tmp")).await.unwrap();
+    write_all(&e.fs, o.fh, 0, &new).await;
+    e.fs.release_handle(o.fh).await.unwrap();
+    e.fs.rename(ROOT, OsStr::new("doc.tmp"), ROOT, OsStr::new("doc"), false)
+        .await
+        .unwrap();
+    assert_eq!(remote(&e, "doc").unwrap(), new);
+    assert!(remote(&e, "doc.tmp").is_none());
+    let sent = received(&e) - before;
+    assert!(sent < 4 * MIB as u64, "the save sent {sent} bytes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_without_a_handle_is_sent_at_once() {
+    let e = env(Duration::from_secs(60));
+    e.mem.insert("t", vec![5u8; 1000]);
+    let f = resolve(&e.fs, "t").await.unwrap();
+    let a = e.fs.setattr(f.attr.ino, Some(10), None).await.unwrap();
+    assert_eq!(a.attr.size, 10);
+    assert_eq!(remote(&e, "t").unwrap(), vec![5u8; 10]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_mount_refuses_every_change() {
+    let e = env_cfg(MemoryStore::new(), Duration::from_secs(60), true);
+    e.mem.insert("f", b"x".to_vec());
+    let f = resolve(&e.fs, "f").await.unwrap();
+    assert!(matches!(
+        e.fs.open(f.attr.ino, true, false).await,
+        Err(FsError::ReadOnly)
+    ));
+    assert!(matches!(
+        e.fs.open(f.attr.ino, false, true).await,
+        Err(FsError::ReadOnly)
+    ));
+    assert!(matches!(
+        e.fs.create(ROOT, OsStr::new("n")).await,
+        Err(FsError::ReadOnly)
+    ));
+    assert!(matches!(
+        e.fs.unlink(ROOT, OsStr::new("f")).await,
+        Err(FsError::ReadOnly)
+    ));
+    assert!(matches!(
+        e.fs.mkdir(ROOT, OsStr::new("d")).await,
+        Err(FsError::ReadOnly)
+    ));
+    assert!(matches!(
+        e.fs.setattr(f.attr.ino, Some(0), None).await,
+        Err(FsError::ReadOnly)
+    ));
+    assert!(matches!(
+        e.fs.rename(ROOT, OsStr::new("f"), ROOT, OsStr::new("g"), false).await,
+        Err(FsError::ReadOnly)
+    ));
+    assert_eq!(FsError::ReadOnly.errno(), libc::EROFS);
+}
