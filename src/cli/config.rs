@@ -73,6 +73,7 @@ pub struct Config {
     pub cache: CacheSection,
     pub read: ReadSection,
     pub metadata: MetadataSection,
+    pub write: WriteSection,
     pub http: HttpConfig,
     pub log: LogSection,
 }
@@ -188,6 +189,39 @@ impl Default for MetadataSection {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct WriteSection {
+    /// `close`/`fsync` return once changes are in the local journal; uploads follow.
+    pub write_back: bool,
+    /// With `write_back`: how long after a `close`/`fsync` the upload starts.
+    #[serde(with = "humantime_serde")]
+    pub write_back_delay: Duration,
+    /// Send only what changed (append, ranged writes, unchanged ranges copied on the server,
+    /// chunks the remote holds); `false` uploads whole files.
+    pub incremental: bool,
+    /// New files up to this size are uploaded in one request.
+    pub put_max: ByteSize,
+    /// Size of the new-bytes parts of larger uploads.
+    pub part_size: ByteSize,
+    /// Parts uploaded at once per file.
+    pub parallel_parts: usize,
+}
+
+impl Default for WriteSection {
+    fn default() -> Self {
+        let p = crate::write::plan::PlanConfig::default();
+        WriteSection {
+            write_back: false,
+            write_back_delay: Duration::from_secs(1),
+            incremental: p.incremental,
+            put_max: ByteSize(p.put_max),
+            part_size: ByteSize(p.part_size),
+            parallel_parts: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct LogSection {
     /// `error`, `warn`, `info`, `debug`, `trace`, or a `RUST_LOG`-style filter.
     pub level: String,
@@ -224,6 +258,9 @@ impl Config {
         }
         if self.read.concurrency == 0 || self.mount.threads == 0 {
             return Err("read.concurrency and mount.threads must be at least 1".into());
+        }
+        if self.write.part_size.0 == 0 || self.write.parallel_parts == 0 {
+            return Err("write.part_size and write.parallel_parts must be at least 1".into());
         }
         if self.read.readahead_max.0 < self.read.readahead_initial.0 {
             return Err("read.readahead_max must be at least read.readahead_initial".into());

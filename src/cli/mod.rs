@@ -79,6 +79,13 @@ pub struct MountArgs {
     /// Threads answering the kernel.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Return from close/fsync once changes are in the local journal; upload in the
+    /// background after DELAY [default: 1s].
+    #[arg(long, value_name = "DELAY", num_args = 0..=1, default_missing_value = "1s", value_parser = humantime::parse_duration)]
+    pub write_back: Option<Duration>,
+    /// Send only what changed (default); `--incremental=false` uploads whole files.
+    #[arg(long, value_name = "BOOL")]
+    pub incremental: Option<bool>,
     /// Print the resolved configuration and exit.
     #[arg(long)]
     pub print_config: bool,

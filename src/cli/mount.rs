@@ -67,6 +67,13 @@ pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
     if let Some(n) = a.threads {
         cfg.mount.threads = n;
     }
+    if let Some(d) = a.write_back {
+        cfg.write.write_back = true;
+        cfg.write.write_back_delay = d;
+    }
+    if let Some(i) = a.incremental {
+        cfg.write.incremental = i;
+    }
     cfg.mount.remote = Some(remote.clone());
     cfg.validate()?;
     let abs = |p: &Path| std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()));
@@ -204,10 +211,20 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
             statfs_dir: Some(r.cache_dir.clone()),
             read_only,
             staging_dir: cache.write_area(),
-            upload: crate::write::plan::PlanConfig::default(),
-            upload_parallel: 4,
+            upload: crate::write::plan::PlanConfig {
+                put_max: cfg.write.put_max.0,
+                part_size: cfg.write.part_size.0,
+                incremental: cfg.write.incremental,
+            },
+            upload_parallel: cfg.write.parallel_parts,
+            write_back: cfg.write.write_back.then_some(cfg.write.write_back_delay),
         },
     );
+    // What a previous run journaled goes first.
+    let (sent, left) = rt.block_on(fs.replay_journal());
+    if sent + left > 0 {
+        tracing::info!(sent, left, "write-back journal replayed");
+    }
     let mut options = vec![
         MountOption::FSName(format!("artifactfs:{}", store.id())),
         MountOption::Subtype("artifactfs".into()),
@@ -258,6 +275,21 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
     let result = session.run();
     done.store(true, Ordering::Release);
     tracing::info!(mountpoint = %r.mountpoint.display(), "unmounted");
+    let pending = fs.pending_uploads();
+    if pending > 0 {
+        tracing::info!(
+            pending,
+            "sending pending uploads (at most {:?})",
+            cfg.mount.unmount_timeout
+        );
+        let left = rt.block_on(fs.drain(cfg.mount.unmount_timeout));
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "uploads not sent; they stay in the journal and go at the next mount"
+            );
+        }
+    }
     registry::remove(&r.mountpoint);
     drop(fs);
     cache.persist();

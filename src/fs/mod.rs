@@ -15,6 +15,7 @@ mod mutate;
 pub mod name;
 #[cfg(test)]
 mod tests;
+mod writeback;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
@@ -58,6 +59,9 @@ pub struct FsConfig {
     pub upload: crate::write::plan::PlanConfig,
     /// Upload parts in flight at once per file.
     pub upload_parallel: usize,
+    /// `--write-back`: `close`/`fsync` return once changes are in the journal; uploads follow
+    /// after this delay.
+    pub write_back: Option<Duration>,
 }
 
 impl Default for FsConfig {
@@ -76,6 +80,7 @@ impl Default for FsConfig {
             staging_dir: std::env::temp_dir(),
             upload: crate::write::plan::PlanConfig::default(),
             upload_parallel: 4,
+            write_back: None,
         }
     }
 }
@@ -255,6 +260,10 @@ pub struct ArtifactFs {
     dirs: Mutex<HashMap<u64, Arc<DirHandle>>>,
     next_fh: AtomicU64,
     invalidator: OnceLock<Arc<dyn Invalidator>>,
+    journal: crate::write::journal::Journal,
+    write_back: Option<writeback::WriteBack>,
+    /// This filesystem, for tasks that outlive a request.
+    me: std::sync::Weak<ArtifactFs>,
 }
 
 impl std::fmt::Debug for ArtifactFs {
@@ -314,7 +323,10 @@ impl ArtifactFs {
             },
         );
         table.by_path.insert(String::new(), ROOT);
-        Arc::new(ArtifactFs {
+        Arc::new_cyclic(|me| ArtifactFs {
+            me: me.clone(),
+            journal: crate::write::journal::Journal::new(cfg.staging_dir.clone()),
+            write_back: cfg.write_back.map(writeback::WriteBack::new),
             store: reader.store().clone(),
             uploader: crate::write::upload::Uploader::new(
                 reader.store().clone(),
@@ -722,7 +734,8 @@ impl ArtifactFs {
         let mut t = self.table.lock();
         let Some(i) = t.inodes.get_mut(&ino) else { return };
         i.lookups = i.lookups.saturating_sub(n);
-        if i.lookups == 0 {
+        // A file with local changes stays until they are sent.
+        if i.lookups == 0 && i.local.is_none() {
             // Recreated from the listing when needed again; bounded memory however many
             // files the kernel has seen.
             let path = i.path.clone();

@@ -55,7 +55,7 @@ impl BaseSource for VersionSource<'_> {
 }
 
 /// Reads `range` of a version into memory, through the cache.
-async fn read_all(v: &Arc<Version>, range: Range<u64>) -> Result<Bytes, FsError> {
+pub(super) async fn read_all(v: &Arc<Version>, range: Range<u64>) -> Result<Bytes, FsError> {
     let ra = Mutex::new(Readahead::default());
     let mut out = Vec::with_capacity((range.end - range.start) as usize);
     let mut pos = range.start;
@@ -277,8 +277,17 @@ impl ArtifactFs {
         self.sync_inode(h.ino).await
     }
 
-    /// Uploads what inode `ino` changed since its last upload.
+    /// `close` / `fsync`: with write-back, once the changes are durable in the journal
+    /// (uploaded in the background); without, once the remote holds them.
     pub(super) async fn sync_inode(&self, ino: u64) -> Result<(), FsError> {
+        if self.write_back.is_some() {
+            return self.journal_inode(ino).await;
+        }
+        self.upload_inode(ino).await
+    }
+
+    /// Uploads what inode `ino` changed since its last upload.
+    pub(super) async fn upload_inode(&self, ino: u64) -> Result<(), FsError> {
         let local = self.table.lock().inodes.get(&ino).and_then(|i| i.local.clone());
         let Some(l) = local else { return Ok(()) };
         let mut st = l.state.lock().await;
@@ -300,6 +309,7 @@ impl ArtifactFs {
             Ok(Some(o)) => {
                 let v = o.version;
                 st.staged.uploaded(v.clone());
+                self.journal.done(&st.staged);
                 // Bytes not written locally now come from the new version.
                 st.base = Some(self.reader.open_version(&path, &v.etag, v.size));
                 drop(st);
@@ -315,6 +325,7 @@ impl ArtifactFs {
                 );
                 let err = FsError::Conflict { path, kept };
                 st.conflict = Some(err.clone());
+                self.journal.done(&st.staged);
                 drop(st);
                 let mut t = self.table.lock();
                 self.supersede(&mut t, ino);
@@ -486,7 +497,9 @@ impl ArtifactFs {
             (i.pending_create, i.etag.clone(), i.local.clone())
         };
         if let Some(l) = &local {
-            l.state.lock().await.unlinked = true;
+            let mut st = l.state.lock().await;
+            st.unlinked = true;
+            self.journal.done(&st.staged);
         }
         if !pending {
             let cond = etag.map(WriteCondition::Matches).unwrap_or(WriteCondition::None);

@@ -2,6 +2,7 @@
 //! remote (append, ranged write, upload sessions of base ranges and new bytes, whole files).
 
 pub mod dirty;
+pub mod journal;
 pub mod plan;
 pub mod staged;
 pub mod upload;

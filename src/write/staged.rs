@@ -13,8 +13,23 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+
 use super::dirty::RangeSet;
 use crate::store::ETag;
+
+/// Everything of a [`Staged`] but its open file: what the write-back journal records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedState {
+    pub overlay: Vec<(u64, u64)>,
+    pub layer_limit: u64,
+    pub size: u64,
+    /// ETag (as the remote sent it) and size of the version the changes apply to.
+    pub remote: Option<(String, u64)>,
+    pub unsent: Vec<(u64, u64)>,
+    pub unsent_keep: u64,
+    pub changed: bool,
+}
 
 /// A version on the remote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +58,8 @@ pub struct Staged {
     unsent_keep: u64,
     /// Something changed since the last upload (writes, truncations, creation).
     changed: bool,
+    /// Do not delete the staging file on drop.
+    keep: bool,
 }
 
 impl Staged {
@@ -74,6 +91,7 @@ impl Staged {
             remote,
             unsent: RangeSet::new(),
             changed,
+            keep: false,
         })
     }
 
@@ -174,6 +192,65 @@ impl Staged {
         self.changed = false;
     }
 
+    /// The state to record in the journal (the bytes are in [`Staged::path`]).
+    pub fn state(&self) -> StagedState {
+        let pairs = |r: &RangeSet| r.ranges().map(|r| (r.start, r.end)).collect();
+        StagedState {
+            overlay: pairs(&self.overlay),
+            layer_limit: self.layer_limit,
+            size: self.size,
+            remote: self.remote.as_ref().map(|r| (r.etag.as_str().to_string(), r.size)),
+            unsent: pairs(&self.unsent),
+            unsent_keep: self.unsent_keep,
+            changed: self.changed,
+        }
+    }
+
+    /// Reopens a staging file the journal recorded.
+    pub fn restore(path: PathBuf, st: &StagedState) -> io::Result<Staged> {
+        let file = OpenOptions::new().read(true).write(true).open(&path)?;
+        if file.metadata()?.len() != st.size {
+            return Err(io::Error::other(format!(
+                "{}: {} bytes, the journal says {}",
+                path.display(),
+                file.metadata()?.len(),
+                st.size
+            )));
+        }
+        let set = |v: &[(u64, u64)]| {
+            let mut r = RangeSet::new();
+            for &(a, b) in v {
+                r.insert(a..b);
+            }
+            r
+        };
+        Ok(Staged {
+            file,
+            path,
+            overlay: set(&st.overlay),
+            layer_limit: st.layer_limit,
+            size: st.size,
+            remote: st.remote.as_ref().map(|(e, size)| RemoteVersion {
+                etag: ETag::new(e),
+                size: *size,
+            }),
+            unsent: set(&st.unsent),
+            unsent_keep: st.unsent_keep,
+            changed: st.changed,
+            keep: false,
+        })
+    }
+
+    /// Makes the local bytes durable (before the journal says they exist).
+    pub fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Keeps the staging file when this is dropped (its journal entry still needs it).
+    pub fn keep_file(&mut self) {
+        self.keep = true;
+    }
+
     /// A file not uploaded yet was renamed over `remote`: its upload replaces that version
     /// (whose bytes are not part of this file).
     pub fn replace_remote(&mut self, remote: Option<RemoteVersion>) {
@@ -197,7 +274,9 @@ pub enum Layer {
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -244,6 +323,27 @@ mod tests {
         assert_eq!(s.unsent_keep(), 80);
         // The read layers do not change with an upload.
         assert_eq!(s.layers(60..62), vec![(60..62, Layer::Local)]);
+    }
+
+    #[test]
+    fn the_recorded_state_restores_the_same_layers() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s");
+        let mut s = Staged::modify(p.clone(), remote(100)).unwrap();
+        s.write(10, b"abc").unwrap();
+        s.truncate(50).unwrap();
+        s.write(70, b"z").unwrap();
+        s.sync_data().unwrap();
+        let st = s.state();
+        s.keep_file();
+        let layers = s.layers(0..100);
+        drop(s);
+        let r = Staged::restore(p, &st).unwrap();
+        assert_eq!(r.layers(0..100), layers);
+        assert_eq!(r.state(), st);
+        let mut b = [0u8; 3];
+        r.read_local(10, &mut b).unwrap();
+        assert_eq!(&b, b"abc");
     }
 
     #[test]
