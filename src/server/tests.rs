@@ -675,15 +675,19 @@ fn operations_methods_and_errors() {
     let r = raw(addr, "GET", "/d/?afs=info");
     assert_eq!(r.status, 200);
     let info: ServerInfo = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(info, server_info());
+    assert_eq!(info, server_info(true));
+    assert!(info.capabilities.writes && info.capabilities.partial_writes && info.capabilities.content_chunks);
     assert_eq!(info.protocol, "artifactfs/1");
     assert_eq!(info.chunk_size, 1 << 20);
     assert_eq!(info.max_list_limit, 10_000);
 
     for (method, target, status, code) in [
         ("POST", "/f", 405, "method_not_allowed"),
-        ("PUT", "/f", 405, "method_not_allowed"),
-        ("DELETE", "/d/", 405, "method_not_allowed"),
+        ("PATCH", "/f", 405, "method_not_allowed"),
+        ("GET", "/f?afs=append", 405, "method_not_allowed"),
+        ("PUT", "/f?afs=mkdir", 405, "method_not_allowed"),
+        ("DELETE", "/f?afs=commit", 405, "method_not_allowed"),
+        ("POST", "/?afs=info", 405, "method_not_allowed"),
         ("GET", "/f?afs=bogus", 400, "bad_request"),
         ("GET", "/f?afs=list", 400, "bad_request"),
         ("GET", "/d?afs=digests", 400, "bad_request"),
@@ -696,7 +700,10 @@ fn operations_methods_and_errors() {
         assert_eq!(r.code(), code, "{method} {target}");
         assert_eq!(r.header("content-type"), Some("application/json"));
     }
-    assert_eq!(raw(addr, "POST", "/f").header("allow"), Some("GET, HEAD"));
+    assert_eq!(
+        raw(addr, "POST", "/f").header("allow"),
+        Some("GET, HEAD, PUT, POST, DELETE")
+    );
 }
 
 #[tokio::test]
@@ -731,6 +738,9 @@ async fn stats_count_exactly() {
             precondition_failed: 1,
             active: 0,
             max_active: 1,
+            writes: 0,
+            bytes_received: 0,
+            parts_copied_bytes: 0,
         }
     );
     // Over HTTP, the stats request counts itself.
