@@ -216,12 +216,13 @@ pub fn rehash(
 }
 
 /// Content-defined chunks of the new version after bytes `dirty` changed and the size went
-/// from `old_size` to `new_size`. Old chunks that end before the change are kept when their
-/// cut cannot depend on where the file ends (FastCDC's normalisation looks at the bytes left
-/// when fewer than the average size remain, so chunks that start within `CDC_AVG` of either
-/// end are cut again); chunking restarts at the first other chunk and, when the size did not
-/// change, stops as soon as it meets an old boundary past the change. Returns the chunks and
-/// the bytes read.
+/// from `old_size` to `new_size`. A FastCDC cut depends only on the bytes from the chunk's
+/// start to the cut, so old chunks that end before the change are kept, except the last one
+/// (cut by the end of the file). As a margin against the end-of-data handling of the cut
+/// routine (its window is bounded by the bytes left), chunks starting within `CDC_AVG` of
+/// either end are cut again too when the size changed. Chunking restarts at the first chunk
+/// not kept and, when the size did not change, stops at the first old boundary past the
+/// change. Returns the chunks and the bytes read.
 pub fn rechunk(
     file: &File,
     old: &[CdcChunk],

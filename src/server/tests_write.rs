@@ -455,7 +455,7 @@ async fn concurrent_appends_chained_through_retries_make_the_concatenation() {
     }
     let got = std::fs::read(f.root().join("log")).unwrap();
     assert_eq!(got.len(), WRITERS * BLOCK);
-    let mut seen = vec![false; WRITERS];
+    let mut seen = [false; WRITERS];
     for block in got.chunks(BLOCK) {
         assert!(block.iter().all(|&b| b == block[0]), "a block is mixed");
         assert!(!seen[block[0] as usize], "block {} twice", block[0]);
@@ -655,7 +655,14 @@ async fn upload_sessions_build_files_from_parts() {
     want.extend_from_slice(chunk_bytes);
     want.extend_from_slice(&base[2_000_000..]);
     // Commit conditions apply to the current file.
-    let r = commit(&c, &furl, &id, &[(header::IF_NONE_MATCH, "*")], &[head.clone()]).await;
+    let r = commit(
+        &c,
+        &furl,
+        &id,
+        &[(header::IF_NONE_MATCH, "*")],
+        std::slice::from_ref(&head),
+    )
+    .await;
     assert_error(&r, StatusCode::PRECONDITION_FAILED, "precondition_failed");
     let r = commit(&c, &furl, &id, &[(header::IF_MATCH, &tag)], &[head, mid, ch, tail]).await;
     assert_written(&r, StatusCode::OK, &want);
