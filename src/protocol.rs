@@ -117,6 +117,15 @@ pub struct ServerStats {
     /// Requests being answered right now and the most seen at once.
     pub active: u64,
     pub max_active: u64,
+    /// Write requests that changed the served folder (`docs/PROTOCOL.md`, ServerStats).
+    #[serde(default)]
+    pub writes: u64,
+    /// Request body bytes read by `PUT`, parts with a body, `append` and `write`.
+    #[serde(default)]
+    pub bytes_received: u64,
+    /// Bytes of parts the server took from a base range or a known chunk.
+    #[serde(default)]
+    pub parts_copied_bytes: u64,
 }
 
 /// Content-defined chunking (FastCDC 2020) shared by the server's chunk index and clients

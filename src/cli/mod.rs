@@ -160,6 +160,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         listen: a.listen,
         state_dir: a.state_dir,
         max_age: a.max_age.map(Duration::from_secs),
+        upload_ttl: crate::server::DEFAULT_UPLOAD_TTL,
     };
     crate::server::serve_blocking(cfg).map_err(|e| e.to_string())
 }

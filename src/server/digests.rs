@@ -5,6 +5,11 @@
 //! file's path and its [`Identity`] `(ino, size, mtime_ns, ctime_ns)`, hashing checks the
 //! identity before and after reading, and concurrent requests for the same unhashed version
 //! share one hashing job. Does not decide what a request gets; the handlers do.
+//!
+//! Hashing a file also cuts it into content-defined chunks (one read, `scan.rs`); the chunk
+//! list is kept beside the digests (memo and sidecar, format 2) and handed to the chunk index.
+//! Writes install the digests of the version they made (`install`), so nothing is hashed
+//! again after a write.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, Metadata};
@@ -22,8 +27,10 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
+use super::chunks::ChunkIndex;
 use super::error::ServerError;
-use crate::protocol::{DIGEST_CHUNK_SIZE, etag_from_digests};
+use super::scan;
+use crate::protocol::{CdcChunk, DIGEST_CHUNK_SIZE, etag_from_digests};
 
 /// Files up to this size are hashed on demand and get no sidecar.
 pub const SMALL_FILE_MAX: u64 = 8 << 20;
@@ -36,6 +43,8 @@ const BACKGROUND_QUEUE_MAX: usize = 4096;
 /// Bounds of the memo: entries, and digests summed over entries (32 bytes each).
 const MEMO_MAX_ENTRIES: usize = 100_000;
 const MEMO_MAX_DIGESTS: usize = 1 << 20;
+/// Sidecar format: 1 had digests only, 2 adds the content-defined chunks.
+const SIDECAR_FORMAT: u32 = 2;
 
 /// The version of a file that a set of digests describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -76,17 +85,30 @@ pub struct FileDigests {
     pub digests: Vec<[u8; 32]>,
     /// Without quotes.
     pub etag: String,
+    /// The content-defined chunks, when known (a sidecar of format 1 has none).
+    pub cdc: Option<Arc<Vec<CdcChunk>>>,
 }
 
 impl FileDigests {
-    fn new(identity: Identity, digests: Vec<[u8; 32]>) -> FileDigests {
+    pub fn new(identity: Identity, digests: Vec<[u8; 32]>) -> FileDigests {
         let etag = etag_from_digests(identity.size, DIGEST_CHUNK_SIZE, &digests);
         FileDigests {
             identity,
             chunk_size: DIGEST_CHUNK_SIZE,
             digests,
             etag,
+            cdc: None,
         }
+    }
+
+    pub fn with_cdc(mut self, cdc: Vec<CdcChunk>) -> FileDigests {
+        self.cdc = Some(Arc::new(cdc));
+        self
+    }
+
+    /// What the entry costs in the memo's budget (digests and chunks alike).
+    fn weight(&self) -> usize {
+        self.digests.len() + self.cdc.as_ref().map_or(0, |c| c.len())
     }
 
     pub fn hex_digests(&self) -> Vec<String> {
@@ -97,12 +119,33 @@ impl FileDigests {
 /// On-disk form of a sidecar (`<state>/digests/<2 hex>/<blake3(path) hex>.json`).
 #[derive(Debug, Serialize, Deserialize)]
 struct Sidecar {
+    /// Absent in format 1.
+    #[serde(default = "format_one")]
+    format: u32,
     path: String,
     #[serde(flatten)]
     identity: Identity,
     chunk_size: u64,
     digests: Vec<String>,
     etag: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cdc: Option<Vec<CdcChunk>>,
+}
+
+fn format_one() -> u32 {
+    1
+}
+
+/// Whether `cdc` tiles `0..size` exactly, as a chunk list read from disk must.
+fn tiles(cdc: &[CdcChunk], size: u64) -> bool {
+    let mut at = 0;
+    for c in cdc {
+        if c.offset != at || c.len == 0 || c.hash.len() != 64 {
+            return false;
+        }
+        at += c.len;
+    }
+    at == size
 }
 
 /// Why one hashing job gave no digests; cloneable so every waiter of a shared job gets it.
@@ -133,9 +176,9 @@ impl Memo {
     fn insert(&mut self, rel: &Path, d: Arc<FileDigests>) {
         let gen_ = self.next_gen;
         self.next_gen += 1;
-        self.digests += d.digests.len();
+        self.digests += d.weight();
         if let Some((_, old)) = self.map.insert(rel.to_path_buf(), (gen_, d)) {
-            self.digests -= old.digests.len();
+            self.digests -= old.weight();
         }
         self.order.push_back((gen_, rel.to_path_buf()));
         while self.map.len() > MEMO_MAX_ENTRIES || self.digests > MEMO_MAX_DIGESTS {
@@ -145,13 +188,35 @@ impl Memo {
             if self.map.get(&p).is_some_and(|(cur, _)| *cur == g)
                 && let Some((_, old)) = self.map.remove(&p)
             {
-                self.digests -= old.digests.len();
+                self.digests -= old.weight();
             }
         }
         // Superseded entries leave stale keys in `order`; drop them once they dominate.
         if self.order.len() > 2 * self.map.len() + 1024 {
             let map = &self.map;
             self.order.retain(|(g, p)| map.get(p).is_some_and(|(cur, _)| cur == g));
+        }
+    }
+
+    fn remove(&mut self, rel: &Path) {
+        if let Some((_, old)) = self.map.remove(rel) {
+            self.digests -= old.weight();
+        }
+    }
+
+    /// Entries at `from` or under it move to `to` (a moved file or folder).
+    fn rekey(&mut self, from: &Path, to: &Path) {
+        let moved: Vec<PathBuf> = self.map.keys().filter(|p| p.starts_with(from)).cloned().collect();
+        for p in moved {
+            if let (Some((_, d)), Ok(rest)) = (self.map.remove(&p), p.strip_prefix(from)) {
+                self.digests -= d.weight();
+                let dest = if rest.as_os_str().is_empty() {
+                    to.to_path_buf()
+                } else {
+                    to.join(rest)
+                };
+                self.insert(&dest, d);
+            }
         }
     }
 }
@@ -166,12 +231,24 @@ pub struct DigestStore {
     background: Arc<Semaphore>,
     background_queue: Mutex<HashSet<PathBuf>>,
     hashed: AtomicU64,
+    /// Bytes read to hash or chunk (whole files and the parts of files after writes).
+    bytes_hashed: AtomicU64,
+    index: Arc<ChunkIndex>,
+    /// The served folder: a hash is remembered only while the path still has that version.
+    root: Option<PathBuf>,
 }
 
 impl DigestStore {
     /// Prepares `<state_dir>/digests`; when it cannot be created the store warns once and keeps
     /// digests in memory only.
+    #[cfg(test)]
     pub fn new(state_dir: &Path) -> DigestStore {
+        DigestStore::with_index(state_dir, None, Arc::new(ChunkIndex::default()))
+    }
+
+    /// A store that feeds `index` and, given the served folder `root`, checks that a path
+    /// still has the version just hashed before remembering it.
+    pub fn with_index(state_dir: &Path, root: Option<PathBuf>, index: Arc<ChunkIndex>) -> DigestStore {
         let dir = state_dir.join("digests");
         let sidecar_dir = match std::fs::create_dir_all(&dir).and_then(|()| probe_writable(&dir)) {
             Ok(()) => Some(dir),
@@ -192,7 +269,102 @@ impl DigestStore {
             background: Arc::new(Semaphore::new(BACKGROUND_JOBS)),
             background_queue: Mutex::new(HashSet::new()),
             hashed: AtomicU64::new(0),
+            bytes_hashed: AtomicU64::new(0),
+            index,
+            root,
         }
+    }
+
+    pub fn index(&self) -> &Arc<ChunkIndex> {
+        &self.index
+    }
+
+    /// Bytes read to hash or chunk files since the start.
+    #[cfg(test)]
+    pub fn bytes_hashed(&self) -> u64 {
+        self.bytes_hashed.load(Ordering::Relaxed)
+    }
+
+    pub fn count_hashed(&self, bytes: u64) {
+        self.bytes_hashed.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Keeps `d` as the digests of `rel` (memo, chunk index, and a sidecar for a large file).
+    /// Writes call this with the version they made, before answering. Blocking.
+    pub fn install(&self, rel: &Path, d: FileDigests) -> Arc<FileDigests> {
+        let d = Arc::new(d);
+        self.remember(rel, &d);
+        if d.identity.size > SMALL_FILE_MAX {
+            self.write_sidecar(rel, &d);
+        } else if let Some(p) = self.sidecar_path(rel) {
+            let _ = std::fs::remove_file(p);
+        }
+        d
+    }
+
+    /// Forgets `rel` (removed, or about to be replaced by a version `install` describes).
+    /// Blocking.
+    pub fn forget(&self, rel: &Path) {
+        self.memo.lock().remove(rel);
+        self.index.remove_file(rel);
+        if let Some(p) = self.sidecar_path(rel) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    /// `from` (a file or a folder) was renamed to `to`: what is known moves along. Sidecars
+    /// stay keyed on the old paths; a moved file is `install`ed again by the caller.
+    pub fn renamed(&self, from: &Path, to: &Path) {
+        self.memo.lock().rekey(from, to);
+        self.index.rekey(from, to);
+    }
+
+    fn remember(&self, rel: &Path, d: &Arc<FileDigests>) {
+        self.memo.lock().insert(rel, Arc::clone(d));
+        if let Some(cdc) = &d.cdc {
+            self.index.set_file(rel, d.identity, cdc);
+        }
+    }
+
+    /// Whether `rel` in the served folder has version `id` now (always true without a root).
+    fn is_current(&self, rel: &Path, id: Identity) -> bool {
+        self.root
+            .as_ref()
+            .is_none_or(|root| std::fs::metadata(root.join(rel)).is_ok_and(|m| Identity::of(&m) == id))
+    }
+
+    /// The digests of `file`'s version together with its content-defined chunks, computing
+    /// the chunks when only the digests were known (a sidecar of format 1).
+    pub async fn get_with_chunks(
+        self: &Arc<Self>,
+        rel: &Path,
+        file: &Arc<File>,
+    ) -> Result<(Arc<FileDigests>, Arc<Vec<CdcChunk>>), ServerError> {
+        let d = self.get(rel, file).await?;
+        if let Some(cdc) = &d.cdc {
+            return Ok((Arc::clone(&d), Arc::clone(cdc)));
+        }
+        let (store, f, r) = (Arc::clone(self), Arc::clone(file), rel.to_path_buf());
+        let old = Arc::clone(&d);
+        let shown = rel.display().to_string();
+        tokio::task::spawn_blocking(move || -> Result<_, ServerError> {
+            let cdc = scan::chunk_file(&f, old.identity.size).map_err(|e| ServerError::io(&shown, e))?;
+            if Identity::of_file(&f).map_err(|e| ServerError::io(&shown, e))? != old.identity {
+                return Err(ServerError::Busy(format!("{shown} changed while it was chunked")));
+            }
+            store.count_hashed(old.identity.size);
+            let d = Arc::new(FileDigests::clone(&old).with_cdc(cdc));
+            if store.is_current(&r, d.identity) {
+                store.remember(&r, &d);
+                if d.identity.size > SMALL_FILE_MAX {
+                    store.write_sidecar(&r, &d);
+                }
+            }
+            let cdc = d.cdc.clone().unwrap_or_default();
+            Ok((d, cdc))
+        })
+        .await
+        .map_err(|e| ServerError::Internal(e.to_string()))?
     }
 
     /// How many times a file was actually read and hashed (not found in memo or sidecar).
@@ -238,7 +410,7 @@ impl DigestStore {
             return None;
         }
         let d = Arc::new(self.read_sidecar(rel, id)?);
-        self.memo.lock().insert(rel, Arc::clone(&d));
+        self.remember(rel, &d);
         Some(d)
     }
 
@@ -310,12 +482,15 @@ impl DigestStore {
         if let Some(d) = self.known_blocking(rel, id) {
             return Ok(d);
         }
-        let digests = hash_file(file, id)?;
+        let d = Arc::new(hash_file(file, id)?);
         self.hashed.fetch_add(1, Ordering::Relaxed);
-        let d = Arc::new(FileDigests::new(id, digests));
-        self.memo.lock().insert(rel, Arc::clone(&d));
-        if id.size > SMALL_FILE_MAX {
-            self.write_sidecar(rel, &d);
+        self.count_hashed(id.size);
+        // A write may have replaced the path meanwhile; its digests must not be displaced.
+        if self.is_current(rel, id) {
+            self.remember(rel, &d);
+            if id.size > SMALL_FILE_MAX {
+                self.write_sidecar(rel, &d);
+            }
         }
         Ok(d)
     }
@@ -349,8 +524,17 @@ impl DigestStore {
                 hex::decode_to_slice(h, &mut d).ok().map(|()| d)
             })
             .collect::<Option<Vec<_>>>()?;
-        let d = FileDigests::new(id, digests);
-        (d.etag == sc.etag).then_some(d)
+        let mut d = FileDigests::new(id, digests);
+        if d.etag != sc.etag {
+            return None;
+        }
+        if sc.format >= SIDECAR_FORMAT
+            && let Some(cdc) = sc.cdc
+            && tiles(&cdc, id.size)
+        {
+            d = d.with_cdc(cdc);
+        }
+        Some(d)
     }
 
     /// Writes the sidecar atomically (temp file + rename); on failure warns once and stops
@@ -360,11 +544,13 @@ impl DigestStore {
             return;
         };
         let sc = Sidecar {
+            format: SIDECAR_FORMAT,
             path: rel.to_string_lossy().into_owned(),
             identity: d.identity,
             chunk_size: d.chunk_size,
             digests: d.hex_digests(),
             etag: d.etag.clone(),
+            cdc: d.cdc.as_ref().map(|c| c.to_vec()),
         };
         if let Err(e) = write_atomically(&path, &sc)
             && !self.sidecar_broken.swap(true, Ordering::Relaxed)
@@ -403,33 +589,23 @@ fn write_atomically(path: &Path, sc: &Sidecar) -> io::Result<()> {
     res
 }
 
-/// Hashes each chunk of `file`, which must stay at identity `id` from before the first read
-/// to after the last one.
-fn hash_file(file: &File, id: Identity) -> Result<Vec<[u8; 32]>, JobError> {
+/// Hashes each chunk of `file` and cuts it into content-defined chunks (one read); the file
+/// must stay at identity `id` from before the first read to after the last one.
+fn hash_file(file: &File, id: Identity) -> Result<FileDigests, JobError> {
     let failed = |e: io::Error| JobError::Failed(e.kind(), e.to_string().into());
     if Identity::of_file(file).map_err(failed)? != id {
         return Err(JobError::Changed);
     }
-    let chunk = DIGEST_CHUNK_SIZE as usize;
-    let mut buf = vec![0u8; chunk];
-    let mut digests = Vec::with_capacity(id.size.div_ceil(DIGEST_CHUNK_SIZE) as usize);
-    let mut offset = 0u64;
-    while offset < id.size {
-        let want = (id.size - offset).min(DIGEST_CHUNK_SIZE) as usize;
-        let got = read_full_at(file, &mut buf[..want], offset).map_err(failed)?;
-        if got < want {
-            // Shorter than its size said: truncated under us.
-            return Err(JobError::Changed);
-        }
-        let mut hasher = blake3::Hasher::new();
-        hasher.update(&buf[..want]);
-        digests.push(*hasher.finalize().as_bytes());
-        offset += want as u64;
-    }
+    let found = match scan::scan(file, id.size, Vec::new()) {
+        Ok(s) => s,
+        // Shorter than its size said: truncated under us.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(JobError::Changed),
+        Err(e) => return Err(failed(e)),
+    };
     if Identity::of_file(file).map_err(failed)? != id {
         return Err(JobError::Changed);
     }
-    Ok(digests)
+    Ok(FileDigests::new(id, found.digests).with_cdc(found.cdc))
 }
 
 /// `pread` until `buf` is full or end of file; returns the bytes read.

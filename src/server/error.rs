@@ -12,6 +12,9 @@ use http::{HeaderValue, StatusCode, header};
 
 use crate::protocol::ErrorBody;
 
+/// The methods the server answers (the `Allow` header of a `405`).
+pub const ALLOW: &str = "GET, HEAD, PUT, POST, DELETE";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("bad path: {0}")]
@@ -30,6 +33,26 @@ pub enum ServerError {
     RangeNotSatisfiable { size: u64 },
     #[error("busy: {0}")]
     Busy(String),
+    #[error("no parent folder: {0}")]
+    NoParent(String),
+    #[error("{0} is a folder")]
+    IsDir(String),
+    #[error("{0} is not a folder")]
+    NotDir(String),
+    #[error("{0} exists")]
+    Exists(String),
+    #[error("{0} is not empty")]
+    NotEmpty(String),
+    #[error("bad move: {0}")]
+    BadMove(String),
+    #[error("offset {offset} is not the size of the file ({size})")]
+    OffsetMismatch { offset: u64, size: u64 },
+    #[error("bad part: {0}")]
+    BadPart(String),
+    #[error("no such upload: {0}")]
+    NoSuchUpload(String),
+    #[error("unknown chunk {0}")]
+    UnknownChunk(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -66,9 +89,18 @@ impl ServerError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ServerError::BadPath(_) | ServerError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ServerError::BadPath(_) | ServerError::BadRequest(_) | ServerError::BadPart(_) => StatusCode::BAD_REQUEST,
             ServerError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ServerError::NotFound(_) => StatusCode::NOT_FOUND,
+            ServerError::NotFound(_) | ServerError::NoSuchUpload(_) | ServerError::UnknownChunk(_) => {
+                StatusCode::NOT_FOUND
+            }
+            ServerError::NoParent(_)
+            | ServerError::IsDir(_)
+            | ServerError::NotDir(_)
+            | ServerError::Exists(_)
+            | ServerError::NotEmpty(_)
+            | ServerError::BadMove(_)
+            | ServerError::OffsetMismatch { .. } => StatusCode::CONFLICT,
             ServerError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ServerError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             ServerError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
@@ -89,6 +121,16 @@ impl ServerError {
             ServerError::PreconditionFailed => "precondition_failed",
             ServerError::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             ServerError::Busy(_) => "busy",
+            ServerError::NoParent(_) => "no_parent",
+            ServerError::IsDir(_) => "is_dir",
+            ServerError::NotDir(_) => "not_dir",
+            ServerError::Exists(_) => "exists",
+            ServerError::NotEmpty(_) => "not_empty",
+            ServerError::BadMove(_) => "bad_move",
+            ServerError::OffsetMismatch { .. } => "offset_mismatch",
+            ServerError::BadPart(_) => "bad_part",
+            ServerError::NoSuchUpload(_) => "no_such_upload",
+            ServerError::UnknownChunk(_) => "unknown_chunk",
             ServerError::Io { .. } | ServerError::Internal(_) | ServerError::Root { .. } | ServerError::Bind { .. } => {
                 "internal"
             }
@@ -108,7 +150,14 @@ impl IntoResponse for ServerError {
             code: self.code().to_string(),
             error: self.to_string(),
         };
-        let json = serde_json::to_vec(&body).unwrap_or_default();
+        let json = match &self {
+            // The current size rides along, so the client can append at the right place.
+            ServerError::OffsetMismatch { size, .. } => {
+                serde_json::to_vec(&serde_json::json!({"code": body.code, "error": body.error, "size": size}))
+            }
+            _ => serde_json::to_vec(&body),
+        }
+        .unwrap_or_default();
         let mut resp = (status, json).into_response();
         let headers = resp.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -119,7 +168,7 @@ impl IntoResponse for ServerError {
                 }
             }
             ServerError::MethodNotAllowed => {
-                headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+                headers.insert(header::ALLOW, HeaderValue::from_static(ALLOW));
             }
             _ => {}
         }
@@ -139,6 +188,29 @@ mod tests {
         assert_eq!((other.status().as_u16(), other.code()), (500, "internal"));
         let busy = ServerError::Busy("x".into());
         assert_eq!((busy.status().as_u16(), busy.code()), (503, "busy"));
+    }
+
+    #[test]
+    fn write_errors_have_their_codes_and_offset_mismatch_says_the_size() {
+        let x = || "x".to_string();
+        for (e, status, code) in [
+            (ServerError::NoParent(x()), 409, "no_parent"),
+            (ServerError::IsDir(x()), 409, "is_dir"),
+            (ServerError::NotDir(x()), 409, "not_dir"),
+            (ServerError::Exists(x()), 409, "exists"),
+            (ServerError::NotEmpty(x()), 409, "not_empty"),
+            (ServerError::BadMove(x()), 409, "bad_move"),
+            (
+                ServerError::OffsetMismatch { offset: 1, size: 2 },
+                409,
+                "offset_mismatch",
+            ),
+            (ServerError::BadPart(x()), 400, "bad_part"),
+            (ServerError::NoSuchUpload(x()), 404, "no_such_upload"),
+            (ServerError::UnknownChunk(x()), 404, "unknown_chunk"),
+        ] {
+            assert_eq!((e.status().as_u16(), e.code()), (status, code));
+        }
     }
 
     #[test]

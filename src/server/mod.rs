@@ -1,23 +1,37 @@
 //! The built-in artifact server, `artifactfs serve DIR`: the reference implementation of
-//! `docs/PROTOCOL.md` (read side).
+//! `docs/PROTOCOL.md`.
 //!
 //! This file owns the public API (bind, serve, a thread-backed handle for tests and blocking
-//! callers), startup and shutdown, and the dispatch of a request to its operation. The rules
-//! live in their own files: `paths` (request path → file), `range` (Range and conditionals),
-//! `digests` (chunk digests, ETags, sidecars), `listing` (folder pages), `files` (file
-//! answers), `body` (streaming), `query`, `stats`, `error` (status and JSON of failures).
+//! callers), startup (journal replay before serving, then background chunking and upload
+//! expiry) and shutdown, and the dispatch of a request to its operation. The rules live in
+//! their own files: `paths` (request path → file), `range` (Range and conditionals),
+//! `digests` (chunk digests, ETags, sidecars), `scan` (hashing and content-defined chunking),
+//! `listing` (folder pages), `files` (file answers), `body` (streaming), `chunks` (chunk
+//! index, `chunks`, `has-chunks`), `writes` (PUT, DELETE, mkdir, move, writes in place),
+//! `uploads` (upload sessions), `durable` (temporary files, fsync, renames), `journal` (redo
+//! records), `locks` (one lock per path), `query`, `stats`, `error` (status and JSON of
+//! failures).
 
 mod body;
+mod chunks;
 mod digests;
+mod durable;
 mod error;
 mod files;
+mod journal;
 mod listing;
+mod locks;
 mod paths;
 mod query;
 mod range;
+mod scan;
 mod stats;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_write;
+mod uploads;
+mod writes;
 
 use std::fs::File;
 use std::future::Future;
@@ -25,7 +39,7 @@ use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::Body;
@@ -41,15 +55,25 @@ pub use error::ServerError;
 pub use stats::Stats;
 
 use body::Guarded;
+use chunks::ChunkIndex;
 use digests::DigestStore;
+use durable::StateDirs;
+use journal::Journal;
 use listing::DirCache;
+use locks::PathLocks;
 use paths::{Resolved, Root, parse_request_path};
 use query::{Op, Query};
+use uploads::{PartSource, Uploads};
+use writes::{InPlace, WriteState};
 
 use crate::protocol::{DIGEST_CHUNK_SIZE, KIND_HEADER, LIST_MAX_LIMIT, PROTOCOL, ServerCapabilities, ServerInfo};
 
 /// How long a graceful shutdown waits for responses still being sent.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Default of [`ServerConfig::upload_ttl`].
+pub const DEFAULT_UPLOAD_TTL: Duration = Duration::from_secs(3600);
+/// Largest `has-chunks` request body.
+const HAS_CHUNKS_BODY_MAX: usize = 2 << 20;
 
 /// What to serve and where.
 #[derive(Debug, Clone)]
@@ -61,6 +85,8 @@ pub struct ServerConfig {
     pub state_dir: Option<PathBuf>,
     /// Sent as `Cache-Control: max-age=N` on file answers when set.
     pub max_age: Option<Duration>,
+    /// An upload session without a request for this long is dropped with its parts.
+    pub upload_ttl: Duration,
 }
 
 impl ServerConfig {
@@ -71,7 +97,14 @@ impl ServerConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
             state_dir: None,
             max_age: None,
+            upload_ttl: DEFAULT_UPLOAD_TTL,
         }
+    }
+
+    /// The same, with upload sessions expiring after `ttl` (tests use short ones).
+    pub fn with_upload_ttl(mut self, ttl: Duration) -> ServerConfig {
+        self.upload_ttl = ttl;
+        self
     }
 }
 
@@ -82,6 +115,11 @@ struct Ctx {
     dirs: Arc<DirCache>,
     stats: Arc<Stats>,
     max_age: Option<Duration>,
+    /// `None` when the state folder cannot hold temporary files and the journal: the server
+    /// then serves reads only.
+    writes: Option<Arc<WriteState>>,
+    uploads: Option<Arc<Uploads>>,
+    started: SystemTime,
 }
 
 /// A server whose listener is bound, not yet serving.
@@ -109,7 +147,16 @@ impl Server {
             .state_dir
             .clone()
             .unwrap_or_else(|| canon.join(paths::STATE_DIR_NAME));
-        let store = Arc::new(DigestStore::new(&state_dir));
+        let started = SystemTime::now();
+        let store = Arc::new(DigestStore::with_index(
+            &state_dir,
+            Some(canon.clone()),
+            Arc::new(ChunkIndex::default()),
+        ));
+        let writes = prepare_writes(&state_dir, &canon).await;
+        let uploads = writes
+            .as_ref()
+            .map(|w| Arc::new(Uploads::new(w.dirs.uploads.clone(), cfg.upload_ttl)));
         let root = Arc::new(Root::new(canon, &state_dir));
         let listener = TcpListener::bind(cfg.listen)
             .await
@@ -128,6 +175,9 @@ impl Server {
             dirs: Arc::new(DirCache::default()),
             stats: Arc::new(Stats::default()),
             max_age: cfg.max_age,
+            writes,
+            uploads,
+            started,
         });
         Ok(Server { listener, addr, ctx })
     }
@@ -143,6 +193,13 @@ impl Server {
     /// Serves until `shutdown` resolves, then stops accepting, lets answers in progress finish
     /// (at most [`SHUTDOWN_GRACE`]) and returns.
     pub async fn run_until<F: Future<Output = ()> + Send + 'static>(self, shutdown: F) -> Result<(), ServerError> {
+        let indexing = tokio::spawn(chunks::index_everything(Arc::clone(&self.ctx), self.ctx.started));
+        let expiry = self
+            .ctx
+            .uploads
+            .clone()
+            .map(|u| tokio::spawn(uploads::expire_forever(u)));
+        let _stop_background = AbortOnDrop(vec![Some(indexing), expiry]);
         let app = Router::new().fallback(handle).with_state(self.ctx);
         let listener = self.listener.tap_io(|tcp| {
             if let Err(e) = tcp.set_nodelay(true) {
@@ -165,10 +222,63 @@ impl Server {
     }
 }
 
+/// Background tasks that end with the server.
+struct AbortOnDrop(Vec<Option<tokio::task::JoinHandle<()>>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in self.0.iter().flatten() {
+            t.abort();
+        }
+    }
+}
+
+/// Prepares the state folders of writes and redoes what the journal holds (before anything
+/// is served); `None`, with a warning, when the state folder cannot be written.
+async fn prepare_writes(state_dir: &std::path::Path, root: &std::path::Path) -> Option<Arc<WriteState>> {
+    let (state_dir, root) = (state_dir.to_path_buf(), root.to_path_buf());
+    let prepared = tokio::task::spawn_blocking(move || -> std::io::Result<WriteState> {
+        let dirs = StateDirs::prepare(&state_dir)?;
+        let journal = Journal::new(dirs.journal.clone());
+        let redone = journal.replay(&root)?;
+        if redone > 0 {
+            tracing::info!(redone, "finished writes cut off by the last stop");
+        }
+        Ok(WriteState {
+            dirs,
+            journal,
+            locks: Arc::new(PathLocks::default()),
+        })
+    })
+    .await;
+    match prepared {
+        Ok(Ok(w)) => Some(Arc::new(w)),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "state folder not writable; serving reads only");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "preparing writes failed; serving reads only");
+            None
+        }
+    }
+}
+
+/// Runs blocking file-system work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ServerError> + Send + 'static,
+) -> Result<T, ServerError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServerError::Internal(e.to_string()))?
+}
+
 /// A server on its own thread with its own tokio runtime; shuts down and joins on drop.
 pub struct ServerHandle {
     addr: SocketAddr,
     stats: Arc<Stats>,
+    #[cfg(test)]
+    ctx: Arc<Ctx>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -200,7 +310,7 @@ impl ServerHandle {
                             return;
                         }
                     };
-                    let _ = ready_tx.send(Ok((server.local_addr(), server.stats())));
+                    let _ = ready_tx.send(Ok((server.local_addr(), Arc::clone(&server.ctx))));
                     let stop = async {
                         let _ = stop_rx.await;
                     };
@@ -215,9 +325,11 @@ impl ServerHandle {
                 source,
             })?;
         match ready_rx.recv() {
-            Ok(Ok((addr, stats))) => Ok(ServerHandle {
+            Ok(Ok((addr, ctx))) => Ok(ServerHandle {
                 addr,
-                stats,
+                stats: Arc::clone(&ctx.stats),
+                #[cfg(test)]
+                ctx,
                 stop: Some(stop_tx),
                 thread: Some(thread),
             }),
@@ -247,6 +359,12 @@ impl ServerHandle {
 
     pub fn stats(&self) -> Arc<Stats> {
         Arc::clone(&self.stats)
+    }
+
+    /// The digest store (tests look at how much was hashed).
+    #[cfg(test)]
+    fn store(&self) -> &Arc<DigestStore> {
+        &self.ctx.store
     }
 }
 
@@ -314,19 +432,28 @@ async fn handle(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
 
 async fn dispatch(ctx: &Arc<Ctx>, req: Request) -> Result<Response, ServerError> {
     let method = req.method().clone();
-    if method != Method::GET && method != Method::HEAD {
-        return Err(ServerError::MethodNotAllowed);
-    }
     if method == Method::HEAD {
         ctx.stats.bump(stats::Counter::Heads);
     }
     let query = Query::parse(req.uri().query())?;
+    let is_read = method == Method::GET || method == Method::HEAD;
     match query.op {
-        Op::Info => return json_response(&server_info()),
-        Op::Stats => return json_response(&ctx.stats.snapshot()),
-        Op::Plain | Op::List | Op::Digests => {}
+        Op::Info if is_read => return json_response(&server_info(ctx.writes.is_some())),
+        Op::Stats if is_read => return json_response(&ctx.stats.snapshot()),
+        Op::HasChunks if method == Method::POST => {
+            writes::write_state(ctx)?;
+            let body = durable::small_body(req.into_body(), HAS_CHUNKS_BODY_MAX).await?;
+            return chunks::serve_has_chunks(ctx, body).await;
+        }
+        _ => {}
     }
     let req_path = parse_request_path(req.uri().path())?;
+    if !is_read {
+        return dispatch_write(ctx, method, query, req_path, req).await;
+    }
+    if !matches!(query.op, Op::Plain | Op::List | Op::Digests | Op::Chunks) {
+        return Err(ServerError::MethodNotAllowed);
+    }
     let root = Arc::clone(&ctx.root);
     let rp = req_path.clone();
     let target = tokio::task::spawn_blocking(move || open_target(&root, &rp))
@@ -338,7 +465,9 @@ async fn dispatch(ctx: &Arc<Ctx>, req: Request) -> Result<Response, ServerError>
         (Target::Dir(dir), Op::List) | (Target::Dir(dir), Op::Plain) if method == Method::GET => {
             listing::serve_listing(ctx, headers, dir, shown, query.limit, query.after).await
         }
-        (Target::Dir(_), Op::Digests) => Err(ServerError::BadRequest(format!("{shown} is a folder, not a file"))),
+        (Target::Dir(_), Op::Digests | Op::Chunks) => {
+            Err(ServerError::BadRequest(format!("{shown} is a folder, not a file")))
+        }
         // HEAD of a folder (info and stats were answered above).
         (Target::Dir(_), _) => {
             let mut resp = StatusCode::OK.into_response();
@@ -350,7 +479,62 @@ async fn dispatch(ctx: &Arc<Ctx>, req: Request) -> Result<Response, ServerError>
             Err(ServerError::NotFound(format!("{shown}/ (a file, not a folder)")))
         }
         (Target::File(file, res), Op::Digests) => files::serve_digests(ctx, headers, &res, file).await,
+        (Target::File(file, res), Op::Chunks) if method == Method::GET => {
+            chunks::serve_chunks(ctx, headers, &res, file).await
+        }
         (Target::File(file, res), _) => files::serve_file(ctx, &method, headers, &res, file).await,
+    }
+}
+
+/// `PUT`, `POST` and `DELETE`: which write the method and `afs=` select.
+async fn dispatch_write(
+    ctx: &Arc<Ctx>,
+    method: Method,
+    query: Query,
+    path: paths::RequestPath,
+    req: Request,
+) -> Result<Response, ServerError> {
+    let (parts, body) = req.into_parts();
+    let h = &parts.headers;
+    let need = |v: Option<u64>, name: &str| v.ok_or_else(|| ServerError::BadRequest(format!("{name}=N is missing")));
+    match (method, query.op) {
+        (Method::PUT, Op::Plain) => writes::put(ctx, &path, h, body).await,
+        (Method::DELETE, Op::Plain) => writes::delete(ctx, &path, h).await,
+        (Method::POST, Op::Mkdir) => writes::mkdir(ctx, &path).await,
+        (Method::POST, Op::Move) => writes::move_path(ctx, &path, h, query.to.as_deref(), query.replace).await,
+        (Method::POST, Op::Append) => {
+            let op = InPlace::Append {
+                offset: need(query.offset, "offset")?,
+            };
+            writes::in_place(ctx, &path, h, op, body).await
+        }
+        (Method::POST, Op::Write) => {
+            let op = InPlace::Write {
+                offset: need(query.offset, "offset")?,
+            };
+            writes::in_place(ctx, &path, h, op, body).await
+        }
+        (Method::POST, Op::Truncate) => {
+            let op = InPlace::Truncate {
+                size: need(query.size, "size")?,
+            };
+            writes::in_place(ctx, &path, h, op, body).await
+        }
+        (Method::POST, Op::Upload) => uploads::start(ctx, &path, h).await,
+        (Method::PUT, Op::Part) => {
+            let source = match (query.copy, query.chunk) {
+                (Some(_), Some(_)) => {
+                    return Err(ServerError::BadRequest("a part is copy= or chunk=, not both".into()));
+                }
+                (Some((a, b)), None) => PartSource::Copy(a, b),
+                (None, Some(hash)) => PartSource::Chunk(hash),
+                (None, None) => PartSource::Body(body),
+            };
+            uploads::part(ctx, &path, query.upload.as_deref(), query.part, source).await
+        }
+        (Method::POST, Op::Commit) => uploads::commit(ctx, &path, h, query.upload.as_deref(), body).await,
+        (Method::DELETE, Op::Upload) => uploads::abort(ctx, &path, query.upload.as_deref()).await,
+        _ => Err(ServerError::MethodNotAllowed),
     }
 }
 
@@ -379,7 +563,7 @@ fn open_target(root: &Root, req: &paths::RequestPath) -> Result<Target, ServerEr
     Ok(Target::File(Arc::new(file), res))
 }
 
-fn server_info() -> ServerInfo {
+fn server_info(writable: bool) -> ServerInfo {
     ServerInfo {
         protocol: PROTOCOL.to_string(),
         server: format!("artifactfs {}", env!("CARGO_PKG_VERSION")),
@@ -389,9 +573,9 @@ fn server_info() -> ServerInfo {
             ranges: true,
             listing_etags: true,
             digests: true,
-            writes: false,
-            partial_writes: false,
-            content_chunks: false,
+            writes: writable,
+            partial_writes: writable,
+            content_chunks: writable,
         },
     }
 }

@@ -16,6 +16,10 @@ use super::error::ServerError;
 /// Name of the state folder at the root of the served folder.
 pub const STATE_DIR_NAME: &str = ".artifactfs";
 
+/// Names of the temporary files a write leaves beside its target while it runs, when the
+/// state folder is on another filesystem; never listed, read or written through the protocol.
+pub const HIDDEN_TEMP_PREFIX: &str = ".afs-tmp-";
+
 /// The served folder, canonical, and the state folder to hide when it lies inside it.
 #[derive(Debug, Clone)]
 pub struct Root {
@@ -29,6 +33,20 @@ pub struct RequestPath {
     /// Relative to the served folder, no leading or trailing slash; empty for the root.
     pub rel: PathBuf,
     pub trailing_slash: bool,
+}
+
+/// Where a write goes: the canonical folder that holds it and the name in it.
+#[derive(Debug, Clone)]
+pub struct WriteTarget {
+    /// Absolute path; the parent is canonical, the last name is as requested (or the target
+    /// of a symlink of that name, when it stays inside the root).
+    pub path: PathBuf,
+    /// `path` relative to the served folder. Keys locks, digests and caches.
+    pub rel: PathBuf,
+    /// The canonical parent folder.
+    pub parent: PathBuf,
+    /// The path as the request named it, for messages.
+    pub shown: String,
 }
 
 /// A request path resolved on disk.
@@ -62,7 +80,80 @@ impl Root {
             rel.components().next(),
             Some(Component::Normal(n)) if n == OsStr::new(STATE_DIR_NAME)
         );
-        first_is_state || self.hidden_state.as_ref().is_some_and(|s| canon.starts_with(s))
+        first_is_state || self.hidden_state.as_ref().is_some_and(|s| canon.starts_with(s)) || is_hidden_temp(canon)
+    }
+
+    /// Resolves the path a write names: its parent folder must exist (`409 no_parent`) and
+    /// stay inside the root; the last name may not exist yet. A symlink of that name is
+    /// followed when its target stays inside the root. Blocking.
+    pub fn resolve_for_write(&self, req: &RequestPath) -> Result<WriteTarget, ServerError> {
+        let shown = req.rel.display().to_string();
+        let (Some(name), Some(parent_rel)) = (req.rel.file_name(), req.rel.parent()) else {
+            return Err(ServerError::Forbidden(
+                "the served folder itself cannot be written".into(),
+            ));
+        };
+        let reserved = || ServerError::Forbidden(format!("{shown} is reserved for the server"));
+        if matches!(
+            req.rel.components().next(),
+            Some(Component::Normal(n)) if n == OsStr::new(STATE_DIR_NAME)
+        ) || name.as_bytes().starts_with(HIDDEN_TEMP_PREFIX.as_bytes())
+        {
+            return Err(reserved());
+        }
+        let no_parent = || ServerError::NoParent(shown.clone());
+        let parent = match std::fs::canonicalize(self.canon.join(parent_rel)) {
+            Ok(p) => p,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                return Err(no_parent());
+            }
+            Err(e) => return Err(ServerError::io(&shown, e)),
+        };
+        if !parent.starts_with(&self.canon) {
+            return Err(ServerError::Forbidden(format!(
+                "{shown} resolves outside the served folder"
+            )));
+        }
+        if self.is_hidden(&parent) && parent != self.canon {
+            return Err(reserved());
+        }
+        if !std::fs::metadata(&parent).is_ok_and(|m| m.is_dir()) {
+            return Err(no_parent());
+        }
+        let mut path = parent.join(name);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            let target = std::fs::canonicalize(&path)
+                .map_err(|_| ServerError::Forbidden(format!("{shown} is a symlink that leads nowhere")))?;
+            let res = self.check_canonical(target, &shown).map_err(|e| match e {
+                ServerError::NotFound(_) => reserved(),
+                other => other,
+            })?;
+            if res.canon_rel.as_os_str().is_empty() {
+                return Err(ServerError::Forbidden(
+                    "the served folder itself cannot be written".into(),
+                ));
+            }
+            path = res.canon;
+        }
+        let parent = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| self.canon.clone());
+        let rel = path
+            .strip_prefix(&self.canon)
+            .map(Path::to_path_buf)
+            .map_err(|_| ServerError::Forbidden(format!("{shown} resolves outside the served folder")))?;
+        Ok(WriteTarget {
+            path,
+            rel,
+            parent,
+            shown,
+        })
     }
 
     /// Follows symlinks and checks the result stays inside the root and outside the state
@@ -105,12 +196,31 @@ pub fn open_canonical(canon: &Path) -> std::io::Result<std::fs::File> {
         .open(canon)
 }
 
+/// Whether the last name of `path` is one of a write's hidden temporary files.
+pub fn is_hidden_temp(path: &Path) -> bool {
+    path.file_name()
+        .is_some_and(|n| n.as_bytes().starts_with(HIDDEN_TEMP_PREFIX.as_bytes()))
+}
+
 /// Decodes the raw URI path (percent-encoding, once) and checks every segment.
 pub fn parse_request_path(raw: &str) -> Result<RequestPath, ServerError> {
     let Some(raw_rel) = raw.strip_prefix('/') else {
         return Err(ServerError::BadPath(format!("{raw:?} does not start with /")));
     };
-    let mut decoded: Vec<u8> = percent_decode_str(raw_rel).collect();
+    check_segments(raw, percent_decode_str(raw_rel).collect())
+}
+
+/// Checks a path that is already decoded (the `to=` of a move: query values are decoded once
+/// by the query parser, and not again here).
+pub fn parse_decoded_path(path: &str) -> Result<RequestPath, ServerError> {
+    let Some(rel) = path.strip_prefix('/') else {
+        return Err(ServerError::BadPath(format!("{path:?} does not start with /")));
+    };
+    check_segments(path, rel.as_bytes().to_vec())
+}
+
+fn check_segments(raw: &str, decoded: Vec<u8>) -> Result<RequestPath, ServerError> {
+    let mut decoded = decoded;
     let trailing_slash = decoded.last() == Some(&b'/');
     if trailing_slash {
         decoded.pop();
@@ -215,5 +325,21 @@ mod tests {
         assert!(matches!(res("/state-link"), Err(ServerError::NotFound(_))));
         assert!(matches!(res("/nope"), Err(ServerError::NotFound(_))));
         assert!(matches!(res("/sub/f/x"), Err(ServerError::NotFound(_))));
+
+        let w = |raw: &str| root.resolve_for_write(&parse_request_path(raw).unwrap());
+        let t = w("/sub/new").unwrap();
+        assert_eq!((t.rel, t.parent), (PathBuf::from("sub/new"), canon.join("sub")));
+        assert_eq!(w("/in").unwrap().rel, PathBuf::from("sub/f"));
+        assert!(matches!(w("/missing/x"), Err(ServerError::NoParent(_))));
+        assert!(matches!(w("/sub/f/x"), Err(ServerError::NoParent(_))));
+        assert!(matches!(w("/out/x"), Err(ServerError::Forbidden(_))));
+        assert!(matches!(w("/.artifactfs/x"), Err(ServerError::Forbidden(_))));
+        assert!(matches!(w("/state-link/x"), Err(ServerError::Forbidden(_))));
+        assert!(matches!(w("/sub/.afs-tmp-1"), Err(ServerError::Forbidden(_))));
+        assert!(matches!(w("/"), Err(ServerError::Forbidden(_))));
+        std::fs::write(root_dir.join("sub/.afs-tmp-9"), b"t").unwrap();
+        assert!(matches!(res("/sub/.afs-tmp-9"), Err(ServerError::NotFound(_))));
+        assert_eq!(parse_decoded_path("/a b/%41").unwrap().rel, PathBuf::from("a b/%41"));
+        assert!(matches!(parse_decoded_path("/a/../b"), Err(ServerError::BadPath(_))));
     }
 }

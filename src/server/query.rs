@@ -17,6 +17,16 @@ pub enum Op {
     Stats,
     List,
     Digests,
+    Chunks,
+    HasChunks,
+    Mkdir,
+    Move,
+    Append,
+    Write,
+    Truncate,
+    Upload,
+    Part,
+    Commit,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +36,20 @@ pub struct Query {
     pub limit: usize,
     /// Exclusive start name for listings.
     pub after: Option<String>,
+    /// `offset=` of `append` and `write`.
+    pub offset: Option<u64>,
+    /// `size=` of `truncate`.
+    pub size: Option<u64>,
+    /// `to=` of `move`: a request path, percent-decoded here once like every value (the
+    /// path itself is checked by `paths`).
+    pub to: Option<String>,
+    /// `replace=false` of `move`.
+    pub replace: bool,
+    /// `upload=`, `part=`, `copy=A-B` and `chunk=HASH` of upload sessions.
+    pub upload: Option<String>,
+    pub part: Option<u32>,
+    pub copy: Option<(u64, u64)>,
+    pub chunk: Option<String>,
 }
 
 impl Query {
@@ -34,6 +58,14 @@ impl Query {
             op: Op::Plain,
             limit: LIST_DEFAULT_LIMIT,
             after: None,
+            offset: None,
+            size: None,
+            to: None,
+            replace: true,
+            upload: None,
+            part: None,
+            copy: None,
+            chunk: None,
         };
         let Some(raw) = raw else {
             return Ok(q);
@@ -51,6 +83,16 @@ impl Query {
                         "stats" => Op::Stats,
                         "list" => Op::List,
                         "digests" => Op::Digests,
+                        "chunks" => Op::Chunks,
+                        "has-chunks" => Op::HasChunks,
+                        "mkdir" => Op::Mkdir,
+                        "move" => Op::Move,
+                        "append" => Op::Append,
+                        "write" => Op::Write,
+                        "truncate" => Op::Truncate,
+                        "upload" => Op::Upload,
+                        "part" => Op::Part,
+                        "commit" => Op::Commit,
                         other => {
                             return Err(ServerError::BadRequest(format!(
                                 "unknown operation {QUERY_KEY}={other}"
@@ -69,12 +111,62 @@ impl Query {
                     }
                 }
                 "after" => q.after = Some(value.into_owned()),
+                "offset" => q.offset = Some(number(key, &value)?),
+                "size" => q.size = Some(number(key, &value)?),
+                "to" => q.to = Some(value.into_owned()),
+                "replace" => {
+                    q.replace = match &*value {
+                        "true" => true,
+                        "false" => false,
+                        _ => {
+                            return Err(ServerError::BadRequest(format!(
+                                "replace must be true or false, not {value:?}"
+                            )));
+                        }
+                    }
+                }
+                "upload" => q.upload = Some(value.into_owned()),
+                "part" => {
+                    q.part = match number(key, &value)? {
+                        n @ 1..=PART_MAX => Some(n as u32),
+                        n => {
+                            return Err(ServerError::BadRequest(format!(
+                                "part must be 1 to {PART_MAX}, not {n}"
+                            )));
+                        }
+                    }
+                }
+                "copy" => {
+                    let range = value
+                        .split_once('-')
+                        .and_then(|(a, b)| Some((digits(a)?, digits(b)?)))
+                        .filter(|(a, b)| a <= b);
+                    q.copy = Some(range.ok_or_else(|| {
+                        ServerError::BadRequest(format!("copy must be A-B with A <= B, not {value:?}"))
+                    })?);
+                }
+                "chunk" => q.chunk = Some(value.into_owned()),
                 _ => {}
             }
         }
         q.op = op.unwrap_or(Op::Plain);
         Ok(q)
     }
+}
+
+/// Highest part number of an upload session.
+pub const PART_MAX: u64 = 10_000;
+
+/// ASCII digits only, fitting in a u64.
+fn digits(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn number(key: &str, value: &str) -> Result<u64, ServerError> {
+    digits(value).ok_or_else(|| ServerError::BadRequest(format!("{key} must be a non-negative integer, not {value:?}")))
 }
 
 #[cfg(test)]
@@ -91,11 +183,38 @@ mod tests {
         assert_eq!(q.after.as_deref(), Some("a b+c+d"));
         assert_eq!(Query::parse(Some("afs=list")).unwrap().limit, LIST_DEFAULT_LIMIT);
         assert_eq!(Query::parse(Some("x=1&afs=digests")).unwrap().op, Op::Digests);
+        let q = Query::parse(Some("afs=part&upload=ab&part=10000&copy=0-99&chunk=c")).unwrap();
+        assert_eq!(q.op, Op::Part);
+        assert_eq!(
+            (q.upload.as_deref(), q.part, q.copy, q.chunk.as_deref()),
+            (Some("ab"), Some(10_000), Some((0, 99)), Some("c"))
+        );
+        let q = Query::parse(Some("afs=move&to=%2Fa%20b%2Fc&replace=false")).unwrap();
+        assert_eq!((q.op, q.to.as_deref(), q.replace), (Op::Move, Some("/a b/c"), false));
+        assert!(Query::parse(Some("afs=move")).unwrap().replace);
+        let q = Query::parse(Some("afs=append&offset=12")).unwrap();
+        assert_eq!((q.op, q.offset), (Op::Append, Some(12)));
+        assert_eq!(Query::parse(Some("afs=truncate&size=0")).unwrap().size, Some(0));
+        assert_eq!(Query::parse(Some("afs=has-chunks")).unwrap().op, Op::HasChunks);
     }
 
     #[test]
     fn refuses_unknown_operations_and_bad_limits() {
-        for raw in ["afs=nope", "afs=", "afs=list&limit=0", "afs=list&limit=-1", "limit=x"] {
+        for raw in [
+            "afs=nope",
+            "afs=",
+            "afs=list&limit=0",
+            "afs=list&limit=-1",
+            "limit=x",
+            "afs=append&offset=-1",
+            "afs=append&offset=+1",
+            "afs=truncate&size=1e3",
+            "afs=part&part=0",
+            "afs=part&part=10001",
+            "afs=part&copy=5-4",
+            "afs=part&copy=5",
+            "afs=move&replace=no",
+        ] {
             let e = Query::parse(Some(raw)).unwrap_err();
             assert_eq!(e.code(), "bad_request", "{raw}");
         }

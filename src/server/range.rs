@@ -151,6 +151,37 @@ pub fn evaluate_preconditions(headers: &HeaderMap, v: &Validators<'_>) -> Precon
     Precondition::Proceed
 }
 
+/// Whether the write preconditions need the current file's tag (computing it may mean hashing
+/// the file, so it is skipped when only `If-None-Match: *` or nothing was sent).
+pub fn write_needs_tag(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::IF_MATCH)
+        || headers.contains_key(header::IF_UNMODIFIED_SINCE)
+        || joined(headers, &header::IF_NONE_MATCH).is_some_and(|v| parse_tag_list(&v) != TagList::Any)
+}
+
+/// Steps 1–3 of RFC 9110 §13.2.2 for a write: `current` is the file at the path (`None` when
+/// nothing is there; a folder has no tag and so never matches a tag). Returns whether the
+/// write may proceed (otherwise `412`).
+pub fn write_preconditions_pass(headers: &HeaderMap, current: Option<&Validators<'_>>) -> bool {
+    if let Some(im) = joined(headers, &header::IF_MATCH) {
+        match current {
+            Some(v) if !v.etag.is_empty() && strong_match(&parse_tag_list(&im), v.etag) => {}
+            _ => return false,
+        }
+    } else if let Some(date) = http_date_secs(headers, &header::IF_UNMODIFIED_SINCE)
+        && current.is_some_and(|v| v.last_modified_secs > date)
+    {
+        return false;
+    }
+    if let Some(inm) = joined(headers, &header::IF_NONE_MATCH)
+        && let Some(v) = current
+        && (parse_tag_list(&inm) == TagList::Any || (!v.etag.is_empty() && weak_match(&parse_tag_list(&inm), v.etag)))
+    {
+        return false;
+    }
+    true
+}
+
 /// Whether `If-None-Match` matches `etag` (weak comparison); for listings, which have no
 /// other validator.
 pub fn none_match(headers: &HeaderMap, etag: &str) -> bool {
@@ -369,6 +400,34 @@ mod tests {
         );
         assert_eq!(pre(&[(IF_NONE_MATCH, "*")]), Precondition::NotModified);
         assert_eq!(pre(&[(IF_NONE_MATCH, "\"other\"")]), Precondition::Proceed);
+    }
+
+    #[test]
+    fn write_preconditions() {
+        use header::{IF_MATCH, IF_NONE_MATCH};
+        let pass = |pairs: &[(header::HeaderName, &str)], cur: Option<&Validators<'_>>| {
+            write_preconditions_pass(&headers(pairs), cur)
+        };
+        let folder = Validators {
+            etag: "",
+            last_modified_secs: LM,
+        };
+        assert!(pass(&[], None));
+        assert!(pass(&[], Some(&v())));
+        assert!(pass(&[(IF_MATCH, "\"0123abcd\"")], Some(&v())));
+        assert!(pass(&[(IF_MATCH, "*")], Some(&v())));
+        assert!(!pass(&[(IF_MATCH, "*")], None));
+        assert!(!pass(&[(IF_MATCH, "\"x\"")], Some(&v())));
+        assert!(!pass(&[(IF_MATCH, "W/\"0123abcd\"")], Some(&v())));
+        assert!(!pass(&[(IF_MATCH, "\"\"")], Some(&folder)));
+        assert!(pass(&[(IF_NONE_MATCH, "*")], None));
+        assert!(!pass(&[(IF_NONE_MATCH, "*")], Some(&v())));
+        assert!(!pass(&[(IF_NONE_MATCH, "*")], Some(&folder)));
+        assert!(!pass(&[(IF_NONE_MATCH, "\"0123abcd\"")], Some(&v())));
+        assert!(pass(&[(IF_NONE_MATCH, "\"other\"")], Some(&v())));
+        assert!(!write_needs_tag(&headers(&[(IF_NONE_MATCH, "*")])));
+        assert!(write_needs_tag(&headers(&[(IF_NONE_MATCH, "\"a\"")])));
+        assert!(write_needs_tag(&headers(&[(IF_MATCH, "*")])));
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub struct Stats {
     precondition_failed: AtomicU64,
     active: AtomicU64,
     max_active: AtomicU64,
+    writes: AtomicU64,
+    bytes_received: AtomicU64,
+    parts_copied_bytes: AtomicU64,
 }
 
 /// One counter that handlers bump.
@@ -34,6 +37,7 @@ pub(crate) enum Counter {
     Digests,
     NotModified,
     PreconditionFailed,
+    Writes,
 }
 
 impl Stats {
@@ -50,6 +54,9 @@ impl Stats {
             precondition_failed: self.precondition_failed.load(Relaxed),
             active: self.active.load(Relaxed),
             max_active: self.max_active.load(Relaxed),
+            writes: self.writes.load(Relaxed),
+            bytes_received: self.bytes_received.load(Relaxed),
+            parts_copied_bytes: self.parts_copied_bytes.load(Relaxed),
         }
     }
 
@@ -65,6 +72,9 @@ impl Stats {
             &self.digests,
             &self.not_modified,
             &self.precondition_failed,
+            &self.writes,
+            &self.bytes_received,
+            &self.parts_copied_bytes,
         ] {
             c.store(0, Relaxed);
         }
@@ -80,12 +90,21 @@ impl Stats {
             Counter::Digests => &self.digests,
             Counter::NotModified => &self.not_modified,
             Counter::PreconditionFailed => &self.precondition_failed,
+            Counter::Writes => &self.writes,
         };
         c.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn add_file_bytes(&self, n: u64) {
         self.file_bytes_sent.fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn add_bytes_received(&self, n: u64) {
+        self.bytes_received.fetch_add(n, Relaxed);
+    }
+
+    pub(crate) fn add_parts_copied(&self, n: u64) {
+        self.parts_copied_bytes.fetch_add(n, Relaxed);
     }
 
     /// Counts a new request and marks it active until the guard is dropped.

@@ -16,9 +16,9 @@ use crate::protocol::{
     DigestList, EntryKind, ErrorBody, ListPage, ServerStats, chunk_digests, etag_from_digests, quote_etag,
 };
 
-const MIB: usize = 1 << 20;
+pub(super) const MIB: usize = 1 << 20;
 
-fn data(len: usize, seed: u64) -> Vec<u8> {
+pub(super) fn data(len: usize, seed: u64) -> Vec<u8> {
     // xorshift: cheap, deterministic, not compressible into repeating chunks.
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(len + 8);
@@ -32,7 +32,7 @@ fn data(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-fn tag_of(bytes: &[u8]) -> String {
+pub(super) fn tag_of(bytes: &[u8]) -> String {
     etag_from_digests(
         bytes.len() as u64,
         DIGEST_CHUNK_SIZE,
@@ -40,17 +40,17 @@ fn tag_of(bytes: &[u8]) -> String {
     )
 }
 
-struct Fixture {
-    tmp: tempfile::TempDir,
-    server: ServerHandle,
+pub(super) struct Fixture {
+    pub(super) tmp: tempfile::TempDir,
+    pub(super) server: ServerHandle,
 }
 
 impl Fixture {
-    fn new(build: impl FnOnce(&Path)) -> Fixture {
+    pub(super) fn new(build: impl FnOnce(&Path)) -> Fixture {
         Fixture::with_config(build, |_| {})
     }
 
-    fn with_config(build: impl FnOnce(&Path), tweak: impl FnOnce(&mut ServerConfig)) -> Fixture {
+    pub(super) fn with_config(build: impl FnOnce(&Path), tweak: impl FnOnce(&mut ServerConfig)) -> Fixture {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::create_dir(tmp.path().join("root")).unwrap();
         build(&tmp.path().join("root"));
@@ -60,15 +60,15 @@ impl Fixture {
         Fixture { tmp, server }
     }
 
-    fn root(&self) -> PathBuf {
+    pub(super) fn root(&self) -> PathBuf {
         self.tmp.path().join("root")
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(super) fn url(&self, path: &str) -> String {
         format!("{}{}", self.server.url(), path)
     }
 
-    fn restart(&mut self) {
+    pub(super) fn restart(&mut self) {
         let cfg = ServerConfig::local(self.root());
         // The new server starts while the old one is idle; then the old one stops.
         let old = std::mem::replace(&mut self.server, ServerHandle::start(cfg).unwrap());
@@ -76,7 +76,7 @@ impl Fixture {
     }
 
     /// Waits until every response (bodies included) is finished.
-    fn settle(&self) -> ServerStats {
+    pub(super) fn settle(&self) -> ServerStats {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let s = self.server.stats().snapshot();
@@ -88,12 +88,12 @@ impl Fixture {
     }
 }
 
-fn client() -> reqwest::Client {
+pub(super) fn client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder().no_proxy().build().unwrap()
 }
 
-async fn get(c: &reqwest::Client, url: &str, headers: &[(header::HeaderName, &str)]) -> Resp {
+pub(super) async fn get(c: &reqwest::Client, url: &str, headers: &[(header::HeaderName, &str)]) -> Resp {
     let mut req = c.get(url);
     for (k, v) in headers {
         req = req.header(k, *v);
@@ -101,29 +101,29 @@ async fn get(c: &reqwest::Client, url: &str, headers: &[(header::HeaderName, &st
     Resp::from(req.send().await.unwrap()).await
 }
 
-struct Resp {
-    status: StatusCode,
-    headers: http::HeaderMap,
-    body: Vec<u8>,
+pub(super) struct Resp {
+    pub(super) status: StatusCode,
+    pub(super) headers: http::HeaderMap,
+    pub(super) body: Vec<u8>,
 }
 
 impl Resp {
-    async fn from(r: reqwest::Response) -> Resp {
+    pub(super) async fn from(r: reqwest::Response) -> Resp {
         let status = r.status();
         let headers = r.headers().clone();
         let body = r.bytes().await.unwrap().to_vec();
         Resp { status, headers, body }
     }
 
-    fn header(&self, name: impl header::AsHeaderName) -> &str {
+    pub(super) fn header(&self, name: impl header::AsHeaderName) -> &str {
         self.headers.get(name).map(|v| v.to_str().unwrap()).unwrap_or("")
     }
 
-    fn error_code(&self) -> String {
+    pub(super) fn error_code(&self) -> String {
         serde_json::from_slice::<ErrorBody>(&self.body).unwrap().code
     }
 
-    fn json<T: serde::de::DeserializeOwned>(&self) -> T {
+    pub(super) fn json<T: serde::de::DeserializeOwned>(&self) -> T {
         serde_json::from_slice(&self.body).unwrap()
     }
 }
@@ -407,7 +407,7 @@ async fn sidecar_is_written_for_large_files_and_reused_after_a_restart() {
     );
 }
 
-fn walk_files(dir: &Path) -> usize {
+pub(super) fn walk_files(dir: &Path) -> usize {
     let mut n = 0;
     for e in std::fs::read_dir(dir).unwrap() {
         let e = e.unwrap();
@@ -675,15 +675,19 @@ fn operations_methods_and_errors() {
     let r = raw(addr, "GET", "/d/?afs=info");
     assert_eq!(r.status, 200);
     let info: ServerInfo = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(info, server_info());
+    assert_eq!(info, server_info(true));
+    assert!(info.capabilities.writes && info.capabilities.partial_writes && info.capabilities.content_chunks);
     assert_eq!(info.protocol, "artifactfs/1");
     assert_eq!(info.chunk_size, 1 << 20);
     assert_eq!(info.max_list_limit, 10_000);
 
     for (method, target, status, code) in [
         ("POST", "/f", 405, "method_not_allowed"),
-        ("PUT", "/f", 405, "method_not_allowed"),
-        ("DELETE", "/d/", 405, "method_not_allowed"),
+        ("PATCH", "/f", 405, "method_not_allowed"),
+        ("GET", "/f?afs=append", 405, "method_not_allowed"),
+        ("PUT", "/f?afs=mkdir", 405, "method_not_allowed"),
+        ("DELETE", "/f?afs=commit", 405, "method_not_allowed"),
+        ("POST", "/?afs=info", 405, "method_not_allowed"),
         ("GET", "/f?afs=bogus", 400, "bad_request"),
         ("GET", "/f?afs=list", 400, "bad_request"),
         ("GET", "/d?afs=digests", 400, "bad_request"),
@@ -696,7 +700,10 @@ fn operations_methods_and_errors() {
         assert_eq!(r.code(), code, "{method} {target}");
         assert_eq!(r.header("content-type"), Some("application/json"));
     }
-    assert_eq!(raw(addr, "POST", "/f").header("allow"), Some("GET, HEAD"));
+    assert_eq!(
+        raw(addr, "POST", "/f").header("allow"),
+        Some("GET, HEAD, PUT, POST, DELETE")
+    );
 }
 
 #[tokio::test]
@@ -731,6 +738,9 @@ async fn stats_count_exactly() {
             precondition_failed: 1,
             active: 0,
             max_active: 1,
+            writes: 0,
+            bytes_received: 0,
+            parts_copied_bytes: 0,
         }
     );
     // Over HTTP, the stats request counts itself.
