@@ -347,13 +347,11 @@ fn ordinary_tools_work_on_the_mount() {
         String::from_utf8_lossy(&sha.stdout).split_whitespace().next(),
         String::from_utf8_lossy(&sha_src.stdout).split_whitespace().next()
     );
-    // A missing name is ENOENT; the mount is read-only.
+    // A missing name is ENOENT.
     assert_eq!(
         std::fs::metadata(m.path("nope")).unwrap_err().kind(),
         std::io::ErrorKind::NotFound
     );
-    let w = std::fs::OpenOptions::new().write(true).open(m.path("a")).unwrap_err();
-    assert_eq!(w.raw_os_error(), Some(libc::EROFS));
     // df works (statfs answers with the cache disk's figures).
     assert!(Command::new("df").arg(&m.mnt).status().unwrap().success());
 }
