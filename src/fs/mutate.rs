@@ -20,6 +20,7 @@ use super::{ArtifactFs, Attr, Child, Entry, FileHandle, FsError, Inode, Kind, Op
 use crate::read::{Readahead, Version};
 use crate::store::{WriteCondition, join_path};
 use crate::write::staged::{Layer, RemoteVersion, Staged};
+use crate::write::stream::{Streamer, mostly_known};
 use crate::write::upload::{BaseSource, UploadError};
 
 /// The local state of a file being written, shared by all its handles.
@@ -39,6 +40,35 @@ pub(crate) struct LocalState {
     pub(crate) unlinked: bool,
     /// A conflict was found: later flushes report it again instead of uploading.
     pub(crate) conflict: Option<FsError>,
+    /// Parts sent while the file is written (a file written from its start to its end).
+    pub(crate) stream: Option<Streamer>,
+    /// Streaming was ruled out for this file (a write out of order, content the remote
+    /// holds, write-back mode).
+    pub(crate) no_stream: bool,
+}
+
+impl LocalState {
+    /// Whether the content is only what was written, from offset 0 to the end, with nothing
+    /// kept of a remote version: what a stream can send.
+    fn sequential(&self) -> bool {
+        let s = &self.staged;
+        let kept = s.remote().is_some() && s.unsent_keep() > 0;
+        let mut ranges = s.unsent().ranges();
+        let whole = match (ranges.next(), ranges.next()) {
+            (Some(r), None) => r.start == 0 && r.end == s.size(),
+            (None, None) => s.size() == 0,
+            _ => false,
+        };
+        !kept && whole
+    }
+
+    /// Ends streaming for good (the session is given up; the file goes up at close).
+    async fn stop_stream(&mut self) {
+        self.no_stream = true;
+        if let Some(s) = self.stream.take() {
+            s.abort().await;
+        }
+    }
 }
 
 /// Reads the base layer through the read engine (for whole-file uploads).
@@ -113,6 +143,8 @@ impl ArtifactFs {
                 base: Some(version),
                 unlinked: false,
                 conflict: None,
+                stream: None,
+                no_stream: self.write_back.is_some(),
             }),
         });
         i.local = Some(l.clone());
@@ -160,6 +192,8 @@ impl ArtifactFs {
                         base: None,
                         unlinked: false,
                         conflict: None,
+                        stream: None,
+                        no_stream: self.write_back.is_some(),
                     }),
                 })),
                 pending_create: true,
@@ -207,9 +241,72 @@ impl ArtifactFs {
             .write(offset, data)
             .map_err(|e| FsError::Local(e.to_string()))?;
         let size = st.staged.size();
+        if !st.no_stream {
+            self.stream_after_write(&mut st, offset).await;
+        }
         drop(st);
         self.touch(h.ino, size);
         Ok(data.len() as u32)
+    }
+
+    /// Sends whole parts of a file being written from start to end while it is written.
+    async fn stream_after_write(&self, st: &mut LocalState, offset: u64) {
+        let part = self.cfg.upload.part_size;
+        let caps = self.store.capabilities();
+        if !caps.writes {
+            st.no_stream = true;
+            return;
+        }
+        let sent = st.stream.as_ref().map_or(0, |s| s.sent_upto());
+        if !st.sequential() || offset < sent {
+            if st.stream.is_some() {
+                tracing::debug!(path = st.path, "a write out of order ends the streamed upload");
+                st.stop_stream().await;
+            }
+            return;
+        }
+        let size = st.staged.size();
+        if size < sent + part {
+            return;
+        }
+        if st.stream.is_none() {
+            // Content the remote holds already (a copy, a save through a temp file) goes by
+            // chunks at close instead.
+            let mut prefix = vec![0u8; part as usize];
+            if st.staged.read_local(0, &mut prefix).is_err() {
+                st.no_stream = true;
+                return;
+            }
+            let base = st.staged.remote().map(|r| r.etag.clone());
+            if caps.content_chunks
+                && self.cfg.upload.incremental
+                && mostly_known(&self.store, &st.path, base.as_ref(), &prefix).await
+            {
+                st.no_stream = true;
+                return;
+            }
+            let file = match std::fs::File::open(st.staged.path()) {
+                Ok(f) => f,
+                Err(_) => {
+                    st.no_stream = true;
+                    return;
+                }
+            };
+            match Streamer::start(self.store.clone(), &st.path, file, part, self.cfg.upload_parallel).await {
+                Ok(s) => st.stream = Some(s),
+                Err(e) => {
+                    tracing::debug!(path = st.path, "no streamed upload: {e}");
+                    st.no_stream = true;
+                    return;
+                }
+            }
+        }
+        if let Some(s) = st.stream.as_mut()
+            && let Err(e) = s.feed(size).await
+        {
+            tracing::warn!(path = st.path, "streamed upload failed, the file goes up at close: {e}");
+            st.stop_stream().await;
+        }
     }
 
     /// The inode's size and mtime after a local change.
@@ -298,11 +395,40 @@ impl ArtifactFs {
             return Ok(());
         }
         let path = st.path.clone();
-        let result = {
-            let src = VersionSource {
-                version: st.base.as_ref(),
-            };
-            self.uploader.upload(&path, &st.staged, &src).await
+        let mut streamed = None;
+        if let Some(stream) = st.stream.take() {
+            if st.sequential() && st.staged.size() >= stream.sent_upto() {
+                let cond = match st.staged.remote() {
+                    Some(r) => WriteCondition::Matches(r.etag.clone()),
+                    None => WriteCondition::Absent,
+                };
+                match stream.finish(st.staged.size(), cond).await {
+                    Ok((meta, sent)) => match meta.etag {
+                        Some(etag) => {
+                            streamed = Some(Ok(Some(crate::write::upload::Outcome {
+                                version: RemoteVersion { etag, size: meta.size },
+                                plan: "stream",
+                                bytes_sent: sent,
+                            })))
+                        }
+                        None => tracing::warn!(path, "no ETag for the streamed version; uploading again"),
+                    },
+                    Err(crate::store::StoreError::PreconditionFailed) => streamed = Some(Err(UploadError::Conflict)),
+                    Err(e) => tracing::warn!(path, "streamed upload failed, uploading again: {e}"),
+                }
+            } else {
+                stream.abort().await;
+            }
+            st.no_stream = true;
+        }
+        let result = match streamed {
+            Some(r) => r,
+            None => {
+                let src = VersionSource {
+                    version: st.base.as_ref(),
+                };
+                self.uploader.upload(&path, &st.staged, &src).await
+            }
         };
         match result {
             Ok(None) => Ok(()),
@@ -449,6 +575,9 @@ impl ArtifactFs {
             }
             let l = self.ensure_local(ino).await?;
             let mut st = l.state.lock().await;
+            if st.stream.as_ref().is_some_and(|s| size < s.sent_upto()) {
+                st.stop_stream().await;
+            }
             st.staged.truncate(size).map_err(|e| FsError::Local(e.to_string()))?;
             drop(st);
             self.touch(ino, size);
@@ -468,6 +597,11 @@ impl ArtifactFs {
     pub(super) async fn truncate_on_open(&self, ino: u64) -> Result<(), FsError> {
         let l = self.ensure_local(ino).await?;
         let mut st = l.state.lock().await;
+        if st.stream.is_some() {
+            st.stop_stream().await;
+        }
+        // A file truncated to nothing may stream again.
+        st.no_stream = self.write_back.is_some();
         st.staged.truncate(0).map_err(|e| FsError::Local(e.to_string()))?;
         drop(st);
         self.touch(ino, 0);
@@ -499,6 +633,7 @@ impl ArtifactFs {
         if let Some(l) = &local {
             let mut st = l.state.lock().await;
             st.unlinked = true;
+            st.stop_stream().await;
             self.journal.done(&st.staged);
         }
         if !pending {
@@ -624,6 +759,7 @@ impl ArtifactFs {
             // replace what is there.
             if let Some(l) = &local {
                 let mut st = l.state.lock().await;
+                st.stop_stream().await;
                 st.path = to.clone();
                 let dest_version = dest.as_ref().and_then(|(dino, _, _)| {
                     let t = self.table.lock();
@@ -645,7 +781,9 @@ impl ArtifactFs {
                 .await
                 .map_err(|e| FsError::remote(&from, e))?;
             if let Some(l) = &local {
-                l.state.lock().await.path = to.clone();
+                let mut st = l.state.lock().await;
+                st.stop_stream().await;
+                st.path = to.clone();
             }
         }
         let mut t = self.table.lock();

@@ -552,9 +552,18 @@ impl Store for ArtifactStore {
         })
     }
 
-    async fn upload_part(&self, id: &UploadId, number: u32, src: PartSource) -> StoreResult<PartReceipt> {
+    async fn upload_part(
+        &self,
+        id: &UploadId,
+        number: u32,
+        src: PartSource,
+        at: Option<u64>,
+    ) -> StoreResult<PartReceipt> {
         let n = number.to_string();
         let mut params = vec![("upload", id.id.clone()), ("part", n)];
+        if let Some(at) = at {
+            params.push(("offset", at.to_string()));
+        }
         let body = match &src {
             PartSource::Bytes(b) => b.clone(),
             PartSource::CopyFromBase(r) => {

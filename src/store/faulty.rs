@@ -260,9 +260,15 @@ impl Store for FaultyStore {
         self.inner.begin_upload(path, base).await
     }
 
-    async fn upload_part(&self, id: &UploadId, number: u32, src: PartSource) -> StoreResult<PartReceipt> {
+    async fn upload_part(
+        &self,
+        id: &UploadId,
+        number: u32,
+        src: PartSource,
+        at: Option<u64>,
+    ) -> StoreResult<PartReceipt> {
         self.fail(Op::Part)?;
-        self.inner.upload_part(id, number, src).await
+        self.inner.upload_part(id, number, src, at).await
     }
 
     async fn commit_upload(

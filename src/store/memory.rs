@@ -532,7 +532,13 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn upload_part(&self, id: &UploadId, number: u32, src: PartSource) -> StoreResult<PartReceipt> {
+    async fn upload_part(
+        &self,
+        id: &UploadId,
+        number: u32,
+        src: PartSource,
+        _at: Option<u64>,
+    ) -> StoreResult<PartReceipt> {
         let mut guard = self.state.lock();
         let state = &mut *guard;
         let up = state.uploads.get_mut(&id.id).ok_or(StoreError::NoSuchUpload)?;
@@ -679,10 +685,13 @@ mod tests {
         let base = s.insert("f", b"0123456789".to_vec());
         let id = s.begin_upload("f", Some(base.clone())).await.unwrap();
         let p2 = s
-            .upload_part(&id, 2, PartSource::Bytes(Bytes::from_static(b"XY")))
+            .upload_part(&id, 2, PartSource::Bytes(Bytes::from_static(b"XY")), None)
             .await
             .unwrap();
-        let p1 = s.upload_part(&id, 1, PartSource::CopyFromBase(0..8)).await.unwrap();
+        let p1 = s
+            .upload_part(&id, 1, PartSource::CopyFromBase(0..8), None)
+            .await
+            .unwrap();
         // Someone else writes in between: the commit must not overwrite them.
         let theirs = s.insert("f", b"theirs".to_vec());
         let err = s
@@ -694,10 +703,13 @@ mod tests {
         let base = s.insert("f", b"0123456789".to_vec());
         let id = s.begin_upload("f", Some(base.clone())).await.unwrap();
         let p2 = s
-            .upload_part(&id, 2, PartSource::Bytes(Bytes::from_static(b"XY")))
+            .upload_part(&id, 2, PartSource::Bytes(Bytes::from_static(b"XY")), None)
             .await
             .unwrap();
-        let p1 = s.upload_part(&id, 1, PartSource::CopyFromBase(0..8)).await.unwrap();
+        let p1 = s
+            .upload_part(&id, 1, PartSource::CopyFromBase(0..8), None)
+            .await
+            .unwrap();
         let meta = s
             .commit_upload(&id, vec![p1, p2], WriteCondition::Matches(base))
             .await

@@ -340,7 +340,15 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         Err(StoreError::Unsupported("upload sessions"))
     }
 
-    async fn upload_part(&self, _id: &UploadId, _number: u32, _src: PartSource) -> StoreResult<PartReceipt> {
+    /// Stores part `number`. `at`: the part's offset in the new file, when known (a remote may
+    /// then write it in place).
+    async fn upload_part(
+        &self,
+        _id: &UploadId,
+        _number: u32,
+        _src: PartSource,
+        _at: Option<u64>,
+    ) -> StoreResult<PartReceipt> {
         Err(StoreError::Unsupported("upload sessions"))
     }
 

@@ -5,4 +5,5 @@ pub mod dirty;
 pub mod journal;
 pub mod plan;
 pub mod staged;
+pub mod stream;
 pub mod upload;

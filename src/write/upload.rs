@@ -50,7 +50,17 @@ enum Part {
     Base(Range<u64>),
     Zero(u64),
     Copy(Range<u64>),
-    Chunk([u8; 32]),
+    /// A chunk the remote holds, and its length.
+    Chunk([u8; 32], u64),
+}
+
+impl Part {
+    fn len(&self) -> u64 {
+        match self {
+            Part::Local(r) | Part::Base(r) | Part::Copy(r) => r.end - r.start,
+            Part::Zero(n) | Part::Chunk(_, n) => *n,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -215,7 +225,7 @@ impl Uploader {
             let next = if let Some(b) = in_base.get(&h) {
                 Part::Copy(b.clone())
             } else if held.contains(&h) {
-                Part::Chunk(h)
+                Part::Chunk(h, r.end - r.start)
             } else {
                 Part::Local(r)
             };
@@ -298,8 +308,18 @@ impl Uploader {
         jobs: Vec<Part>,
     ) -> Result<(Vec<PartReceipt>, u64), UploadError> {
         let store = &self.store;
-        let mut receipts: Vec<(PartReceipt, u64)> = futures_util::stream::iter(jobs.into_iter().enumerate())
-            .map(|(i, job)| async move {
+        // Each part's place in the new file, so the remote can write it in place.
+        let mut at = 0u64;
+        let placed: Vec<(u64, Part)> = jobs
+            .into_iter()
+            .map(|p| {
+                let here = at;
+                at += p.len();
+                (here, p)
+            })
+            .collect();
+        let mut receipts: Vec<(PartReceipt, u64)> = futures_util::stream::iter(placed.into_iter().enumerate())
+            .map(|(i, (offset, job))| async move {
                 let number = i as u32 + 1;
                 let (src, sent) = match job {
                     Part::Local(r) => {
@@ -314,9 +334,9 @@ impl Uploader {
                     }
                     Part::Zero(n) => (PartSource::Bytes(Bytes::from(vec![0u8; n as usize])), n),
                     Part::Copy(r) => (PartSource::CopyFromBase(r), 0),
-                    Part::Chunk(h) => (PartSource::Chunk(h), 0),
+                    Part::Chunk(h, _) => (PartSource::Chunk(h), 0),
                 };
-                let receipt = store.upload_part(id, number, src).await?;
+                let receipt = store.upload_part(id, number, src, Some(offset)).await?;
                 Ok::<_, UploadError>((receipt, sent))
             })
             .buffer_unordered(self.parallel)

@@ -291,3 +291,32 @@ async fn a_read_only_mount_refuses_every_change() {
     ));
     assert_eq!(FsError::ReadOnly.errno(), libc::EROFS);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_file_written_in_order_goes_up_while_it_is_written() {
+    let e = env(Duration::from_secs(60));
+    let data = noise(40 * MIB, 7);
+    let (_, o) = e.fs.create(ROOT, OsStr::new("stream.bin")).await.unwrap();
+    write_all(&e.fs, o.fh, 0, &data).await;
+    let before_close = received(&e);
+    assert!(
+        before_close >= 24 * MIB as u64,
+        "only {before_close} bytes sent before close"
+    );
+    e.fs.release_handle(o.fh).await.unwrap();
+    assert_eq!(remote(&e, "stream.bin").unwrap(), data);
+    assert_eq!(received(&e), data.len() as u64, "every byte sent once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_out_of_order_ends_the_stream_and_the_file_is_still_right() {
+    let e = env(Duration::from_secs(60));
+    let mut data = noise(30 * MIB, 8);
+    let (_, o) = e.fs.create(ROOT, OsStr::new("s.bin")).await.unwrap();
+    write_all(&e.fs, o.fh, 0, &data).await;
+    // Back to the start: what was sent is stale now.
+    write_all(&e.fs, o.fh, 10, b"patched").await;
+    data[10..17].copy_from_slice(b"patched");
+    e.fs.release_handle(o.fh).await.unwrap();
+    assert_eq!(remote(&e, "s.bin").unwrap(), data);
+}
