@@ -83,7 +83,7 @@ pub struct Config {
 pub struct MountSection {
     /// Remote URL, when not given on the command line.
     pub remote: Option<String>,
-    /// Refuse every write with EROFS. (This release only reads, so mounts are read-only.)
+    /// Refuse every write with EROFS.
     pub read_only: bool,
     /// Let other users see the mount (turns on the kernel's permission checks).
     pub allow_other: bool,
