@@ -10,6 +10,9 @@ Cases:
   warm re-read (the artifact complete in the cache), page cache kept and dropped  vs  a local copy
   `ls -lR` of FILES files in 100 folders, cold and warm  vs  the same tree on local disk
   peak anonymous memory (RssAnon) and peak RSS of the daemon, sampled every 100 ms, during the cold reads
+  sequential write of a new SIZE file through the mount, close included  vs  `curl -T` of it
+  bytes on the wire (counted by the server) for an append, an overwrite in place, `cp` of a
+  version with 1 MiB changed, and the same saved through a temp file and `mv`
 """
 
 import json
@@ -157,6 +160,8 @@ def main():
         m.close()
         shutil.rmtree(warm_cache, ignore_errors=True)
         results = run(url, big, local, store)
+        if os.environ.get("BENCH_WRITES", "1") == "1":
+            write_rounds(url, results)
     finally:
         server.terminate()
         server.wait()
@@ -217,8 +222,82 @@ def run(url, big, local, store):
     return r
 
 
+def stats(url):
+    out = subprocess.run(["curl", "-sf", f"{url}/?afs=stats"], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def random_file(path, mib):
+    with open(path, "wb") as f:
+        for _ in range(mib):
+            f.write(os.urandom(1 << 20))
+
+
+def write_rounds(url, r):
+    """New files written through the mount vs curl -T, interleaved; fresh content each time
+    (the same content twice would be deduplicated by the mount)."""
+    mnt = os.path.join(WORK, "mnt")
+    cache = os.path.join(WORK, "cache-write")
+    src_a, src_b = os.path.join(WORK, "src-a.bin"), os.path.join(WORK, "src-b.bin")
+    r["write_mount"], r["write_curl"], r["write_parallel"] = [], [], []
+    m = Mount(url, mnt, cache)
+    try:
+        for rnd in range(ROUNDS):
+            random_file(src_a, SIZE_MIB)
+            random_file(src_b, SIZE_MIB)
+            os.sync()
+            r["write_curl"].append(timed(lambda: sh("curl", "-sf", "-T", src_a, f"{url}/w-curl-{rnd}.bin", "-o", "/dev/null")))
+            before = stats(url)
+            dest = os.path.join(mnt, f"w-mount-{rnd}.bin")
+            r["write_mount"].append(timed(lambda: sh("cp", src_b, dest)))
+            r["write_parallel"].append(stats(url)["max_active"])
+            print(f"write round {rnd + 1}/{ROUNDS}: mount {r['write_mount'][-1]:.3f} curl -T {r['write_curl'][-1]:.3f}", file=sys.stderr)
+            del before
+        # Bytes on the wire for partial updates of a cached artifact (the one just written).
+        art = os.path.join(mnt, f"w-mount-{ROUNDS - 1}.bin")
+        cat(art)
+        def wire(fn):
+            a = stats(url)
+            fn()
+            b = stats(url)
+            return b["bytes_received"] - a["bytes_received"], b["file_bytes_sent"] - a["file_bytes_sent"]
+        def append():
+            with open(art, "ab") as f:
+                f.write(b"\x07" * 1024)
+        def overwrite():
+            with open(art, "r+b") as f:
+                f.seek((SIZE_MIB // 3) << 20)
+                f.write(b"\x09" * 4096)
+        local = os.path.join(WORK, "edited.bin")
+        def cp_changed():
+            shutil.copyfile(art, local)
+            with open(local, "r+b") as f:
+                f.seek((SIZE_MIB // 2) << 20)
+                f.write(os.urandom(1 << 20))
+            return lambda: sh("cp", local, art)
+        def save_via_temp():
+            shutil.copyfile(art, local)
+            with open(local, "r+b") as f:
+                f.seek((SIZE_MIB // 4) << 20)
+                f.write(os.urandom(1 << 20))
+            def go():
+                sh("cp", local, art + ".tmp")
+                os.rename(art + ".tmp", art)
+            return go
+        r["wire_append"] = wire(append)
+        r["wire_overwrite"] = wire(overwrite)
+        r["wire_cp"] = wire(cp_changed())
+        r["wire_temp"] = wire(save_via_temp())
+    finally:
+        m.close()
+        shutil.rmtree(cache, ignore_errors=True)
+        for p in (src_a, src_b, os.path.join(WORK, "edited.bin")):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
 def report(r):
-    med = {k: statistics.median(v) for k, v in r.items() if isinstance(v, list)}
+    med = {k: statistics.median(v) for k, v in r.items() if isinstance(v, list) and v and not isinstance(v, tuple)}
     gib = SIZE_MIB / 1024
     speed = lambda s: f"{gib / s:.2f} GiB/s"
     rows = [
@@ -241,6 +320,16 @@ def report(r):
         ("daemon peak RssAnon / peak RSS (cold reads)", f"{r['peak_anon'] / 2**20:.0f} MiB / {r['peak_rss'] / 2**20:.0f} MiB", "",
          "RSS includes mapped cache pages (file-backed)"),
     ]
+    if "write_mount" in med:
+        rows += [
+            (f"new {SIZE_MIB} MiB file written through the mount (`cp`, close included)", f"{med['write_mount']:.3f} s",
+             speed(med["write_mount"]), f"vs `curl -T` = **{med['write_curl'] / med['write_mount']:.2f}×** (target ≥ 0.8×)"),
+            ("`curl -T` of a new file", f"{med['write_curl']:.3f} s", speed(med["write_curl"]), ""),
+        ]
+        for key, what in [("wire_append", "append 1 KiB"), ("wire_overwrite", "overwrite 4 KiB in place"),
+                          ("wire_cp", "`cp` of a version with 1 MiB changed"), ("wire_temp", "the same saved through a temp file + `mv`")]:
+            sent, fetched = r[key]
+            rows.append((f"bytes on the wire: {what}", f"{sent} B sent", "", f"{fetched} B fetched"))
     lines = [
         f"Median of {ROUNDS} interleaved rounds, {SIZE_MIB} MiB artifact, `artifactfs serve` on 127.0.0.1.",
         "",

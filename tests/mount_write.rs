@@ -405,3 +405,41 @@ fn write_back_survives_a_crash_while_the_server_is_down() {
         m2.log_text()
     );
 }
+
+#[test]
+fn write_back_returns_before_the_upload_and_unmount_sends_the_rest() {
+    let store = Store::new();
+    let server = store.serve();
+    let mut m = Mount::with(
+        &server.url(),
+        MountOpts {
+            args: vec!["--write-back=1h".into()],
+            ..MountOpts::default()
+        },
+    );
+    let data = bytes(2 * MIB + 3, 11);
+    let mut f = std::fs::File::create(m.path("wb.bin")).unwrap();
+    f.write_all(&data).unwrap();
+    f.sync_all().unwrap();
+    close(f).unwrap();
+    // Durable locally, not sent yet (the delay is an hour).
+    assert!(!store.path("wb.bin").exists());
+    assert_eq!(
+        hash_file(&m.path("wb.bin")).unwrap(),
+        hash(&data),
+        "readable through the mount meanwhile"
+    );
+    let journaled = std::fs::read_dir(m.cache.join("pending"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json"))
+        .count();
+    assert_eq!(journaled, 1);
+    let out = m.unmount();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stored(&store, "wb.bin"), data, "sent while unmounting");
+    let left = std::fs::read_dir(m.cache.join("pending"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json"))
+        .count();
+    assert_eq!(left, 0);
+}

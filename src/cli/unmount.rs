@@ -34,7 +34,11 @@ pub fn run(a: UnmountArgs) -> Result<(), String> {
             mnt.display()
         );
     }
-    if wait_exit(rec.pid, timeout) {
+    // A write-back mount sends what its journal holds before it exits (within its own
+    // unmount timeout): show it, and give it that time.
+    let pending = journal_entries(&rec.cache_dir);
+    let wait = if pending > 0 { timeout * 2 } else { timeout };
+    if wait_exit_showing(rec.pid, wait, &rec.cache_dir, pending) {
         return Ok(());
     }
     // Files still open after the timeout: stop the daemon, which cuts them off.
@@ -54,6 +58,45 @@ pub fn run(a: UnmountArgs) -> Result<(), String> {
         rec.pid,
         mnt.display()
     ))
+}
+
+/// Write-back journal records waiting in a cache directory.
+fn journal_entries(cache_dir: &Path) -> u64 {
+    std::fs::read_dir(cache_dir.join("pending"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.path().extension().and_then(|x| x.to_str()) == Some("json"))
+                .count() as u64
+        })
+        .unwrap_or(0)
+}
+
+/// Waits for the daemon to exit; with pending uploads, shows them going (on a terminal).
+fn wait_exit_showing(pid: u32, timeout: Duration, cache_dir: &Path, pending: u64) -> bool {
+    if pending == 0 {
+        return wait_exit(pid, timeout);
+    }
+    let bar = indicatif::ProgressBar::new(pending);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} sending pending uploads {pos}/{len} [{elapsed}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let end = Instant::now() + timeout;
+    while is_alive(pid) {
+        bar.set_position(pending.saturating_sub(journal_entries(cache_dir)));
+        if Instant::now() >= end {
+            bar.abandon();
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left = journal_entries(cache_dir);
+    bar.set_position(pending.saturating_sub(left));
+    bar.finish();
+    if left > 0 {
+        eprintln!("artifactfs: {left} uploads could not be sent; they stay journaled and go at the next mount");
+    }
+    true
 }
 
 fn wait_exit(pid: u32, timeout: Duration) -> bool {

@@ -73,9 +73,9 @@ impl Streamer {
             .await
             .map_err(|e| StoreError::Protocol(e.to_string()))?
             .map_err(|e| StoreError::Protocol(format!("reading the staging file: {e}")))?;
-            let receipt = store
-                .upload_part(&id, number, PartSource::Bytes(Bytes::from(data)), Some(start))
-                .await?;
+            let data = Bytes::from(data);
+            let receipt =
+                with_retries(|| store.upload_part(&id, number, PartSource::Bytes(data.clone()), Some(start))).await?;
             Ok((receipt, len as u64))
         });
     }
@@ -89,15 +89,22 @@ impl Streamer {
         Ok(())
     }
 
+    /// The size of the next part: the configured size, growing with what was sent so that a
+    /// file of any size fits in 10,000 parts.
+    fn next_part_size(&self) -> u64 {
+        part_size_for(self.part_size, self.sent_upto)
+    }
+
     /// The file is written up to `written`: sends every whole part not sent yet, waiting when
     /// `parallel` parts are in flight already (so the writer never runs far ahead).
     pub async fn feed(&mut self, written: u64) -> Result<(), StoreError> {
-        while written - self.sent_upto >= self.part_size {
+        while written - self.sent_upto >= self.next_part_size() {
             while self.tasks.len() >= self.parallel {
                 self.join_one().await?;
             }
             let start = self.sent_upto;
-            self.spawn(start, start + self.part_size);
+            let end = start + self.next_part_size();
+            self.spawn(start, end);
         }
         // Collect what finished meanwhile, without waiting.
         while let Some(r) = self.tasks.try_join_next() {
@@ -136,6 +143,41 @@ impl Streamer {
     pub fn id(&self) -> &UploadId {
         &self.id
     }
+}
+
+/// Part size for a part starting at `offset`: `base`, or larger for huge files, so that parts
+/// stay below 10,000 (a file of `offset` bytes has used at most `offset / base` parts; the size
+/// doubles every 1,000 parts).
+pub fn part_size_for(base: u64, offset: u64) -> u64 {
+    let base = base.max(1);
+    let mut size = base;
+    let mut covered = 0u64;
+    // Parts 1..=1000 are `base`, the next 1000 twice that, and so on.
+    loop {
+        let span = size.saturating_mul(1000);
+        if offset < covered.saturating_add(span) {
+            return size;
+        }
+        covered = covered.saturating_add(span);
+        size = size.saturating_mul(2);
+    }
+}
+
+/// Runs a store call again on a transient failure (three more tries, with backoff).
+pub async fn with_retries<T, F, Fut>(f: F) -> Result<T, StoreError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    use backon::Retryable;
+    f.retry(
+        backon::ExponentialBuilder::default()
+            .with_jitter()
+            .with_min_delay(std::time::Duration::from_millis(200))
+            .with_max_times(3),
+    )
+    .when(StoreError::is_transient)
+    .await
 }
 
 /// Whether most content-defined chunks of `prefix` are held by the remote already (in the
@@ -215,6 +257,20 @@ mod tests {
         assert_eq!(sent, data.len() as u64);
         assert_eq!(meta.size, data.len() as u64);
         assert_eq!(&mem.object("new.bin").unwrap().0[..], &data[..]);
+    }
+
+    #[test]
+    fn part_sizes_grow_so_that_any_file_fits_in_10000_parts() {
+        let base = 8 << 20;
+        assert_eq!(part_size_for(base, 0), base);
+        assert_eq!(part_size_for(base, 999 * base), base);
+        assert_eq!(part_size_for(base, 1000 * base), 2 * base);
+        // 10,000 parts reach far beyond 80 GiB.
+        let mut off = 0u64;
+        for _ in 0..10_000 {
+            off += part_size_for(base, off);
+        }
+        assert!(off > 5 << 40, "{off}");
     }
 
     #[tokio::test]

@@ -253,9 +253,15 @@ impl Uploader {
         parts: Vec<Part>,
         cond: WriteCondition,
     ) -> Result<(ObjectMeta, u64), UploadError> {
-        // New bytes go in parts of at most `part_size`.
+        // New bytes go in parts of at most `part_size` (larger for huge files, to stay within
+        // 10,000 parts).
         let mut jobs: Vec<Part> = Vec::new();
-        let ps = self.cfg.part_size.max(1);
+        let total: u64 = parts.iter().map(Part::len).sum();
+        let ps = self
+            .cfg
+            .part_size
+            .max(1)
+            .max(total.div_ceil(9_000).next_multiple_of(1 << 20));
         for p in parts {
             let is_local = matches!(p, Part::Local(_));
             match p {
@@ -336,7 +342,8 @@ impl Uploader {
                     Part::Copy(r) => (PartSource::CopyFromBase(r), 0),
                     Part::Chunk(h, _) => (PartSource::Chunk(h), 0),
                 };
-                let receipt = store.upload_part(id, number, src, Some(offset)).await?;
+                let receipt =
+                    super::stream::with_retries(|| store.upload_part(id, number, src.clone(), Some(offset))).await?;
                 Ok::<_, UploadError>((receipt, sent))
             })
             .buffer_unordered(self.parallel)
