@@ -261,7 +261,8 @@ pub struct ArtifactFs {
     next_fh: AtomicU64,
     invalidator: OnceLock<Arc<dyn Invalidator>>,
     journal: crate::write::journal::Journal,
-    write_back: Option<writeback::WriteBack>,
+    /// Background uploads: the write-back mode's, and retries of failed uploads.
+    write_back: writeback::WriteBack,
     /// This filesystem, for tasks that outlive a request.
     me: std::sync::Weak<ArtifactFs>,
 }
@@ -326,7 +327,7 @@ impl ArtifactFs {
         Arc::new_cyclic(|me| ArtifactFs {
             me: me.clone(),
             journal: crate::write::journal::Journal::new(cfg.staging_dir.clone()),
-            write_back: cfg.write_back.map(writeback::WriteBack::new),
+            write_back: writeback::WriteBack::new(cfg.write_back),
             store: reader.store().clone(),
             uploader: crate::write::upload::Uploader::new(
                 reader.store().clone(),

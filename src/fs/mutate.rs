@@ -144,7 +144,7 @@ impl ArtifactFs {
                 unlinked: false,
                 conflict: None,
                 stream: None,
-                no_stream: self.write_back.is_some(),
+                no_stream: self.write_back.enabled,
             }),
         });
         i.local = Some(l.clone());
@@ -193,7 +193,7 @@ impl ArtifactFs {
                         unlinked: false,
                         conflict: None,
                         stream: None,
-                        no_stream: self.write_back.is_some(),
+                        no_stream: self.write_back.enabled,
                     }),
                 })),
                 pending_create: true,
@@ -377,7 +377,7 @@ impl ArtifactFs {
     /// `close` / `fsync`: with write-back, once the changes are durable in the journal
     /// (uploaded in the background); without, once the remote holds them.
     pub(super) async fn sync_inode(&self, ino: u64) -> Result<(), FsError> {
-        if self.write_back.is_some() {
+        if self.write_back.enabled {
             return self.journal_inode(ino).await;
         }
         self.upload_inode(ino).await
@@ -541,6 +541,17 @@ impl ArtifactFs {
         let result = self.sync_inode(h.ino).await;
         if let Err(e) = &result {
             tracing::error!("release: {e}");
+            if matches!(
+                e,
+                FsError::Upload { .. } | FsError::Remote { .. } | FsError::Read { .. }
+            ) {
+                // The last chance was this close: journal the changes and keep trying in the
+                // background (also across a restart).
+                match self.journal_inode(h.ino).await {
+                    Ok(()) => tracing::warn!("the upload will be retried in the background"),
+                    Err(e) => tracing::error!("cannot journal the failed upload: {e}"),
+                }
+            }
         }
         let still_open = self.files.lock().values().any(|o| o.ino == h.ino);
         if !still_open {
@@ -601,7 +612,7 @@ impl ArtifactFs {
             st.stop_stream().await;
         }
         // A file truncated to nothing may stream again.
-        st.no_stream = self.write_back.is_some();
+        st.no_stream = self.write_back.enabled;
         st.staged.truncate(0).map_err(|e| FsError::Local(e.to_string()))?;
         drop(st);
         self.touch(ino, 0);

@@ -16,6 +16,9 @@ use crate::write::upload::{BaseSource, UploadError};
 
 #[derive(Debug)]
 pub(crate) struct WriteBack {
+    /// `--write-back`: `close`/`fsync` journal and return. Off, the journal still takes
+    /// uploads that failed at `release`, to retry them.
+    pub(crate) enabled: bool,
     pub(crate) delay: Duration,
     /// Inodes with an upload scheduled and not started yet.
     scheduled: Mutex<HashSet<u64>>,
@@ -24,9 +27,10 @@ pub(crate) struct WriteBack {
 }
 
 impl WriteBack {
-    pub(crate) fn new(delay: Duration) -> Self {
+    pub(crate) fn new(mode: Option<Duration>) -> Self {
         WriteBack {
-            delay,
+            enabled: mode.is_some(),
+            delay: mode.unwrap_or(Duration::from_secs(1)),
             scheduled: Mutex::new(HashSet::new()),
             outstanding: AtomicUsize::new(0),
         }
@@ -65,9 +69,10 @@ impl ArtifactFs {
     }
 
     fn schedule(&self, ino: u64) {
-        let (Some(wb), Some(me)) = (&self.write_back, self.me.upgrade()) else {
+        let Some(me) = self.me.upgrade() else {
             return;
         };
+        let wb = &self.write_back;
         if !wb.scheduled.lock().insert(ino) {
             return;
         }
@@ -75,9 +80,7 @@ impl ArtifactFs {
         let delay = wb.delay;
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            if let Some(wb) = &me.write_back {
-                wb.scheduled.lock().remove(&ino);
-            }
+            me.write_back.scheduled.lock().remove(&ino);
             let mut backoff = ExponentialBuilder::default()
                 .with_jitter()
                 .with_min_delay(Duration::from_millis(500))
@@ -98,23 +101,19 @@ impl ArtifactFs {
                     }
                 }
             }
-            if let Some(wb) = &me.write_back {
-                wb.outstanding.fetch_sub(1, Ordering::AcqRel);
-            }
+            me.write_back.outstanding.fetch_sub(1, Ordering::AcqRel);
         });
     }
 
     /// Uploads scheduled or running.
     pub fn pending_uploads(&self) -> usize {
-        self.write_back
-            .as_ref()
-            .map_or(0, |wb| wb.outstanding.load(Ordering::Acquire))
+        self.write_back.outstanding.load(Ordering::Acquire)
     }
 
     /// Sends what is pending now (no more delay), waiting at most `timeout`. Returns how many
     /// files are still waiting (they stay in the journal).
     pub async fn drain(&self, timeout: Duration) -> usize {
-        let Some(wb) = &self.write_back else { return 0 };
+        let wb = &self.write_back;
         let inos: Vec<u64> = wb.scheduled.lock().drain().collect();
         for ino in inos {
             // Sent here rather than by its delayed task (which then finds nothing to do).

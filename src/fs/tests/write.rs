@@ -328,3 +328,26 @@ async fn a_write_out_of_order_ends_the_stream_and_the_file_is_still_right() {
     e.fs.release_handle(o.fh).await.unwrap();
     assert_eq!(remote(&e, "s.bin").unwrap(), data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_fails_at_close_is_retried_in_the_background() {
+    let e = env(Duration::from_secs(60));
+    let down = StoreError::Unavailable("connection refused".into());
+    e.faulty.inject_always(Fault::Fail(Op::Write, down));
+    let (_, o) = e.fs.create(ROOT, OsStr::new("late.txt")).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"eventually").await;
+    let err = e.fs.flush(o.fh).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EIO);
+    assert!(e.fs.release_handle(o.fh).await.is_err());
+    // Journaled for a retry; the remote comes back.
+    assert_eq!(e.fs.pending_uploads(), 1);
+    e.faulty.clear();
+    for _ in 0..100 {
+        if remote(&e, "late.txt").is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(remote(&e, "late.txt").unwrap(), b"eventually");
+    assert_eq!(e.fs.drain(Duration::from_secs(5)).await, 0);
+}
