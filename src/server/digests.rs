@@ -228,8 +228,12 @@ pub struct DigestStore {
     sidecar_broken: AtomicBool,
     memo: Mutex<Memo>,
     inflight: Mutex<HashMap<(PathBuf, Identity), Job>>,
+    /// Jobs cutting a version whose digests are known into content-defined chunks.
+    chunking: Mutex<HashMap<(PathBuf, Identity), Job>>,
     background: Arc<Semaphore>,
     background_queue: Mutex<HashSet<PathBuf>>,
+    /// Versions waiting for [`Self::chunk_in_background`], bounded like `background_queue`.
+    chunk_queue: Mutex<HashSet<(PathBuf, Identity)>>,
     hashed: AtomicU64,
     /// Bytes read to hash or chunk (whole files and the parts of files after writes).
     bytes_hashed: AtomicU64,
@@ -266,8 +270,10 @@ impl DigestStore {
             sidecar_broken: AtomicBool::new(false),
             memo: Mutex::new(Memo::default()),
             inflight: Mutex::new(HashMap::new()),
+            chunking: Mutex::new(HashMap::new()),
             background: Arc::new(Semaphore::new(BACKGROUND_JOBS)),
             background_queue: Mutex::new(HashSet::new()),
+            chunk_queue: Mutex::new(HashSet::new()),
             hashed: AtomicU64::new(0),
             bytes_hashed: AtomicU64::new(0),
             index,
@@ -290,9 +296,14 @@ impl DigestStore {
     }
 
     /// Keeps `d` as the digests of `rel` (memo, chunk index, and a sidecar for a large file).
-    /// Writes call this with the version they made, before answering. Blocking.
+    /// Writes call this with the version they made, before answering; without a chunk list,
+    /// what the index held for `rel` goes (the chunks come later, see
+    /// [`Self::chunk_in_background`]). Blocking.
     pub fn install(&self, rel: &Path, d: FileDigests) -> Arc<FileDigests> {
         let d = Arc::new(d);
+        if d.cdc.is_none() {
+            self.index.remove_file(rel);
+        }
         self.remember(rel, &d);
         if d.identity.size > SMALL_FILE_MAX {
             self.write_sidecar(rel, &d);
@@ -334,7 +345,9 @@ impl DigestStore {
     }
 
     /// The digests of `file`'s version together with its content-defined chunks, computing
-    /// the chunks when only the digests were known (a sidecar of format 1).
+    /// the chunks when only the digests were known (a sidecar of format 1, or a commit that
+    /// left them to the background). Concurrent requests for the chunks of one version share
+    /// one job.
     pub async fn get_with_chunks(
         self: &Arc<Self>,
         rel: &Path,
@@ -344,27 +357,110 @@ impl DigestStore {
         if let Some(cdc) = &d.cdc {
             return Ok((Arc::clone(&d), Arc::clone(cdc)));
         }
-        let (store, f, r) = (Arc::clone(self), Arc::clone(file), rel.to_path_buf());
-        let old = Arc::clone(&d);
         let shown = rel.display().to_string();
-        tokio::task::spawn_blocking(move || -> Result<_, ServerError> {
-            let cdc = scan::chunk_file(&f, old.identity.size).map_err(|e| ServerError::io(&shown, e))?;
-            if Identity::of_file(&f).map_err(|e| ServerError::io(&shown, e))? != old.identity {
-                return Err(ServerError::Busy(format!("{shown} changed while it was chunked")));
-            }
-            store.count_hashed(old.identity.size);
-            let d = Arc::new(FileDigests::clone(&old).with_cdc(cdc));
-            if store.is_current(&r, d.identity) {
-                store.remember(&r, &d);
-                if d.identity.size > SMALL_FILE_MAX {
-                    store.write_sidecar(&r, &d);
+        let d = self.chunk_job(rel, file, d).await.map_err(|e| match e {
+            JobError::Changed => ServerError::Busy(format!("{shown} changed while it was chunked")),
+            JobError::Failed(kind, msg) => ServerError::io(&shown, io::Error::new(kind, msg.to_string())),
+        })?;
+        let cdc = d.cdc.clone().unwrap_or_default();
+        Ok((d, cdc))
+    }
+
+    /// Joins the job cutting version `old` of `rel` into content-defined chunks, starting it
+    /// when there is none.
+    async fn chunk_job(
+        self: &Arc<Self>,
+        rel: &Path,
+        file: &Arc<File>,
+        old: Arc<FileDigests>,
+    ) -> Result<Arc<FileDigests>, JobError> {
+        let key = (rel.to_path_buf(), old.identity);
+        let job = {
+            let mut chunking = self.chunking.lock();
+            match chunking.get(&key) {
+                Some(job) => job.clone(),
+                None => {
+                    let (store, f, key2) = (Arc::clone(self), Arc::clone(file), key.clone());
+                    let task = tokio::spawn(async move {
+                        let (s, k) = (Arc::clone(&store), key2.clone());
+                        let res = tokio::task::spawn_blocking(move || s.chunk_version(&k.0, &f, old))
+                            .await
+                            .unwrap_or_else(|e| Err(JobError::Failed(io::ErrorKind::Other, e.to_string().into())));
+                        store.chunking.lock().remove(&key2);
+                        res
+                    });
+                    let job: Job = task
+                        .map(|r| {
+                            r.unwrap_or_else(|e| Err(JobError::Failed(io::ErrorKind::Other, e.to_string().into())))
+                        })
+                        .boxed()
+                        .shared();
+                    chunking.insert(key, job.clone());
+                    job
                 }
             }
-            let cdc = d.cdc.clone().unwrap_or_default();
-            Ok((d, cdc))
-        })
-        .await
-        .map_err(|e| ServerError::Internal(e.to_string()))?
+        };
+        job.await
+    }
+
+    /// Body of a chunking job: cuts version `old` of `file` into content-defined chunks and
+    /// keeps them (memo, index, sidecar) while `rel` still has that version. Blocking.
+    fn chunk_version(&self, rel: &Path, file: &File, old: Arc<FileDigests>) -> Result<Arc<FileDigests>, JobError> {
+        if let Some(d) = self.memo.lock().get(rel, old.identity)
+            && d.cdc.is_some()
+        {
+            return Ok(d);
+        }
+        let failed = |e: io::Error| JobError::Failed(e.kind(), e.to_string().into());
+        let cdc = match scan::chunk_file(file, old.identity.size) {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(JobError::Changed),
+            Err(e) => return Err(failed(e)),
+        };
+        if Identity::of_file(file).map_err(failed)? != old.identity {
+            return Err(JobError::Changed);
+        }
+        self.count_hashed(old.identity.size);
+        let d = Arc::new(FileDigests::clone(&old).with_cdc(cdc));
+        if self.is_current(rel, d.identity) {
+            self.remember(rel, &d);
+            if d.identity.size > SMALL_FILE_MAX {
+                self.write_sidecar(rel, &d);
+            }
+        }
+        Ok(d)
+    }
+
+    /// Cuts the version `file` (the current one of `rel`) into content-defined chunks in the
+    /// background, with at most [`BACKGROUND_JOBS`] background jobs at once and at most
+    /// [`BACKGROUND_QUEUE_MAX`] versions waiting (more are left to be chunked when asked for).
+    /// A request for the chunks meanwhile joins the job, or starts it.
+    pub fn chunk_in_background(self: &Arc<Self>, rel: PathBuf, file: Arc<File>) {
+        let Ok(id) = Identity::of_file(&file) else {
+            return;
+        };
+        let key = (rel, id);
+        {
+            let mut queue = self.chunk_queue.lock();
+            if queue.len() >= BACKGROUND_QUEUE_MAX || !queue.insert(key.clone()) {
+                return;
+            }
+        }
+        let store = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Ok(_permit) = Arc::clone(&store.background).acquire_owned().await
+                && let Err(e) = store.get_with_chunks(&key.0, &file).await
+            {
+                tracing::debug!(path = %key.0.display(), error = %e, "background chunking failed");
+            }
+            store.chunk_queue.lock().remove(&key);
+        });
+    }
+
+    /// Whether the chunks of `rel`'s version `id` are known (tests wait for the background).
+    #[cfg(test)]
+    pub fn chunks_known(&self, rel: &Path, id: Identity) -> bool {
+        self.memo.lock().get(rel, id).is_some_and(|d| d.cdc.is_some())
     }
 
     /// How many times a file was actually read and hashed (not found in memo or sidecar).
