@@ -457,10 +457,14 @@ impl DigestStore {
         });
     }
 
-    /// Whether the chunks of `rel`'s version `id` are known (tests wait for the background).
+    /// Holds every background slot until the permit is dropped (tests look at what a write
+    /// left to the background before it runs).
     #[cfg(test)]
-    pub fn chunks_known(&self, rel: &Path, id: Identity) -> bool {
-        self.memo.lock().get(rel, id).is_some_and(|d| d.cdc.is_some())
+    pub async fn hold_background(&self) -> tokio::sync::OwnedSemaphorePermit {
+        Arc::clone(&self.background)
+            .acquire_many_owned(BACKGROUND_JOBS as u32)
+            .await
+            .unwrap()
     }
 
     /// How many times a file was actually read and hashed (not found in memo or sidecar).

@@ -944,3 +944,114 @@ pub async fn abort(ctx: &Arc<Ctx>, req: &RequestPath, upload: Option<&str>) -> R
     .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(dir: &Path) -> Arc<Session> {
+        Arc::new(Session {
+            id: "s".into(),
+            rel: PathBuf::from("f"),
+            dir: dir.to_path_buf(),
+            base: None,
+            state: Mutex::new(SessionState {
+                parts: HashMap::new(),
+                last_used: Instant::now(),
+                active: 0,
+                ended: false,
+                assembly: None,
+                writing: HashMap::new(),
+                next_write: 0,
+                committing: false,
+            }),
+        })
+    }
+
+    /// Whether in-place part `k` is intact (`None`: no such in-place part).
+    fn intact(s: &Session, k: u32) -> Option<bool> {
+        match s.state.lock().parts.get(&k)?.place {
+            Place::InPlace { intact, .. } => Some(intact),
+            Place::File => None,
+        }
+    }
+
+    #[test]
+    fn in_place_writes_that_may_overwrite_each_other_lose_their_parts() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (s, dir) = (session(tmp.path()), tmp.path());
+        let begin = |k, offset| s.begin_in_place(k, offset, dir).unwrap().unwrap();
+        // Overlapping writes at once: whichever wrote last, neither can vouch for its bytes.
+        let (mut a, mut b) = (begin(1, 0), begin(2, 5));
+        a.put(b"0123456789").unwrap();
+        b.put(b"abcdefghij").unwrap();
+        a.store().unwrap();
+        assert_eq!(intact(&s, 1), Some(true));
+        b.store().unwrap();
+        assert_eq!((intact(&s, 1), intact(&s, 2)), (Some(false), Some(false)));
+        // Disjoint writes at once keep each other.
+        let (mut c, mut d) = (begin(3, 100), begin(4, 110));
+        c.put(&[1; 10]).unwrap();
+        d.put(&[2; 10]).unwrap();
+        d.store().unwrap();
+        c.store().unwrap();
+        assert_eq!((intact(&s, 3), intact(&s, 4)), (Some(true), Some(true)));
+        // A write cut off loses what it reached; a write running then learns of it too.
+        let (mut e, mut g) = (begin(5, 105), begin(6, 95));
+        e.put(&[3; 2]).unwrap();
+        drop(e);
+        assert_eq!(
+            (intact(&s, 3), intact(&s, 4), intact(&s, 5)),
+            (Some(false), Some(true), None)
+        );
+        g.put(&[4; 20]).unwrap();
+        let stored = g.store().unwrap();
+        assert_eq!((stored.part, stored.size), (6, 20));
+        assert_eq!((intact(&s, 4), intact(&s, 6)), (Some(false), Some(false)));
+        // Empty parts touch nothing.
+        let h = begin(7, 0);
+        h.store().unwrap();
+        assert_eq!(intact(&s, 7), Some(true));
+        let f = std::fs::read(s.state.lock().assembly.as_ref().unwrap().temp.path.clone()).unwrap();
+        assert_eq!(&f[95..115], &[4; 20]);
+
+        // A running write keeps a commit from taking the assembly; once taken, parts go to
+        // their own files until it is given back.
+        let running = begin(8, 200);
+        assert!(s.claim_assembly(&[]).is_none());
+        drop(running);
+        let claimed = s.claim_assembly(&[]).unwrap();
+        assert!(s.begin_in_place(9, 0, dir).unwrap().is_none());
+        s.give_back(claimed);
+        drop(begin(9, 0));
+        // A commit that saw other records than there are now does not take it either.
+        let seen = s.state.lock().parts.get(&7).cloned().unwrap();
+        begin(7, 0).store().unwrap();
+        assert!(s.claim_assembly(&[(7, seen.clone())]).is_some());
+        let mut changed = seen;
+        changed.tag = "0".repeat(64);
+        s.assembly_lost();
+        assert!(s.claim_assembly(&[(7, changed)]).is_none());
+    }
+
+    #[test]
+    fn part_hashes_give_the_tag_and_the_aligned_pieces() {
+        let bytes: Vec<u8> = (0..(2 * DIGEST_CHUNK_SIZE as usize + 77))
+            .map(|i| (i * 7) as u8)
+            .collect();
+        for offset in [Some(0), Some(3 * DIGEST_CHUNK_SIZE), Some(5), None] {
+            let mut h = PartHasher::new(offset);
+            for piece in bytes.chunks(65_537) {
+                h.update(piece);
+            }
+            let (tag, pieces) = h.finish();
+            assert_eq!(tag, blake3::hash(&bytes).to_hex().as_str());
+            let want = if offset.is_some_and(|o| o % DIGEST_CHUNK_SIZE == 0) {
+                crate::protocol::chunk_digests(&bytes, DIGEST_CHUNK_SIZE)
+            } else {
+                Vec::new()
+            };
+            assert_eq!(pieces, want, "{offset:?}");
+        }
+    }
+}
