@@ -9,7 +9,9 @@
 //! Hashing a file also cuts it into content-defined chunks (one read, `scan.rs`); the chunk
 //! list is kept beside the digests (memo and sidecar, format 2) and handed to the chunk index.
 //! Writes install the digests of the version they made (`install`), so nothing is hashed
-//! again after a write.
+//! again after a write. A commit of parts written in place installs the digests alone and
+//! leaves the chunks to a bounded background job (`chunk_in_background`); a request for them
+//! meanwhile shares the job (one chunking job per version).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, Metadata};
@@ -36,7 +38,8 @@ use crate::protocol::{CdcChunk, DIGEST_CHUNK_SIZE, etag_from_digests};
 pub const SMALL_FILE_MAX: u64 = 8 << 20;
 /// How often a request re-reads a file that changed while it was hashed before `503 busy`.
 const HASH_ATTEMPTS: u32 = 4;
-/// Background hashing started by listings runs at most this many files at once...
+/// Background hashing started by listings, and background chunking after commits of parts
+/// written in place, run at most this many files at once (together)...
 const BACKGROUND_JOBS: usize = 2;
 /// ...and remembers at most this many files waiting for a turn.
 const BACKGROUND_QUEUE_MAX: usize = 4096;
@@ -448,7 +451,9 @@ impl DigestStore {
         }
         let store = Arc::clone(self);
         tokio::spawn(async move {
+            // A version replaced (or forgotten) before its turn is not worth reading.
             if let Ok(_permit) = Arc::clone(&store.background).acquire_owned().await
+                && store.memo.lock().get(&key.0, key.1).is_some()
                 && let Err(e) = store.get_with_chunks(&key.0, &file).await
             {
                 tracing::debug!(path = %key.0.display(), error = %e, "background chunking failed");

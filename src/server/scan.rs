@@ -203,7 +203,7 @@ pub fn digests_from_pieces(file: &File, size: u64, runs: &[Known<'_>]) -> io::Re
             j += 1;
         }
         let known = runs.get(j).and_then(|r| {
-            if r.offset > start || (start - r.offset) % DIGEST_CHUNK_SIZE != 0 {
+            if r.offset > start || !(start - r.offset).is_multiple_of(DIGEST_CHUNK_SIZE) {
                 return None;
             }
             let k = (start - r.offset) / DIGEST_CHUNK_SIZE;

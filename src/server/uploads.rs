@@ -263,7 +263,9 @@ impl PartHasher {
     fn new(offset: Option<u64>) -> PartHasher {
         PartHasher {
             tag: blake3::Hasher::new(),
-            pieces: offset.filter(|o| o % DIGEST_CHUNK_SIZE == 0).map(|_| Vec::new()),
+            pieces: offset
+                .filter(|o| o.is_multiple_of(DIGEST_CHUNK_SIZE))
+                .map(|_| Vec::new()),
             piece: blake3::Hasher::new(),
             piece_len: 0,
         }
