@@ -9,7 +9,9 @@
 //! Hashing a file also cuts it into content-defined chunks (one read, `scan.rs`); the chunk
 //! list is kept beside the digests (memo and sidecar, format 2) and handed to the chunk index.
 //! Writes install the digests of the version they made (`install`), so nothing is hashed
-//! again after a write.
+//! again after a write. A commit of parts written in place installs the digests alone and
+//! leaves the chunks to a bounded background job (`chunk_in_background`); a request for them
+//! meanwhile shares the job (one chunking job per version).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::{File, Metadata};
@@ -36,7 +38,8 @@ use crate::protocol::{CdcChunk, DIGEST_CHUNK_SIZE, etag_from_digests};
 pub const SMALL_FILE_MAX: u64 = 8 << 20;
 /// How often a request re-reads a file that changed while it was hashed before `503 busy`.
 const HASH_ATTEMPTS: u32 = 4;
-/// Background hashing started by listings runs at most this many files at once...
+/// Background hashing started by listings, and background chunking after commits of parts
+/// written in place, run at most this many files at once (together)...
 const BACKGROUND_JOBS: usize = 2;
 /// ...and remembers at most this many files waiting for a turn.
 const BACKGROUND_QUEUE_MAX: usize = 4096;
@@ -228,8 +231,12 @@ pub struct DigestStore {
     sidecar_broken: AtomicBool,
     memo: Mutex<Memo>,
     inflight: Mutex<HashMap<(PathBuf, Identity), Job>>,
+    /// Jobs cutting a version whose digests are known into content-defined chunks.
+    chunking: Mutex<HashMap<(PathBuf, Identity), Job>>,
     background: Arc<Semaphore>,
     background_queue: Mutex<HashSet<PathBuf>>,
+    /// Versions waiting for [`Self::chunk_in_background`], bounded like `background_queue`.
+    chunk_queue: Mutex<HashSet<(PathBuf, Identity)>>,
     hashed: AtomicU64,
     /// Bytes read to hash or chunk (whole files and the parts of files after writes).
     bytes_hashed: AtomicU64,
@@ -266,8 +273,10 @@ impl DigestStore {
             sidecar_broken: AtomicBool::new(false),
             memo: Mutex::new(Memo::default()),
             inflight: Mutex::new(HashMap::new()),
+            chunking: Mutex::new(HashMap::new()),
             background: Arc::new(Semaphore::new(BACKGROUND_JOBS)),
             background_queue: Mutex::new(HashSet::new()),
+            chunk_queue: Mutex::new(HashSet::new()),
             hashed: AtomicU64::new(0),
             bytes_hashed: AtomicU64::new(0),
             index,
@@ -290,9 +299,14 @@ impl DigestStore {
     }
 
     /// Keeps `d` as the digests of `rel` (memo, chunk index, and a sidecar for a large file).
-    /// Writes call this with the version they made, before answering. Blocking.
+    /// Writes call this with the version they made, before answering; without a chunk list,
+    /// what the index held for `rel` goes (the chunks come later, see
+    /// [`Self::chunk_in_background`]). Blocking.
     pub fn install(&self, rel: &Path, d: FileDigests) -> Arc<FileDigests> {
         let d = Arc::new(d);
+        if d.cdc.is_none() {
+            self.index.remove_file(rel);
+        }
         self.remember(rel, &d);
         if d.identity.size > SMALL_FILE_MAX {
             self.write_sidecar(rel, &d);
@@ -334,7 +348,9 @@ impl DigestStore {
     }
 
     /// The digests of `file`'s version together with its content-defined chunks, computing
-    /// the chunks when only the digests were known (a sidecar of format 1).
+    /// the chunks when only the digests were known (a sidecar of format 1, or a commit that
+    /// left them to the background). Concurrent requests for the chunks of one version share
+    /// one job.
     pub async fn get_with_chunks(
         self: &Arc<Self>,
         rel: &Path,
@@ -344,27 +360,116 @@ impl DigestStore {
         if let Some(cdc) = &d.cdc {
             return Ok((Arc::clone(&d), Arc::clone(cdc)));
         }
-        let (store, f, r) = (Arc::clone(self), Arc::clone(file), rel.to_path_buf());
-        let old = Arc::clone(&d);
         let shown = rel.display().to_string();
-        tokio::task::spawn_blocking(move || -> Result<_, ServerError> {
-            let cdc = scan::chunk_file(&f, old.identity.size).map_err(|e| ServerError::io(&shown, e))?;
-            if Identity::of_file(&f).map_err(|e| ServerError::io(&shown, e))? != old.identity {
-                return Err(ServerError::Busy(format!("{shown} changed while it was chunked")));
-            }
-            store.count_hashed(old.identity.size);
-            let d = Arc::new(FileDigests::clone(&old).with_cdc(cdc));
-            if store.is_current(&r, d.identity) {
-                store.remember(&r, &d);
-                if d.identity.size > SMALL_FILE_MAX {
-                    store.write_sidecar(&r, &d);
+        let d = self.chunk_job(rel, file, d).await.map_err(|e| match e {
+            JobError::Changed => ServerError::Busy(format!("{shown} changed while it was chunked")),
+            JobError::Failed(kind, msg) => ServerError::io(&shown, io::Error::new(kind, msg.to_string())),
+        })?;
+        let cdc = d.cdc.clone().unwrap_or_default();
+        Ok((d, cdc))
+    }
+
+    /// Joins the job cutting version `old` of `rel` into content-defined chunks, starting it
+    /// when there is none.
+    async fn chunk_job(
+        self: &Arc<Self>,
+        rel: &Path,
+        file: &Arc<File>,
+        old: Arc<FileDigests>,
+    ) -> Result<Arc<FileDigests>, JobError> {
+        let key = (rel.to_path_buf(), old.identity);
+        let job = {
+            let mut chunking = self.chunking.lock();
+            match chunking.get(&key) {
+                Some(job) => job.clone(),
+                None => {
+                    let (store, f, key2) = (Arc::clone(self), Arc::clone(file), key.clone());
+                    let task = tokio::spawn(async move {
+                        let (s, k) = (Arc::clone(&store), key2.clone());
+                        let res = tokio::task::spawn_blocking(move || s.chunk_version(&k.0, &f, old))
+                            .await
+                            .unwrap_or_else(|e| Err(JobError::Failed(io::ErrorKind::Other, e.to_string().into())));
+                        store.chunking.lock().remove(&key2);
+                        res
+                    });
+                    let job: Job = task
+                        .map(|r| {
+                            r.unwrap_or_else(|e| Err(JobError::Failed(io::ErrorKind::Other, e.to_string().into())))
+                        })
+                        .boxed()
+                        .shared();
+                    chunking.insert(key, job.clone());
+                    job
                 }
             }
-            let cdc = d.cdc.clone().unwrap_or_default();
-            Ok((d, cdc))
-        })
-        .await
-        .map_err(|e| ServerError::Internal(e.to_string()))?
+        };
+        job.await
+    }
+
+    /// Body of a chunking job: cuts version `old` of `file` into content-defined chunks and
+    /// keeps them (memo, index, sidecar) while `rel` still has that version. Blocking.
+    fn chunk_version(&self, rel: &Path, file: &File, old: Arc<FileDigests>) -> Result<Arc<FileDigests>, JobError> {
+        if let Some(d) = self.memo.lock().get(rel, old.identity)
+            && d.cdc.is_some()
+        {
+            return Ok(d);
+        }
+        let failed = |e: io::Error| JobError::Failed(e.kind(), e.to_string().into());
+        let cdc = match scan::chunk_file(file, old.identity.size) {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(JobError::Changed),
+            Err(e) => return Err(failed(e)),
+        };
+        if Identity::of_file(file).map_err(failed)? != old.identity {
+            return Err(JobError::Changed);
+        }
+        self.count_hashed(old.identity.size);
+        let d = Arc::new(FileDigests::clone(&old).with_cdc(cdc));
+        if self.is_current(rel, d.identity) {
+            self.remember(rel, &d);
+            if d.identity.size > SMALL_FILE_MAX {
+                self.write_sidecar(rel, &d);
+            }
+        }
+        Ok(d)
+    }
+
+    /// Cuts the version `file` (the current one of `rel`) into content-defined chunks in the
+    /// background, with at most [`BACKGROUND_JOBS`] background jobs at once and at most
+    /// [`BACKGROUND_QUEUE_MAX`] versions waiting (more are left to be chunked when asked for).
+    /// A request for the chunks meanwhile joins the job, or starts it.
+    pub fn chunk_in_background(self: &Arc<Self>, rel: PathBuf, file: Arc<File>) {
+        let Ok(id) = Identity::of_file(&file) else {
+            return;
+        };
+        let key = (rel, id);
+        {
+            let mut queue = self.chunk_queue.lock();
+            if queue.len() >= BACKGROUND_QUEUE_MAX || !queue.insert(key.clone()) {
+                return;
+            }
+        }
+        let store = Arc::clone(self);
+        tokio::spawn(async move {
+            // A version replaced (or forgotten) before its turn is not worth reading.
+            if let Ok(_permit) = Arc::clone(&store.background).acquire_owned().await
+                && store.memo.lock().get(&key.0, key.1).is_some()
+                && let Err(e) = store.get_with_chunks(&key.0, &file).await
+            {
+                tracing::debug!(path = %key.0.display(), error = %e, "background chunking failed");
+            }
+            store.chunk_queue.lock().remove(&key);
+        });
+    }
+
+    /// Holds every background slot until the permit is dropped (tests look at what a write
+    /// left to the background before it runs).
+    #[cfg(test)]
+    pub async fn hold_background(&self) -> tokio::sync::OwnedSemaphorePermit {
+        Arc::clone(&self.background)
+            .acquire_many_owned(BACKGROUND_JOBS as u32)
+            .await
+            .unwrap()
     }
 
     /// How many times a file was actually read and hashed (not found in memo or sidecar).

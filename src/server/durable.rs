@@ -70,6 +70,16 @@ impl StateDirs {
     }
 }
 
+/// A new temporary file that will become a file in `parent`: in `dir` (a folder of the state
+/// folder) named `prefix…` when both are on the same filesystem, else hidden beside the target.
+pub fn temp_in_or_beside(dir: &Path, prefix: &str, parent: &Path) -> io::Result<TempFile> {
+    if std::fs::metadata(parent)?.dev() == std::fs::metadata(dir)?.dev() {
+        TempFile::create_in(dir, prefix)
+    } else {
+        TempFile::create_in(parent, HIDDEN_TEMP_PREFIX)
+    }
+}
+
 /// A name no other file of this process uses.
 pub fn unique_name(prefix: &str) -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -220,52 +230,100 @@ pub struct Received {
     pub blake3: String,
 }
 
+/// Where the bytes of a request body go, frame by frame, on a blocking thread.
+pub trait BodySink: Send + 'static {
+    type Output: Send + 'static;
+    /// Takes the next frame of the body.
+    fn write(&mut self, frame: &[u8]) -> io::Result<()>;
+    /// The whole body arrived and was written. A sink that is dropped without `finish` saw a
+    /// body cut off, or a write fail.
+    fn finish(self) -> Result<Self::Output, ServerError>;
+}
+
+/// Appends to a file from its current position, hashing the body.
+struct FileSink {
+    file: File,
+    hasher: blake3::Hasher,
+    len: u64,
+}
+
+impl BodySink for FileSink {
+    type Output = Received;
+
+    fn write(&mut self, frame: &[u8]) -> io::Result<()> {
+        self.file.write_all(frame)?;
+        self.hasher.update(frame);
+        self.len += frame.len() as u64;
+        Ok(())
+    }
+
+    fn finish(self) -> Result<Received, ServerError> {
+        Ok(Received {
+            len: self.len,
+            blake3: self.hasher.finalize().to_hex().to_string(),
+        })
+    }
+}
+
 /// Streams a request body into `file` (from its current position) on a blocking thread,
 /// counting the bytes in `bytes_received` as they arrive. The file is not fsynced here.
 pub async fn body_to_file(body: Body, file: File, stats: &Stats) -> Result<Received, ServerError> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(BODY_QUEUE);
-    let writer = tokio::task::spawn_blocking(move || -> io::Result<Received> {
-        let mut file = file;
-        let mut hasher = blake3::Hasher::new();
-        let mut len = 0u64;
+    let sink = FileSink {
+        file,
+        hasher: blake3::Hasher::new(),
+        len: 0,
+    };
+    body_to_sink(body, sink, stats).await
+}
+
+/// Streams a request body into `sink` on a blocking thread, counting the bytes in
+/// `bytes_received` as they arrive. The sink is finished only when the whole body arrived and
+/// every frame was written; otherwise it is dropped (on the blocking thread, after its last
+/// write), and the body's or the write's error is returned.
+pub async fn body_to_sink<S: BodySink>(body: Body, sink: S, stats: &Stats) -> Result<S::Output, ServerError> {
+    // `None` marks the end of a body that arrived whole.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<bytes::Bytes>>(BODY_QUEUE);
+    let writer = tokio::task::spawn_blocking(move || -> Result<Option<S::Output>, ServerError> {
+        let mut sink = sink;
         while let Some(frame) = rx.blocking_recv() {
-            file.write_all(&frame)?;
-            hasher.update(&frame);
-            len += frame.len() as u64;
+            match frame {
+                Some(frame) => sink.write(&frame).map_err(|source| ServerError::Io {
+                    context: "writing the request body".into(),
+                    source,
+                })?,
+                None => return sink.finish().map(Some),
+            }
         }
-        Ok(Received {
-            len,
-            blake3: hasher.finalize().to_hex().to_string(),
-        })
+        Ok(None)
     });
     let mut stream = body.into_data_stream();
     let mut failed = None;
-    while let Some(frame) = stream.next().await {
-        match frame {
-            Ok(bytes) => {
+    loop {
+        match stream.next().await {
+            Some(Ok(bytes)) => {
                 stats.add_bytes_received(bytes.len() as u64);
-                if tx.send(bytes).await.is_err() {
+                if tx.send(Some(bytes)).await.is_err() {
                     // The writer stopped: its error is reported below.
                     break;
                 }
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 failed = Some(ServerError::BadRequest(format!("reading the request body: {e}")));
+                break;
+            }
+            None => {
+                let _ = tx.send(None).await;
                 break;
             }
         }
     }
     drop(tx);
-    let written = writer
-        .await
-        .map_err(|e| ServerError::Internal(e.to_string()))?
-        .map_err(|source| ServerError::Io {
-            context: "writing the request body".into(),
-            source,
-        });
-    match failed {
-        Some(e) => Err(e),
-        None => written,
+    let written = writer.await.map_err(|e| ServerError::Internal(e.to_string()))?;
+    match (failed, written) {
+        (Some(e), _) => Err(e),
+        (None, Ok(Some(out))) => Ok(out),
+        (None, Ok(None)) => Err(ServerError::Internal("the body writer stopped early".into())),
+        (None, Err(e)) => Err(e),
     }
 }
 

@@ -530,7 +530,7 @@ async fn dispatch_write(
                 (None, Some(hash)) => PartSource::Chunk(hash),
                 (None, None) => PartSource::Body(body),
             };
-            uploads::part(ctx, &path, query.upload.as_deref(), query.part, source).await
+            uploads::part(ctx, &path, query.upload.as_deref(), query.part, query.offset, source).await
         }
         (Method::POST, Op::Commit) => uploads::commit(ctx, &path, h, query.upload.as_deref(), body).await,
         (Method::DELETE, Op::Upload) => uploads::abort(ctx, &path, query.upload.as_deref()).await,

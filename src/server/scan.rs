@@ -178,6 +178,56 @@ pub fn chunk_file(file: &File, size: u64) -> io::Result<Vec<CdcChunk>> {
     cdc_stream(reader, 0, |_| false)
 }
 
+/// A run of the bytes of a new file whose 1 MiB digests may be known already: `len` bytes at
+/// `offset`, and `pieces`, the digest of each 1 MiB piece from `offset` on (the last one
+/// possibly short), known only when `offset` is a multiple of the chunk size (empty otherwise).
+#[derive(Debug, Clone, Copy)]
+pub struct Known<'a> {
+    pub offset: u64,
+    pub len: u64,
+    pub pieces: &'a [[u8; 32]],
+}
+
+/// The 1 MiB digests of the first `size` bytes of `file`, which `runs` tile in order from 0.
+/// A chunk's digest is taken from the run holding a piece with the same start and end;
+/// any other chunk (across two runs, in a run that is not aligned, or the short end of a run
+/// that does not end the file) is read and hashed. Returns the digests and the bytes read.
+pub fn digests_from_pieces(file: &File, size: u64, runs: &[Known<'_>]) -> io::Result<(Vec<[u8; 32]>, u64)> {
+    let n = size.div_ceil(DIGEST_CHUNK_SIZE);
+    let mut out = Vec::with_capacity(n as usize);
+    let (mut buf, mut read, mut j) = (Vec::new(), 0, 0);
+    for i in 0..n {
+        let start = i * DIGEST_CHUNK_SIZE;
+        let end = (start + DIGEST_CHUNK_SIZE).min(size);
+        while runs.get(j).is_some_and(|r| r.offset + r.len <= start) {
+            j += 1;
+        }
+        let known = runs.get(j).and_then(|r| {
+            if r.offset > start || !(start - r.offset).is_multiple_of(DIGEST_CHUNK_SIZE) {
+                return None;
+            }
+            let k = (start - r.offset) / DIGEST_CHUNK_SIZE;
+            let piece_end = (r.offset + (k + 1) * DIGEST_CHUNK_SIZE).min(r.offset + r.len);
+            (piece_end == end).then(|| r.pieces.get(k as usize)).flatten()
+        });
+        if let Some(d) = known {
+            out.push(*d);
+            continue;
+        }
+        buf.resize((end - start) as usize, 0);
+        let got = super::digests::read_full_at(file, &mut buf, start)?;
+        if got < buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "file shorter than its parts",
+            ));
+        }
+        read += got as u64;
+        out.push(*blake3::hash(&buf).as_bytes());
+    }
+    Ok((out, read))
+}
+
 /// Digests of the new version after bytes `dirty` changed (a write, an append, a truncation)
 /// and the size went from `old_size` to `new_size`: a 1 MiB chunk is hashed again only when
 /// its bytes or its extent changed. Returns the digests and the bytes read.
@@ -326,6 +376,67 @@ mod tests {
     fn a_file_shorter_than_said_is_an_error() {
         let (_t, f) = file_with(&data(1000, 1));
         assert!(scan(&f, 2000, vec![]).is_err());
+    }
+
+    #[test]
+    fn digests_from_pieces_equal_a_full_hash_and_read_only_what_no_piece_covers() {
+        const M: usize = DIGEST_CHUNK_SIZE as usize;
+        let bytes = data(7 * M + 1234, 42);
+        let (_t, f) = file_with(&bytes);
+        // Each layout: the lengths of consecutive runs, and whether a run's pieces are known.
+        let layouts: &[&[(usize, bool)]] = &[
+            &[(2 * M, true), (2 * M, true), (3 * M + 1234, true)],
+            &[(2 * M, true), (M / 2, true), (3 * M / 2, true), (3 * M + 1234, true)],
+            &[(3 * M, true), (0, true), (4 * M + 1234, false)],
+            &[(M + 7, true), (6 * M + 1227, true)],
+            &[(7 * M + 1234, true)],
+            &[(7 * M, true), (1234, true)],
+            &[(5 * M + 1234, true), (2 * M, true)],
+        ];
+        for (n, layout) in layouts.iter().enumerate() {
+            let mut at = 0;
+            let pieces: Vec<(u64, u64, Vec<[u8; 32]>)> = layout
+                .iter()
+                .map(|&(len, known)| {
+                    let run = &bytes[at..at + len];
+                    let p = if known && at % M == 0 {
+                        chunk_digests(run, DIGEST_CHUNK_SIZE)
+                    } else {
+                        Vec::new()
+                    };
+                    at += len;
+                    ((at - len) as u64, len as u64, p)
+                })
+                .collect();
+            let runs: Vec<Known<'_>> = pieces
+                .iter()
+                .map(|(offset, len, p)| Known {
+                    offset: *offset,
+                    len: *len,
+                    pieces: p,
+                })
+                .collect();
+            let size = bytes.len() as u64;
+            let (d, read) = digests_from_pieces(&f, size, &runs).unwrap();
+            assert_eq!(d, chunk_digests(&bytes, DIGEST_CHUNK_SIZE), "layout {n}");
+            let want_read: u64 = match n {
+                0 | 4 => 0,
+                // The chunk across the short run and its neighbours.
+                1 => M as u64 + M as u64,
+                // The unknown run, whole.
+                2 => 4 * M as u64 + 1234,
+                // Everything from the unaligned run on, and the chunk the first run ends in.
+                3 => size - M as u64,
+                // The short piece of the last run is the file's last chunk.
+                5 => 0,
+                // The short piece of the first run is not a chunk of the file; the second run
+                // is not aligned.
+                6 => 2 * M as u64 + 1234,
+                _ => unreachable!(),
+            };
+            assert_eq!(read, want_read, "layout {n}");
+        }
+        assert!(digests_from_pieces(&f, bytes.len() as u64 + M as u64, &[]).is_err());
     }
 
     /// Applies `edit` to a copy of `old` and checks the incremental results against a full

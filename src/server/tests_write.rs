@@ -14,8 +14,8 @@ use super::journal::{Journal, Record};
 use super::tests::{Fixture, MIB, Resp, client, data, get, tag_of, walk_files};
 use super::*;
 use crate::protocol::{
-    ChunkList, CommitRequest, EntryKind, HasChunksAnswer, ListPage, PartRef, PartStored, UploadStarted, WriteResult,
-    cdc_chunks, quote_etag,
+    ChunkList, CommitRequest, DIGEST_CHUNK_SIZE, EntryKind, HasChunksAnswer, ListPage, PartRef, PartStored,
+    UploadStarted, WriteResult, cdc_chunks, etag_from_digests, quote_etag,
 };
 
 type H<'a> = &'a [(header::HeaderName, &'a str)];
@@ -258,6 +258,14 @@ async fn move_renames_files_and_folders() {
         std::fs::write(r.join("other/y"), b"y").unwrap();
     });
     let c = client();
+    // Startup chunking first: a file it opened before the move and hashes after would count.
+    let mut at_start = hashes_of(&big);
+    at_start.extend([b"bbb".as_slice(), b"xx", b"y"].map(|b| hashes_of(b).remove(0)));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !has_chunks(&c, &f, &at_start).await.iter().all(|&b| b) {
+        assert!(Instant::now() < deadline, "background chunking did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mv = |from: &str, to: &str| f.url(&format!("{from}?afs=move&to={to}"));
     // A file, replacing nothing, keeping its tag.
     let r = post(&c, &mv("/a", "/dir/a2"), &[], b"").await;
@@ -1057,11 +1065,406 @@ async fn a_state_folder_on_another_filesystem_still_gives_atomic_writes() {
         b"part",
     );
     assert_eq!(std::fs::read(f.root().join("x")).unwrap(), content);
-    let names: Vec<_> = std::fs::read_dir(f.root())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    // In-place parts: the assembly file is a hidden temporary beside the target, never listed,
+    // and becomes the file; an aborted session leaves nothing.
+    let names = || -> Vec<String> {
+        std::fs::read_dir(f.root())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let id = start_upload(&c, &f.url("/z"), &[]).await;
+    let refs = send_in_place(&c, &f.url("/z"), &id, &content, MIB / 2).await;
+    let hidden: Vec<_> = names().into_iter().filter(|n| n.starts_with(".afs-tmp-")).collect();
+    assert_eq!(hidden.len(), 1, "{hidden:?}");
+    let ino = ino_of(&f.root().join(&hidden[0]));
     let page: ListPage = get(&c, &f.url("/"), &[]).await.json();
     assert_eq!(page.entries.len(), 2);
+    assert_written(
+        &commit(&c, &f.url("/z"), &id, &[], &refs).await,
+        StatusCode::CREATED,
+        &content,
+    );
+    assert_eq!(ino_of(&f.root().join("z")), ino);
+    assert_eq!(std::fs::read(f.root().join("z")).unwrap(), content);
+    let id = start_upload(&c, &f.url("/z"), &[]).await;
+    send_in_place(&c, &f.url("/z"), &id, b"abc", 2).await;
+    assert_eq!(names().len(), 4);
+    delete(&c, &f.url(&format!("/z?afs=upload&upload={id}")), &[]).await;
+    assert_eq!(names().len(), 3, "{:?}", names());
+    let page: ListPage = get(&c, &f.url("/"), &[]).await.json();
+    assert_eq!(page.entries.len(), 3);
+}
+
+/// The one assembly file of session `id` (path and inode), and how many files its folder holds.
+fn assembly_of(f: &Fixture, id: &str) -> (std::path::PathBuf, u64, usize) {
+    use std::os::unix::fs::MetadataExt;
+    let dir = f.root().join(".artifactfs/uploads").join(id);
+    let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let assembly: Vec<_> = names
+        .iter()
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("assembly-"))
+        .collect();
+    assert_eq!(assembly.len(), 1, "{names:?}");
+    let ino = std::fs::metadata(assembly[0]).unwrap().ino();
+    (assembly[0].clone(), ino, names.len())
+}
+
+fn ino_of(p: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap())
+}
+
+/// Sends `content` as in-place parts of `part_size` bytes, all at once, the last one first;
+/// returns their references in file order.
+async fn send_in_place(c: &reqwest::Client, url: &str, id: &str, content: &[u8], part_size: usize) -> Vec<PartRef> {
+    let sends = content.chunks(part_size).enumerate().rev().map(|(i, bytes)| {
+        let (c, url, id, bytes) = (c.clone(), url.to_string(), id.to_string(), bytes.to_vec());
+        async move {
+            let extra = format!("&offset={}", i * part_size);
+            stored(&c, &url, &id, i as u32 + 1, &extra, &bytes, &bytes).await
+        }
+    });
+    let mut refs = futures_util::future::join_all(sends).await;
+    refs.reverse();
+    refs
+}
+
+fn sidecar_json(f: &Fixture, rel: &str) -> serde_json::Value {
+    let name = blake3::hash(rel.as_bytes()).to_hex();
+    let path = f
+        .root()
+        .join(".artifactfs/digests")
+        .join(&name[..2])
+        .join(format!("{name}.json"));
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn in_place_parts_commit_without_a_copy_or_a_second_hash() {
+    let f = Fixture::new(|_| {});
+    let c = client();
+    let store = Arc::clone(f.server.store());
+    for (name, len, part_size) in [("a.bin", 20 * MIB + 12_345, 3 * MIB), ("b.bin", 9 * MIB, MIB)] {
+        let content = data(len, len as u64);
+        let url = f.url(&format!("/{name}"));
+        let id = start_upload(&c, &url, &[]).await;
+        let before = f.settle();
+        let refs = send_in_place(&c, &url, &id, &content, part_size).await;
+        // The parts went into one file, no part files.
+        let (assembly, ino, files) = assembly_of(&f, &id);
+        assert_eq!(files, 1);
+        assert_eq!(std::fs::read(&assembly).unwrap(), content);
+        // With the background held, the commit's own work shows alone.
+        let hold = store.hold_background().await;
+        let hashed = store.bytes_hashed();
+        let r = commit(&c, &url, &id, &[], &refs).await;
+        let w = assert_written(&r, StatusCode::CREATED, &content);
+        let tag = etag_from_digests(
+            len as u64,
+            DIGEST_CHUNK_SIZE,
+            &crate::protocol::chunk_digests(&content, DIGEST_CHUNK_SIZE),
+        );
+        assert_eq!(w.etag, tag, "{name}: the tag of the content, computed independently");
+        assert_eq!(
+            store.bytes_hashed(),
+            hashed,
+            "{name}: every 1 MiB digest came from the parts"
+        );
+        let target = f.root().join(name);
+        assert_eq!(ino_of(&target), ino, "{name}: the assembly file itself became the file");
+        assert_eq!(std::fs::read(&target).unwrap(), content);
+        assert_eq!(head_tag(&c, &url).await, quote_etag(&tag));
+        let after = f.settle();
+        assert_eq!(after.bytes_received - before.bytes_received, len as u64);
+        assert_eq!(after.parts_copied_bytes, before.parts_copied_bytes);
+        assert_eq!(after.writes - before.writes, 1);
+        // Nothing left of the session.
+        assert!(!f.root().join(".artifactfs/uploads").join(&id).exists());
+        assert_eq!(leftovers(&f), 0);
+        // The chunks are not known yet: the sidecar has the digests only, has-chunks says no.
+        let json = sidecar_json(&f, name);
+        assert_eq!((json["etag"].as_str(), json.get("cdc")), (Some(tag.as_str()), None));
+        let hashes = hashes_of(&content);
+        assert!(!has_chunks(&c, &f, &hashes).await.iter().any(|&b| b), "{name}");
+        if name == "a.bin" {
+            // Asked for, they are computed at once (the background job then finds them).
+            let r = get(&c, &format!("{url}?afs=chunks"), &[]).await;
+            assert_eq!(r.status, StatusCode::OK);
+            let list: ChunkList = r.json();
+            let want = ChunkList {
+                etag: tag.clone(),
+                size: len as u64,
+                chunks: cdc_chunks(&content),
+            };
+            assert_eq!(list, want);
+            assert_eq!(store.bytes_hashed() - hashed, len as u64);
+            drop(hold);
+        } else {
+            // Left alone, the background job chunks the file.
+            drop(hold);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !has_chunks(&c, &f, &hashes).await.iter().all(|&b| b) {
+                assert!(Instant::now() < deadline, "background chunking did not finish");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(store.bytes_hashed() - hashed, len as u64);
+            let list: ChunkList = get(&c, &format!("{url}?afs=chunks"), &[]).await.json();
+            assert_eq!(list.chunks, cdc_chunks(&content));
+            assert_eq!(store.bytes_hashed() - hashed, len as u64, "chunked once");
+        }
+        // The sidecar gets the chunks (format 2) once they are known.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while sidecar_json(&f, name).get("cdc").is_none() {
+            assert!(Instant::now() < deadline, "the sidecar never got the chunks");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let json = sidecar_json(&f, name);
+        assert_eq!(json["format"], 2);
+        assert_eq!(json["cdc"].as_array().unwrap().len(), cdc_chunks(&content).len());
+    }
+}
+
+#[tokio::test]
+async fn unaligned_in_place_parts_hash_only_the_chunks_no_part_covers() {
+    let f = Fixture::new(|_| {});
+    let c = client();
+    let store = Arc::clone(f.server.store());
+    let content = data(10 * MIB + 500, 41);
+    let url = f.url("/u.bin");
+    let id = start_upload(&c, &url, &[]).await;
+    // 0..3.5 MiB, 3.5..4 MiB, 4..10 MiB + 500 (the last piece short: the file's end).
+    let cuts = [0, 7 * MIB / 2, 4 * MIB, content.len()];
+    let mut refs = Vec::new();
+    for (i, w) in cuts.windows(2).enumerate() {
+        let bytes = &content[w[0]..w[1]];
+        let extra = format!("&offset={}", w[0]);
+        refs.push(stored(&c, &url, &id, i as u32 + 1, &extra, bytes, bytes).await);
+    }
+    let _hold = store.hold_background().await;
+    let hashed = store.bytes_hashed();
+    let r = commit(&c, &url, &id, &[], &refs).await;
+    assert_written(&r, StatusCode::CREATED, &content);
+    // Only the chunk 3..4 MiB, across the first two parts, was read.
+    assert_eq!(store.bytes_hashed() - hashed, MIB as u64);
+    assert_eq!(std::fs::read(f.root().join("u.bin")).unwrap(), content);
+}
+
+#[tokio::test]
+async fn in_place_parts_resent_replace_and_overwritten_ones_are_lost() {
+    let f = Fixture::new(|_| {});
+    let c = client();
+    let url = f.url("/r.bin");
+    let (one, two) = (data(1000, 50), data(500, 51));
+    let id = start_upload(&c, &url, &[]).await;
+    let first = stored(&c, &url, &id, 1, "&offset=0", &one, &one).await;
+    let p2 = stored(&c, &url, &id, 2, "&offset=1000", &two, &two).await;
+    // Sent again with other bytes: the new bytes replace the old ones in place.
+    let again = data(1000, 52);
+    let p1 = stored(&c, &url, &id, 1, "&offset=0", &again, &again).await;
+    assert_error(
+        &commit(&c, &url, &id, &[], &[first, p2.clone()]).await,
+        StatusCode::BAD_REQUEST,
+        "bad_part",
+    );
+    // A part written over both: they are lost until sent again.
+    let over = data(200, 53);
+    let p3 = stored(&c, &url, &id, 3, "&offset=900", &over, &over).await;
+    for listed in [vec![p1.clone(), p2.clone()], vec![p2.clone()], vec![p1.clone()]] {
+        let r = commit(&c, &url, &id, &[], &listed).await;
+        assert_error(&r, StatusCode::BAD_REQUEST, "bad_part");
+        assert!(String::from_utf8_lossy(&r.body).contains("overwritten"));
+    }
+    assert!(!f.root().join("r.bin").exists());
+    let p1 = stored(&c, &url, &id, 1, "&offset=0", &again, &again).await;
+    let p2 = stored(&c, &url, &id, 2, "&offset=1000", &two, &two).await;
+    // Part 3 was overwritten in turn; parts 1 and 2 are whole again.
+    assert_error(
+        &commit(&c, &url, &id, &[], &[p3]).await,
+        StatusCode::BAD_REQUEST,
+        "bad_part",
+    );
+    let mut want = again.clone();
+    want.extend_from_slice(&two);
+    assert_written(&commit(&c, &url, &id, &[], &[p1, p2]).await, StatusCode::CREATED, &want);
+    assert_eq!(std::fs::read(f.root().join("r.bin")).unwrap(), want);
+    assert_eq!(leftovers(&f), 0);
+
+    // An in-place part replaces a part sent without offset of the same number, and back.
+    let id = start_upload(&c, &url, &[]).await;
+    stored(&c, &url, &id, 1, "", b"file part", b"file part").await;
+    let dir = f.root().join(".artifactfs/uploads").join(&id);
+    assert!(dir.join("1").exists());
+    let p1 = stored(&c, &url, &id, 1, "&offset=0", b"in place", b"in place").await;
+    assert!(!dir.join("1").exists(), "the replaced part's file is gone");
+    assert_written(&commit(&c, &url, &id, &[], &[p1]).await, StatusCode::OK, b"in place");
+    let id = start_upload(&c, &url, &[]).await;
+    stored(&c, &url, &id, 1, "&offset=0", b"in place", b"in place").await;
+    let p1 = stored(&c, &url, &id, 1, "", b"file part", b"file part").await;
+    assert_written(&commit(&c, &url, &id, &[], &[p1]).await, StatusCode::OK, b"file part");
+
+    // Aborting removes the assembly file with the session.
+    let id = start_upload(&c, &url, &[]).await;
+    stored(&c, &url, &id, 1, "&offset=0", &one, &one).await;
+    stored(&c, &url, &id, 2, "", &two, &two).await;
+    assert_eq!(assembly_of(&f, &id).2, 2);
+    let r = delete(&c, &format!("{url}?afs=upload&upload={id}"), &[]).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        std::fs::read_dir(f.root().join(".artifactfs/uploads")).unwrap().count(),
+        0
+    );
+    assert_eq!(leftovers(&f), 0);
+    assert_eq!(std::fs::read(f.root().join("r.bin")).unwrap(), b"file part");
+}
+
+#[tokio::test]
+async fn mixed_gapped_and_reordered_parts_fall_back_and_stay_exact() {
+    let base = data(3 * MIB, 60);
+    let other = data(600_000, 61);
+    let (b2, o2) = (base.clone(), other.clone());
+    let f = Fixture::new(move |r| {
+        std::fs::write(r.join("f"), &b2).unwrap();
+        std::fs::write(r.join("elsewhere"), &o2).unwrap();
+    });
+    let c = client();
+    let store = Arc::clone(f.server.store());
+    let chunk = cdc_chunks(&other)[1].clone();
+    let chunk_bytes = other[chunk.offset as usize..(chunk.offset + chunk.len) as usize].to_vec();
+    // The files present at start are chunked in the background; wait until they are.
+    let mut known = hashes_of(&base);
+    known.push(chunk.hash.clone());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !has_chunks(&c, &f, &known).await.iter().all(|&b| b) {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = f.url("/f");
+    let tag = quote_etag(&tag_of(&base));
+    let (x, y) = (data(2 * MIB + 3, 62), data(700, 63));
+    let (mut received, mut copied) = (0u64, 0u64);
+    let before = f.settle();
+
+    // In place from 0 but with a part without offset among them: copied, exact.
+    let id = start_upload(&c, &url, &[(header::IF_MATCH, &tag)]).await;
+    let p1 = stored(&c, &url, &id, 1, "&offset=0", &x, &x).await;
+    let p2 = stored(&c, &url, &id, 2, "", &y, &y).await;
+    let off = x.len() + y.len();
+    let p3 = stored(
+        &c,
+        &url,
+        &id,
+        3,
+        &format!("&offset={off}&copy=0-99999"),
+        b"",
+        &base[..100_000],
+    )
+    .await;
+    let at = off + 100_000;
+    let p4 = stored(
+        &c,
+        &url,
+        &id,
+        4,
+        &format!("&offset={at}&chunk={}", chunk.hash),
+        b"",
+        &chunk_bytes,
+    )
+    .await;
+    // Refused before anything is written or counted.
+    let bad = [
+        ("&offset=0&copy=0-99999999", StatusCode::RANGE_NOT_SATISFIABLE),
+        (&*format!("&offset=0&chunk={}", "ab".repeat(32)), StatusCode::NOT_FOUND),
+        ("&offset=9223372036854775808", StatusCode::BAD_REQUEST),
+        ("&offset=x", StatusCode::BAD_REQUEST),
+    ];
+    for (extra, status) in bad {
+        assert_eq!(part(&c, &url, &id, 5, extra, b"").await.status, status, "{extra}");
+    }
+    received += (x.len() + y.len()) as u64;
+    copied += 100_000 + chunk.len;
+    let mut want = x.clone();
+    want.extend_from_slice(&y);
+    want.extend_from_slice(&base[..100_000]);
+    want.extend_from_slice(&chunk_bytes);
+    let r = commit(&c, &url, &id, &[(header::IF_MATCH, &tag)], &[p1, p2, p3, p4]).await;
+    let w = assert_written(&r, StatusCode::OK, &want);
+    assert_eq!(std::fs::read(f.root().join("f")).unwrap(), want);
+
+    // copy= and chunk= in place, tiling from 0: no copy at commit; listed in another order or
+    // with a gap: the file is the parts' concatenation all the same.
+    let tag = quote_etag(&w.etag);
+    let id = start_upload(&c, &url, &[(header::IF_MATCH, &tag)]).await;
+    let q1 = stored(&c, &url, &id, 1, "&offset=0&copy=0-2097151", b"", &want[..2 * MIB]).await;
+    let q2 = stored(&c, &url, &id, 2, &format!("&offset={}", 2 * MIB), &y, &y).await;
+    let gap = 2 * MIB + y.len() + 10;
+    let q3 = stored(
+        &c,
+        &url,
+        &id,
+        3,
+        &format!("&offset={gap}&chunk={}", chunk.hash),
+        b"",
+        &chunk_bytes,
+    )
+    .await;
+    // Not listed, beyond the end: cut off.
+    let q4 = stored(&c, &url, &id, 4, &format!("&offset={}", 9 * MIB), &x, &x).await;
+    received += (y.len() + x.len()) as u64;
+    copied += 2 * MIB as u64 + chunk.len;
+    for listed in [
+        vec![q2.clone(), q1.clone()],
+        vec![q1.clone(), q2.clone(), q3.clone()],
+        vec![q1.clone(), q1.clone()],
+    ] {
+        let mut content = Vec::new();
+        for p in &listed {
+            content.extend_from_slice(match p.part {
+                1 => &want[..2 * MIB],
+                2 => &y,
+                _ => &chunk_bytes,
+            });
+        }
+        // A failed condition keeps the session.
+        let r = commit(&c, &url, &id, &[(header::IF_NONE_MATCH, "*")], &listed).await;
+        assert_error(&r, StatusCode::PRECONDITION_FAILED, "precondition_failed");
+        // A commit ends the session: the next layout needs the same parts again.
+        let id2 = start_upload(&c, &url, &[]).await;
+        let mut refs = Vec::new();
+        for p in &listed {
+            let (extra, body): (String, &[u8]) = match p.part {
+                1 => (format!("&offset={}", 0), &want[..2 * MIB]),
+                2 => (format!("&offset={}", 2 * MIB), &y),
+                _ => (format!("&offset={gap}"), &chunk_bytes),
+            };
+            refs.push(stored(&c, &url, &id2, p.part, &extra, body, body).await);
+            received += body.len() as u64;
+        }
+        let hashed = store.bytes_hashed();
+        let r = commit(&c, &url, &id2, &[], &refs).await;
+        assert_written(&r, StatusCode::OK, &content);
+        assert_eq!(std::fs::read(f.root().join("f")).unwrap(), content);
+        assert!(
+            store.bytes_hashed() - hashed >= content.len() as u64,
+            "copied and hashed"
+        );
+    }
+    let _ = q4;
+    let hashed = store.bytes_hashed();
+    let _hold = store.hold_background().await;
+    let r = commit(&c, &url, &id, &[], &[q1, q2]).await;
+    let mut content = want[..2 * MIB].to_vec();
+    content.extend_from_slice(&y);
+    assert_written(&r, StatusCode::OK, &content);
+    assert_eq!(std::fs::read(f.root().join("f")).unwrap(), content);
+    // Every digest came from the parts, the copy's included.
+    assert_eq!(store.bytes_hashed(), hashed);
+
+    let after = f.settle();
+    assert_eq!(after.bytes_received - before.bytes_received, received);
+    assert_eq!(after.parts_copied_bytes - before.parts_copied_bytes, copied);
+    assert_eq!(
+        std::fs::read_dir(f.root().join(".artifactfs/uploads")).unwrap().count(),
+        0
+    );
+    assert_eq!(leftovers(&f), 0);
 }
