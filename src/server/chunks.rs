@@ -232,6 +232,8 @@ pub async fn serve_has_chunks(ctx: &Ctx, body: Bytes) -> Result<Response, Server
         .iter()
         .map(|h| parse_hash(h).ok_or_else(|| ServerError::BadRequest(format!("{h:?} is not a hex blake3 hash"))))
         .collect::<Result<Vec<_>, _>>()?;
+    // Chunks of files committed a moment ago are still being indexed in the background.
+    ctx.store.settle_chunking(std::time::Duration::from_secs(10)).await;
     let index = Arc::clone(ctx.store.index());
     let root = Arc::clone(&ctx.root);
     let have = tokio::task::spawn_blocking(move || {

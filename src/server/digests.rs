@@ -462,6 +462,15 @@ impl DigestStore {
         });
     }
 
+    /// Waits (at most `max`) until the versions left to background chunking after commits
+    /// are chunked, so that `has-chunks` does not deny chunks of a file just written.
+    pub async fn settle_chunking(&self, max: std::time::Duration) {
+        let end = std::time::Instant::now() + max;
+        while !self.chunk_queue.lock().is_empty() && std::time::Instant::now() < end {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// Holds every background slot until the permit is dropped (tests look at what a write
     /// left to the background before it runs).
     #[cfg(test)]
