@@ -227,6 +227,15 @@ def stats(url):
     return json.loads(out)
 
 
+def settle(url, written):
+    """Lets the server finish the background work a write left (chunking the new file) and the
+    disk write back dirty pages, so each measurement starts from the same state."""
+    if written:
+        subprocess.run(["curl", "-sf", f"{url}/{written}?afs=chunks", "-o", "/dev/null"], check=False)
+    os.sync()
+    time.sleep(1)
+
+
 def random_file(path, mib):
     with open(path, "wb") as f:
         for _ in range(mib):
@@ -245,11 +254,13 @@ def write_rounds(url, r):
         for rnd in range(ROUNDS):
             random_file(src_a, SIZE_MIB)
             random_file(src_b, SIZE_MIB)
-            os.sync()
+            settle(url, None)
             r["write_curl"].append(timed(lambda: sh("curl", "-sf", "-T", src_a, f"{url}/w-curl-{rnd}.bin", "-o", "/dev/null")))
+            settle(url, f"w-curl-{rnd}.bin")
             before = stats(url)
             dest = os.path.join(mnt, f"w-mount-{rnd}.bin")
             r["write_mount"].append(timed(lambda: sh("cp", src_b, dest)))
+            settle(url, f"w-mount-{rnd}.bin")
             r["write_parallel"].append(stats(url)["max_active"])
             print(f"write round {rnd + 1}/{ROUNDS}: mount {r['write_mount'][-1]:.3f} curl -T {r['write_curl'][-1]:.3f}", file=sys.stderr)
             del before

@@ -237,6 +237,16 @@ impl fuser::Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: fuser::ReplyWrite,
     ) {
+        {
+            let _enter = self.rt.enter();
+            if let Some(r) = self.fs.try_write_now(fh.0, offset, data) {
+                match r {
+                    Ok(n) => reply.written(n),
+                    Err(e) => reply.error(errno("write", &e)),
+                }
+                return;
+            }
+        }
         let fs = self.fs.clone();
         let data = data.to_vec();
         self.run(async move { fs.write(fh.0, offset, &data).await }, move |r| match r {

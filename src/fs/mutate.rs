@@ -241,24 +241,76 @@ impl ArtifactFs {
             .write(offset, data)
             .map_err(|e| FsError::Local(e.to_string()))?;
         let size = st.staged.size();
-        if !st.no_stream {
-            self.stream_after_write(&mut st, offset).await;
+        if self.note_write(&mut st, offset) {
+            self.stream_step(&mut st).await;
         }
         drop(st);
         self.touch(h.ino, size);
         Ok(data.len() as u32)
     }
 
+    /// `write` done at once, when it can be: the file has local state and nobody holds it right
+    /// now. The bytes go from the kernel's buffer straight into the staging file; a stream
+    /// step that is due runs afterwards in a task. `None`: take the general path.
+    pub fn try_write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<Result<u32, FsError>> {
+        if self.cfg.read_only {
+            return Some(Err(FsError::ReadOnly));
+        }
+        let h = self.files.lock().get(&fh).cloned()?;
+        let l = self.table.lock().inodes.get(&h.ino).and_then(|i| i.local.clone())?;
+        let mut st = l.state.try_lock().ok()?;
+        if let Err(e) = st.staged.write(offset, data) {
+            return Some(Err(FsError::Local(e.to_string())));
+        }
+        let size = st.staged.size();
+        let due = self.note_write(&mut st, offset);
+        drop(st);
+        self.touch(h.ino, size);
+        if due && let Some(me) = self.me.upgrade() {
+            tokio::spawn(async move {
+                let mut st = l.state.lock().await;
+                me.stream_step(&mut st).await;
+            });
+        }
+        Some(Ok(data.len() as u32))
+    }
+
+    /// Notes a write at `offset` for the stream: one over bytes already sent ends it. Returns
+    /// whether a stream step is due (a whole part is ready, or a stream must be given up).
+    fn note_write(&self, st: &mut LocalState, offset: u64) -> bool {
+        if st.no_stream {
+            return st.stream.is_some();
+        }
+        let sent = st.stream.as_ref().map_or(0, |s| s.sent_upto());
+        if offset < sent {
+            tracing::debug!(path = st.path, "a write out of order ends the streamed upload");
+            st.no_stream = true;
+            return true;
+        }
+        st.staged.size() >= sent + crate::write::stream::part_size_for(self.cfg.upload.part_size, sent)
+    }
+
+    /// Gives up a stream that was ruled out, or sends the parts that are ready.
+    async fn stream_step(&self, st: &mut LocalState) {
+        if st.no_stream {
+            if st.stream.is_some() {
+                st.stop_stream().await;
+            }
+            return;
+        }
+        self.stream_after_write(st).await;
+    }
+
     /// Sends whole parts of a file being written from start to end while it is written.
-    async fn stream_after_write(&self, st: &mut LocalState, offset: u64) {
-        let part = self.cfg.upload.part_size;
+    async fn stream_after_write(&self, st: &mut LocalState) {
+        let base_part = self.cfg.upload.part_size;
         let caps = self.store.capabilities();
         if !caps.writes {
             st.no_stream = true;
             return;
         }
         let sent = st.stream.as_ref().map_or(0, |s| s.sent_upto());
-        if !st.sequential() || offset < sent {
+        if !st.sequential() {
             if st.stream.is_some() {
                 tracing::debug!(path = st.path, "a write out of order ends the streamed upload");
                 st.stop_stream().await;
@@ -266,6 +318,7 @@ impl ArtifactFs {
             return;
         }
         let size = st.staged.size();
+        let part = crate::write::stream::part_size_for(base_part, sent);
         if size < sent + part {
             return;
         }
@@ -292,7 +345,7 @@ impl ArtifactFs {
                     return;
                 }
             };
-            match Streamer::start(self.store.clone(), &st.path, file, part, self.cfg.upload_parallel).await {
+            match Streamer::start(self.store.clone(), &st.path, file, base_part, self.cfg.upload_parallel).await {
                 Ok(s) => st.stream = Some(s),
                 Err(e) => {
                     tracing::debug!(path = st.path, "no streamed upload: {e}");

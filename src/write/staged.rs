@@ -179,6 +179,11 @@ impl Staged {
         out
     }
 
+    /// Local bytes of `range` without copying them (see [`map_range`]).
+    pub fn local_bytes(&self, range: Range<u64>) -> io::Result<bytes::Bytes> {
+        map_range(&self.file, range)
+    }
+
     /// Reads local bytes (a range `layers` called `Local`).
     pub fn read_local(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.file.read_exact_at(buf, offset)
@@ -259,6 +264,28 @@ impl Staged {
         self.unsent.insert(0..self.size);
         self.changed = true;
     }
+}
+
+/// The bytes of `range` of `file`, mapped rather than copied (the pages are the page cache's).
+/// The caller must not change that range of the file while the bytes are in use.
+pub fn map_range(file: &File, range: Range<u64>) -> io::Result<bytes::Bytes> {
+    if range.is_empty() {
+        return Ok(bytes::Bytes::new());
+    }
+    // SAFETY: sysconf cannot fail for _SC_PAGESIZE.
+    let page = (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(4096) as u64;
+    let start = range.start / page * page;
+    let skip = (range.start - start) as usize;
+    // SAFETY: a read-only private view of the file; the caller keeps the range unchanged
+    // while the bytes are used (a stream stops, and its parts are dropped, on any write to a
+    // range it sent).
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(start)
+            .len(skip + (range.end - range.start) as usize)
+            .map(file)?
+    };
+    Ok(bytes::Bytes::from_owner(map).slice(skip..))
 }
 
 /// Where the bytes of a piece of the file come from.

@@ -6,10 +6,8 @@
 //! uploaded at `close` as any other.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tokio::task::JoinSet;
 
 use crate::store::{DynStore, ETag, ObjectMeta, PartReceipt, PartSource, StoreError, UploadId, WriteCondition};
@@ -66,14 +64,8 @@ impl Streamer {
         self.sent_upto = end;
         self.tasks.spawn(async move {
             let len = (end - start) as usize;
-            let data = tokio::task::spawn_blocking(move || {
-                let mut buf = vec![0u8; len];
-                file.read_exact_at(&mut buf, start).map(|_| buf)
-            })
-            .await
-            .map_err(|e| StoreError::Protocol(e.to_string()))?
-            .map_err(|e| StoreError::Protocol(format!("reading the staging file: {e}")))?;
-            let data = Bytes::from(data);
+            let data = crate::write::staged::map_range(&file, start..end)
+                .map_err(|e| StoreError::Protocol(format!("reading the staging file: {e}")))?;
             let receipt =
                 with_retries(|| store.upload_part(&id, number, PartSource::Bytes(data.clone()), Some(start))).await?;
             Ok((receipt, len as u64))

@@ -364,10 +364,7 @@ fn parts_copy(parts: &[Part]) -> bool {
 
 /// Local bytes of `r` (all written locally).
 fn local(s: &Staged, r: Range<u64>) -> Result<Bytes, UploadError> {
-    let mut buf = vec![0u8; (r.end - r.start) as usize];
-    s.read_local(r.start, &mut buf)
-        .map_err(|e| UploadError::Local(e.to_string()))?;
-    Ok(buf.into())
+    s.local_bytes(r).map_err(|e| UploadError::Local(e.to_string()))
 }
 
 fn version_of(m: ObjectMeta) -> Result<RemoteVersion, UploadError> {
