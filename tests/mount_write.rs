@@ -218,12 +218,18 @@ fn a_new_large_file_goes_up_in_parallel_parts_before_close_returns() {
     let store = Store::new();
     let server = store.serve();
     let m = Mount::new(&server.url());
-    let data = bytes(128 * MIB, 5);
+    let data = bytes(1024 * MIB, 5);
     server.handle.stats().reset();
     let mut f = std::fs::File::create(m.path("new.bin")).unwrap();
     for piece in data.chunks(1 << 20) {
         f.write_all(piece).unwrap();
     }
+    // Streamed: most of it is on the server before close is even called.
+    let before_close = server.stats().bytes_received;
+    assert!(
+        before_close >= data.len() as u64 / 2,
+        "only {before_close} bytes arrived before close"
+    );
     close(f).unwrap();
     let s = server.stats();
     assert_eq!(
