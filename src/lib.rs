@@ -12,4 +12,6 @@ pub mod protocol;
 pub mod read;
 pub mod server;
 pub mod store;
+#[doc(hidden)]
+pub mod testing;
 pub mod write;

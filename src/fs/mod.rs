@@ -231,7 +231,9 @@ struct Table {
 struct FileHandle {
     ino: u64,
     /// The version read (`None` for a file made here).
-    version: Option<Arc<Version>>,
+    /// The version read; made at the first read when the file had local changes at open
+    /// (they may be sent and gone by then).
+    version: OnceLock<Arc<Version>>,
     readahead: Mutex<Readahead>,
 }
 
@@ -951,8 +953,15 @@ impl ArtifactFs {
                 Err(e) => reply(Err(e)),
             };
         }
-        let Some(version) = &h.version else {
-            return reply(Err(FsError::BadHandle));
+        let version = match h.version.get() {
+            Some(v) => v.clone(),
+            None => match self.file_version(h.ino).await {
+                Ok((path, etag, size)) => h
+                    .version
+                    .get_or_init(|| self.reader.open_version(&path, &etag, size))
+                    .clone(),
+                Err(e) => return reply(Err(e)),
+            },
         };
         let stale = version
             .read(&h.readahead, offset, size, |r| match r {

@@ -8,8 +8,8 @@
 
 use std::ffi::OsStr;
 use std::ops::Range;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
@@ -224,7 +224,7 @@ impl ArtifactFs {
             fh,
             Arc::new(FileHandle {
                 ino,
-                version,
+                version: version.map(OnceLock::from).unwrap_or_default(),
                 readahead: Mutex::new(Readahead::default()),
             }),
         );

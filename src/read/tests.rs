@@ -8,6 +8,7 @@ use crate::cache::CacheConfig;
 use crate::store::faulty::{Fault, FaultyStore, Op};
 use crate::store::memory::MemoryStore;
 use crate::store::{ETag, StoreError};
+use crate::testing::noise as data;
 
 const MIB: u64 = 1 << 20;
 
@@ -55,16 +56,6 @@ fn fast_retries() -> ReadConfig {
         retries: 3,
         ..ReadConfig::default()
     }
-}
-
-fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..len)
-        .map(|_| {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (x >> 33) as u8
-        })
-        .collect()
 }
 
 async fn read(v: &Arc<Version>, ra: &Mutex<Readahead>, off: u64, len: u32) -> Result<Vec<u8>, ReadError> {

@@ -328,19 +328,8 @@ pub fn rechunk(
 mod tests {
     use super::*;
     use crate::protocol::{cdc_chunks, chunk_digests};
+    use crate::testing::noise as data;
     use std::io::Write;
-
-    fn data(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
 
     fn file_with(bytes: &[u8]) -> (tempfile::NamedTempFile, File) {
         let mut f = tempfile::NamedTempFile::new().unwrap();

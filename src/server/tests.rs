@@ -15,22 +15,9 @@ use super::*;
 use crate::protocol::{
     DigestList, EntryKind, ErrorBody, ListPage, ServerStats, chunk_digests, etag_from_digests, quote_etag,
 };
+pub(super) use crate::testing::noise as data;
 
 pub(super) const MIB: usize = 1 << 20;
-
-pub(super) fn data(len: usize, seed: u64) -> Vec<u8> {
-    // xorshift: cheap, deterministic, not compressible into repeating chunks.
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
 
 pub(super) fn tag_of(bytes: &[u8]) -> String {
     etag_from_digests(

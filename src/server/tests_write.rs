@@ -858,7 +858,7 @@ async fn chunk_lists_and_has_chunks_follow_every_write() {
 
 #[tokio::test]
 async fn a_chunk_whose_bytes_changed_in_place_is_refused() {
-    let content = data(400_000, 20);
+    let content = data(3_000_000, 20);
     let c2 = content.clone();
     let f = Fixture::new(move |r| std::fs::write(r.join("f"), &c2).unwrap());
     let c = client();

@@ -214,19 +214,8 @@ pub async fn mostly_known(store: &DynStore, path: &str, base: Option<&ETag>, pre
 mod tests {
     use super::*;
     use crate::store::memory::MemoryStore;
+    use crate::testing::noise;
     use std::io::Write;
-
-    fn noise(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn parts_go_while_the_file_is_written() {

@@ -15,22 +15,10 @@ use artifactfs::server::{ServerConfig, ServerHandle};
 
 pub const MIB: usize = 1 << 20;
 
+pub use artifactfs::testing::noise as bytes;
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_artifactfs")
-}
-
-/// Deterministic pseudo-random bytes.
-pub fn bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed ^ 0x9e37_79b9_7f4a_7c15;
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 pub fn hash(data: &[u8]) -> String {

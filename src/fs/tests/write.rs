@@ -2,25 +2,13 @@
 //! what a reader sees meanwhile, and what happens on a conflict.
 
 use super::*;
+use crate::testing::noise;
 
 async fn write_all(fs: &ArtifactFs, fh: u64, mut off: u64, data: &[u8]) {
     for piece in data.chunks(128 << 10) {
         assert_eq!(fs.write(fh, off, piece).await.unwrap() as usize, piece.len());
         off += piece.len() as u64;
     }
-}
-
-/// Pseudo-random bytes (content-defined chunking needs content that is not periodic).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn remote(e: &Env, path: &str) -> Option<Vec<u8>> {

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use super::*;
 use crate::store::memory::MemoryStore;
 use crate::store::{Capabilities, ETag, Store};
+use crate::testing::noise as data;
 
 const MIB: usize = 1 << 20;
 
@@ -17,18 +18,6 @@ impl BaseSource for Original {
     async fn read(&self, r: Range<u64>) -> Result<Bytes, String> {
         Ok(self.0.slice(r.start as usize..r.end as usize))
     }
-}
-
-fn data(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 struct Env {
