@@ -61,6 +61,10 @@ tar -tf "$DIR/mnt/releases/v1.2.0/dataset.tar" | head -n 3 || true
 echo "== python"
 python3 -c "import json,sys; print(json.load(open(sys.argv[1])))" "$DIR/mnt/models/resnet/config.json"
 cmp "$DIR/mnt/releases/v1.2.0/dataset.tar" "$DIR/store/releases/v1.2.0/dataset.tar" && echo "dataset.tar: identical"
+echo "== writing through the mount (an append sends only the appended bytes)"
+echo "written through artifactfs at $(date)" > "$DIR/mnt/NOTES.txt"
+echo "appended" >> "$DIR/mnt/NOTES.txt"
+echo "on the server: $(tr '\n' ' ' < "$DIR/store/NOTES.txt")"
 echo "== cache stats"
 "$BIN" cache stats --cache-dir "$DIR/cache"
 echo
