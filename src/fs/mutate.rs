@@ -62,6 +62,12 @@ impl LocalState {
         !kept && whole
     }
 
+    /// Whether some bytes of a remote version are part of the content (then it is not all in
+    /// the staging file, and cannot be streamed from it).
+    fn keeps_remote(&self) -> bool {
+        self.staged.remote().is_some() && self.staged.unsent_keep() > 0
+    }
+
     /// Ends streaming for good (the session is given up; the file goes up at close).
     async fn stop_stream(&mut self) {
         self.no_stream = true;
@@ -237,11 +243,8 @@ impl ArtifactFs {
         let h = self.files.lock().get(&fh).cloned().ok_or(FsError::BadHandle)?;
         let l = self.ensure_local(h.ino).await?;
         let mut st = l.state.lock().await;
-        st.staged
-            .write(offset, data)
-            .map_err(|e| FsError::Local(e.to_string()))?;
-        let size = st.staged.size();
-        if self.note_write(&mut st, offset) {
+        let size = self.write_locked(&mut st, offset, data)?;
+        if self.stream_due(&st) {
             self.stream_step(&mut st).await;
         }
         drop(st);
@@ -250,8 +253,8 @@ impl ArtifactFs {
     }
 
     /// `write` done at once, when it can be: the file has local state and nobody holds it right
-    /// now. The bytes go from the kernel's buffer straight into the staging file; a stream
-    /// step that is due runs afterwards in a task. `None`: take the general path.
+    /// now. The bytes go from the kernel's buffer straight into the staging file; starting or
+    /// ending a stream, when due, runs afterwards in a task. `None`: take the general path.
     pub fn try_write_now(&self, fh: u64, offset: u64, data: &[u8]) -> Option<Result<u32, FsError>> {
         if self.cfg.read_only {
             return Some(Err(FsError::ReadOnly));
@@ -259,11 +262,11 @@ impl ArtifactFs {
         let h = self.files.lock().get(&fh).cloned()?;
         let l = self.table.lock().inodes.get(&h.ino).and_then(|i| i.local.clone())?;
         let mut st = l.state.try_lock().ok()?;
-        if let Err(e) = st.staged.write(offset, data) {
-            return Some(Err(FsError::Local(e.to_string())));
-        }
-        let size = st.staged.size();
-        let due = self.note_write(&mut st, offset);
+        let size = match self.write_locked(&mut st, offset, data) {
+            Ok(size) => size,
+            Err(e) => return Some(Err(e)),
+        };
+        let due = self.stream_due(&st);
         drop(st);
         self.touch(h.ino, size);
         if due && let Some(me) = self.me.upgrade() {
@@ -275,22 +278,45 @@ impl ArtifactFs {
         Some(Ok(data.len() as u32))
     }
 
-    /// Notes a write at `offset` for the stream: one over bytes already sent ends it. Returns
-    /// whether a stream step is due (a whole part is ready, or a stream must be given up).
-    fn note_write(&self, st: &mut LocalState, offset: u64) -> bool {
+    /// Writes into the staging file. With a stream running, the write happens under its
+    /// claims: a write below what parts took ends the stream (the bytes are sent at close).
+    fn write_locked(&self, st: &mut LocalState, offset: u64, data: &[u8]) -> Result<u64, FsError> {
+        let local = |e: std::io::Error| FsError::Local(e.to_string());
+        match st.stream.as_ref() {
+            Some(stream) => {
+                let claims = stream.claims();
+                let below = offset < *claims;
+                if !below {
+                    st.staged.write(offset, data).map_err(local)?;
+                }
+                drop(claims);
+                if below {
+                    tracing::debug!(
+                        path = st.path,
+                        "a write over bytes already sent ends the streamed upload"
+                    );
+                    st.no_stream = true;
+                    st.staged.write(offset, data).map_err(local)?;
+                } else if let Some(stream) = st.stream.as_ref() {
+                    // Only what was written without a gap may be sent: a write still on its way
+                    // fills the gap.
+                    stream.written(st.staged.unsent_prefix());
+                }
+            }
+            None => st.staged.write(offset, data).map_err(local)?,
+        }
+        Ok(st.staged.size())
+    }
+
+    /// Whether a stream must be started (a first whole part is written) or given up.
+    fn stream_due(&self, st: &LocalState) -> bool {
         if st.no_stream {
             return st.stream.is_some();
         }
-        let sent = st.stream.as_ref().map_or(0, |s| s.sent_upto());
-        if offset < sent {
-            tracing::debug!(path = st.path, "a write out of order ends the streamed upload");
-            st.no_stream = true;
-            return true;
-        }
-        st.staged.size() >= sent + crate::write::stream::part_size_for(self.cfg.upload.part_size, sent)
+        st.stream.is_none() && st.staged.unsent_prefix() >= self.cfg.upload.part_size && !st.keeps_remote()
     }
 
-    /// Gives up a stream that was ruled out, or sends the parts that are ready.
+    /// Gives up a stream that was ruled out, or starts one.
     async fn stream_step(&self, st: &mut LocalState) {
         if st.no_stream {
             if st.stream.is_some() {
@@ -298,67 +324,49 @@ impl ArtifactFs {
             }
             return;
         }
-        self.stream_after_write(st).await;
+        if st.stream.is_none() && !st.keeps_remote() && st.staged.unsent_prefix() >= self.cfg.upload.part_size {
+            self.start_stream(st).await;
+        }
     }
 
-    /// Sends whole parts of a file being written from start to end while it is written.
-    async fn stream_after_write(&self, st: &mut LocalState) {
-        let base_part = self.cfg.upload.part_size;
+    /// Starts streaming a file written from its start, unless the remote holds its content
+    /// already (a copy, a save through a temp file: better deduplicated at close).
+    async fn start_stream(&self, st: &mut LocalState) {
+        let part = self.cfg.upload.part_size;
         let caps = self.store.capabilities();
         if !caps.writes {
             st.no_stream = true;
             return;
         }
-        let sent = st.stream.as_ref().map_or(0, |s| s.sent_upto());
-        if !st.sequential() {
-            if st.stream.is_some() {
-                tracing::debug!(path = st.path, "a write out of order ends the streamed upload");
-                st.stop_stream().await;
-            }
+        let mut prefix = vec![0u8; part as usize];
+        if st.staged.read_local(0, &mut prefix).is_err() {
+            st.no_stream = true;
             return;
         }
-        let size = st.staged.size();
-        let part = crate::write::stream::part_size_for(base_part, sent);
-        if size < sent + part {
-            return;
-        }
-        if st.stream.is_none() {
-            // Content the remote holds already (a copy, a save through a temp file) goes by
-            // chunks at close instead.
-            let mut prefix = vec![0u8; part as usize];
-            if st.staged.read_local(0, &mut prefix).is_err() {
-                st.no_stream = true;
-                return;
-            }
-            let base = st.staged.remote().map(|r| r.etag.clone());
-            if caps.content_chunks
-                && self.cfg.upload.incremental
-                && mostly_known(&self.store, &st.path, base.as_ref(), &prefix).await
-            {
-                st.no_stream = true;
-                return;
-            }
-            let file = match std::fs::File::open(st.staged.path()) {
-                Ok(f) => f,
-                Err(_) => {
-                    st.no_stream = true;
-                    return;
-                }
-            };
-            match Streamer::start(self.store.clone(), &st.path, file, base_part, self.cfg.upload_parallel).await {
-                Ok(s) => st.stream = Some(s),
-                Err(e) => {
-                    tracing::debug!(path = st.path, "no streamed upload: {e}");
-                    st.no_stream = true;
-                    return;
-                }
-            }
-        }
-        if let Some(s) = st.stream.as_mut()
-            && let Err(e) = s.feed(size).await
+        let base = st.staged.remote().map(|r| r.etag.clone());
+        if caps.content_chunks
+            && self.cfg.upload.incremental
+            && mostly_known(&self.store, &st.path, base.as_ref(), &prefix).await
         {
-            tracing::warn!(path = st.path, "streamed upload failed, the file goes up at close: {e}");
-            st.stop_stream().await;
+            st.no_stream = true;
+            return;
+        }
+        let file = match std::fs::File::open(st.staged.path()) {
+            Ok(f) => f,
+            Err(_) => {
+                st.no_stream = true;
+                return;
+            }
+        };
+        match Streamer::start(self.store.clone(), &st.path, file, part, self.cfg.upload_parallel).await {
+            Ok(s) => {
+                s.written(st.staged.unsent_prefix());
+                st.stream = Some(s);
+            }
+            Err(e) => {
+                tracing::debug!(path = st.path, "no streamed upload: {e}");
+                st.no_stream = true;
+            }
         }
     }
 

@@ -128,6 +128,15 @@ impl Staged {
         &self.overlay
     }
 
+    /// How far the bytes written since the last upload run without a gap from offset 0 (the
+    /// kernel's writes of one sequential writer can arrive out of order).
+    pub fn unsent_prefix(&self) -> u64 {
+        match self.unsent.ranges().next() {
+            Some(r) if r.start == 0 => r.end,
+            _ => 0,
+        }
+    }
+
     pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         if data.is_empty() {
             return Ok(());

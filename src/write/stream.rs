@@ -12,24 +12,34 @@ use tokio::task::JoinSet;
 
 use crate::store::{DynStore, ETag, ObjectMeta, PartReceipt, PartSource, StoreError, UploadId, WriteCondition};
 
+/// What the writer tells the streaming task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Progress {
+    /// The file's size now.
+    written: u64,
+    /// Set by `finish`: the final size; send the rest and stop.
+    last: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// Bytes from offset 0 that parts took (being sent or sent): they must not change.
+    claimed: parking_lot::Mutex<u64>,
+    progress: tokio::sync::watch::Sender<Progress>,
+}
+
+/// A task sending whole parts of a staging file while it is written; the writer only says
+/// how far it wrote, and never waits for the network.
 #[derive(Debug)]
 pub struct Streamer {
     store: DynStore,
     id: UploadId,
-    file: Arc<File>,
-    part_size: u64,
-    parallel: usize,
-    /// Bytes handed to part uploads so far (all from offset 0).
-    sent_upto: u64,
-    next_part: u32,
-    tasks: JoinSet<Result<(PartReceipt, u64), StoreError>>,
-    done: Vec<PartReceipt>,
-    /// New bytes sent, for logs and tests.
-    pub bytes_sent: u64,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<Result<(Vec<PartReceipt>, u64), StoreError>>,
 }
 
 impl Streamer {
-    /// Opens the session. `file` is the staging file the parts are read from.
+    /// Opens the session and starts the task. `file` is the staging file parts are read from.
     pub async fn start(
         store: DynStore,
         path: &str,
@@ -38,102 +48,153 @@ impl Streamer {
         parallel: usize,
     ) -> Result<Self, StoreError> {
         let id = store.begin_upload(path, None).await?;
+        let (tx, rx) = tokio::sync::watch::channel(Progress { written: 0, last: None });
+        let shared = Arc::new(Shared {
+            claimed: parking_lot::Mutex::new(0),
+            progress: tx,
+        });
+        let task = tokio::spawn(send_parts(
+            store.clone(),
+            id.clone(),
+            Arc::new(file),
+            shared.clone(),
+            rx,
+            part_size.max(1),
+            parallel.max(1),
+        ));
         Ok(Streamer {
             store,
             id,
-            file: Arc::new(file),
-            part_size: part_size.max(1),
-            parallel: parallel.max(1),
-            sent_upto: 0,
-            next_part: 1,
-            tasks: JoinSet::new(),
-            done: Vec::new(),
-            bytes_sent: 0,
+            shared,
+            task,
         })
     }
 
-    /// Bytes already handed to part uploads; they must not change any more.
+    /// Held by a writer while it changes the staging file: the number is how far parts took
+    /// the file; a write below it ends the stream.
+    pub fn claims(&self) -> parking_lot::MutexGuard<'_, u64> {
+        self.shared.claimed.lock()
+    }
+
+    /// Bytes parts took so far.
     pub fn sent_upto(&self) -> u64 {
-        self.sent_upto
+        *self.shared.claimed.lock()
     }
 
-    fn spawn(&mut self, start: u64, end: u64) {
-        let (store, id, file) = (self.store.clone(), self.id.clone(), self.file.clone());
-        let number = self.next_part;
-        self.next_part += 1;
-        self.sent_upto = end;
-        self.tasks.spawn(async move {
-            let len = (end - start) as usize;
-            let data = crate::write::staged::map_range(&file, start..end)
-                .map_err(|e| StoreError::Protocol(format!("reading the staging file: {e}")))?;
-            let receipt =
-                with_retries(|| store.upload_part(&id, number, PartSource::Bytes(data.clone()), Some(start))).await?;
-            Ok((receipt, len as u64))
-        });
+    /// The file is `size` bytes now.
+    pub fn written(&self, size: u64) {
+        self.shared.progress.send_modify(|p| p.written = p.written.max(size));
     }
 
-    async fn join_one(&mut self) -> Result<(), StoreError> {
-        if let Some(r) = self.tasks.join_next().await {
-            let (receipt, n) = r.map_err(|e| StoreError::Protocol(e.to_string()))??;
-            self.bytes_sent += n;
-            self.done.push(receipt);
-        }
-        Ok(())
-    }
-
-    /// The size of the next part: the configured size, growing with what was sent so that a
-    /// file of any size fits in 10,000 parts.
-    fn next_part_size(&self) -> u64 {
-        part_size_for(self.part_size, self.sent_upto)
-    }
-
-    /// The file is written up to `written`: sends every whole part not sent yet, waiting when
-    /// `parallel` parts are in flight already (so the writer never runs far ahead).
-    pub async fn feed(&mut self, written: u64) -> Result<(), StoreError> {
-        while written - self.sent_upto >= self.next_part_size() {
-            while self.tasks.len() >= self.parallel {
-                self.join_one().await?;
-            }
-            let start = self.sent_upto;
-            let end = start + self.next_part_size();
-            self.spawn(start, end);
-        }
-        // Collect what finished meanwhile, without waiting.
-        while let Some(r) = self.tasks.try_join_next() {
-            let (receipt, n) = r.map_err(|e| StoreError::Protocol(e.to_string()))??;
-            self.bytes_sent += n;
-            self.done.push(receipt);
-        }
-        Ok(())
-    }
-
-    /// Sends the rest (`size` is the file's final size) and commits under `cond`.
-    pub async fn finish(mut self, size: u64, cond: WriteCondition) -> Result<(ObjectMeta, u64), StoreError> {
-        if size < self.sent_upto {
+    /// Sends the rest (`size`: the final size) and commits under `cond`. Returns the new
+    /// version and the bytes sent.
+    pub async fn finish(self, size: u64, cond: WriteCondition) -> Result<(ObjectMeta, u64), StoreError> {
+        if size < self.sent_upto() {
+            self.abort().await;
             return Err(StoreError::Protocol("the file shrank below what was sent".into()));
         }
-        if size > self.sent_upto || self.next_part == 1 {
-            let start = self.sent_upto;
-            self.spawn(start, size);
-        }
-        while !self.tasks.is_empty() {
-            self.join_one().await?;
-        }
-        self.done.sort_by_key(|p| p.number);
-        let parts = std::mem::take(&mut self.done);
+        self.shared.progress.send_modify(|p| {
+            p.written = size;
+            p.last = Some(size);
+        });
+        let (mut parts, sent) = self.task.await.map_err(|e| StoreError::Protocol(e.to_string()))??;
+        parts.sort_by_key(|p| p.number);
         let meta = self.store.commit_upload(&self.id, parts, cond).await?;
-        Ok((meta, self.bytes_sent))
+        Ok((meta, sent))
     }
 
     /// Gives the session up.
-    pub async fn abort(mut self) {
-        self.tasks.abort_all();
-        while self.tasks.join_next().await.is_some() {}
+    pub async fn abort(self) {
+        self.task.abort();
+        let _ = self.task.await;
         let _ = self.store.abort_upload(&self.id).await;
     }
 
     pub fn id(&self) -> &UploadId {
         &self.id
+    }
+}
+
+/// The streaming task: takes whole parts as the writer goes (the last one may be short), at
+/// most `parallel` in flight.
+async fn send_parts(
+    store: DynStore,
+    id: UploadId,
+    file: Arc<File>,
+    shared: Arc<Shared>,
+    mut rx: tokio::sync::watch::Receiver<Progress>,
+    base: u64,
+    parallel: usize,
+) -> Result<(Vec<PartReceipt>, u64), StoreError> {
+    let mut tasks: JoinSet<Result<(PartReceipt, u64), StoreError>> = JoinSet::new();
+    let mut done = Vec::new();
+    let mut sent = 0u64;
+    let mut next_part = 1u32;
+    loop {
+        let p = *rx.borrow_and_update();
+        let limit = p.last.unwrap_or(p.written);
+        loop {
+            let claimed = *shared.claimed.lock();
+            let size = part_size_for(base, claimed);
+            let ready = match p.last {
+                Some(_) => limit > claimed || next_part == 1,
+                None => limit >= claimed + size,
+            };
+            if !ready {
+                break;
+            }
+            while tasks.len() >= parallel {
+                if let Some(r) = tasks.join_next().await {
+                    let (receipt, n) = r.map_err(|e| StoreError::Protocol(e.to_string()))??;
+                    sent += n;
+                    done.push(receipt);
+                }
+            }
+            let end = (claimed + size).min(limit);
+            // Claim first: from now on a write below `end` ends the stream instead of
+            // changing bytes that are being sent.
+            *shared.claimed.lock() = end;
+            let (store, id, file) = (store.clone(), id.clone(), file.clone());
+            let number = next_part;
+            next_part += 1;
+            tasks.spawn(async move {
+                let data = crate::write::staged::map_range(&file, claimed..end)
+                    .map_err(|e| StoreError::Protocol(format!("reading the staging file: {e}")))?;
+                let receipt =
+                    with_retries(|| store.upload_part(&id, number, PartSource::Bytes(data.clone()), Some(claimed)))
+                        .await?;
+                Ok((receipt, end - claimed))
+            });
+        }
+        if let Some(last) = p.last
+            && *shared.claimed.lock() >= last
+            && next_part > 1
+        {
+            while let Some(r) = tasks.join_next().await {
+                let (receipt, n) = r.map_err(|e| StoreError::Protocol(e.to_string()))??;
+                sent += n;
+                done.push(receipt);
+            }
+            return Ok((done, sent));
+        }
+        // Collect what finished meanwhile, then wait for the writer.
+        while let Some(r) = tasks.try_join_next() {
+            let (receipt, n) = r.map_err(|e| StoreError::Protocol(e.to_string()))??;
+            sent += n;
+            done.push(receipt);
+        }
+        tokio::select! {
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return Err(StoreError::Protocol("the stream was dropped".into()));
+                }
+            }
+            Some(r) = tasks.join_next(), if !tasks.is_empty() => {
+                let (receipt, n) = r.map_err(|e| StoreError::Protocol(e.to_string()))??;
+                sent += n;
+                done.push(receipt);
+            }
+        }
     }
 }
 
@@ -225,13 +286,20 @@ mod tests {
         let path = d.path().join("s");
         let mut f = File::create(&path).unwrap();
         let data = noise(10 << 20, 1);
-        let mut s = Streamer::start(store.clone(), "new.bin", File::open(&path).unwrap(), 1 << 20, 3)
+        let s = Streamer::start(store.clone(), "new.bin", File::open(&path).unwrap(), 1 << 20, 3)
             .await
             .unwrap();
         for piece in data.chunks(300_000) {
+            let claims = s.claims();
             f.write_all(piece).unwrap();
-            let written = f.metadata().unwrap().len();
-            s.feed(written).await.unwrap();
+            drop(claims);
+            s.written(f.metadata().unwrap().len());
+        }
+        for _ in 0..200 {
+            if mem.stats.bytes_received.load(std::sync::atomic::Ordering::Relaxed) >= 9 << 20 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         assert!(s.sent_upto() >= 9 << 20, "whole parts went during the writes");
         let (meta, sent) = s.finish(data.len() as u64, WriteCondition::Absent).await.unwrap();
