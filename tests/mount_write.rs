@@ -226,7 +226,10 @@ fn a_new_large_file_goes_up_in_parallel_parts_before_close_returns() {
     }
     // Streamed: parts went to the server while the file was being written.
     let before_close = server.stats().bytes_received;
-    assert!(before_close >= 8 << 20, "only {before_close} bytes arrived before close");
+    assert!(
+        before_close >= 8 << 20,
+        "only {before_close} bytes arrived before close"
+    );
     close(f).unwrap();
     let s = server.stats();
     assert_eq!(
