@@ -17,7 +17,6 @@ use crate::fs::fuse::{ChannelInvalidator, FuseAdapter};
 use crate::fs::{ArtifactFs, FsConfig};
 use crate::read::{ReadConfig, ReadaheadConfig, Reader};
 use crate::store::DynStore;
-use crate::store::artifact::ArtifactStore;
 
 /// Everything a mount needs, resolved from defaults, the config file and the flags.
 #[derive(Debug)]
@@ -157,10 +156,10 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let store: DynStore = Arc::new(
-        rt.block_on(ArtifactStore::connect(&r.remote, cfg.http.clone()))
-            .map_err(|e| format!("cannot use the remote {}: {e}", r.remote))?,
-    );
+    let opts = crate::store::open::RemoteOptions { http: cfg.http.clone() };
+    let store: DynStore = rt
+        .block_on(crate::store::open::open(&r.remote, &opts))
+        .map_err(|e| format!("cannot use the remote {}: {e}", r.remote))?;
     let owner = format!("mount {} of {}", r.mountpoint.display(), store.id());
     let cache = Cache::open(
         &CacheConfig {

@@ -13,6 +13,7 @@ pub mod artifact;
 pub mod faulty;
 pub mod http;
 pub mod memory;
+pub mod open;
 
 use std::fmt;
 use std::ops::Range;
