@@ -52,6 +52,9 @@ enum Part {
     Copy(Range<u64>),
     /// A chunk the remote holds, and its length.
     Chunk([u8; 32], u64),
+    /// Several pieces sent together as one part of new bytes (to reach a remote's minimum
+    /// part size): local bytes, base bytes read locally, zeros.
+    Mixed(Vec<Part>),
 }
 
 impl Part {
@@ -59,8 +62,74 @@ impl Part {
         match self {
             Part::Local(r) | Part::Base(r) | Part::Copy(r) => r.end - r.start,
             Part::Zero(n) | Part::Chunk(_, n) => *n,
+            Part::Mixed(ps) => ps.iter().map(Part::len).sum(),
         }
     }
+
+    /// The same bytes as a piece of new bytes (a copy of the base becomes a local read of it).
+    fn as_bytes(self) -> Part {
+        match self {
+            Part::Copy(r) => Part::Base(r),
+            p => p,
+        }
+    }
+
+    /// Cuts off the first `n` bytes (`0 < n < len`); `None` for parts that cannot be cut.
+    fn split(self, n: u64) -> Result<(Part, Part), Part> {
+        match self {
+            Part::Local(r) => Ok((Part::Local(r.start..r.start + n), Part::Local(r.start + n..r.end))),
+            Part::Base(r) => Ok((Part::Base(r.start..r.start + n), Part::Base(r.start + n..r.end))),
+            Part::Copy(r) => Ok((Part::Copy(r.start..r.start + n), Part::Copy(r.start + n..r.end))),
+            Part::Zero(len) => Ok((Part::Zero(n), Part::Zero(len - n))),
+            p => Err(p),
+        }
+    }
+}
+
+/// Makes every part but the last at least `min` bytes (S3 refuses smaller ones): a small part
+/// is sent together with what follows it as one part of new bytes, taking from a following
+/// copy only what is needed (those base bytes are read locally, from the cache), so an append
+/// or a small overwrite in a large object sends about `min` bytes, not the object.
+fn meet_min_part_size(parts: Vec<Part>, min: u64) -> Vec<Part> {
+    if min == 0 {
+        return parts;
+    }
+    let mut out: Vec<Part> = Vec::new();
+    let mut group: Vec<Part> = Vec::new();
+    let mut group_len = 0u64;
+    let mut queue: std::collections::VecDeque<Part> = parts.into();
+    while let Some(p) = queue.pop_front() {
+        if group.is_empty() && p.len() >= min {
+            out.push(p);
+            continue;
+        }
+        let need = min - group_len;
+        if p.len() <= need {
+            group_len += p.len();
+            group.push(p.as_bytes());
+        } else {
+            match p.split(need) {
+                Ok((head, tail)) => {
+                    group.push(head.as_bytes());
+                    group_len += need;
+                    queue.push_front(tail);
+                }
+                Err(whole) => {
+                    // A part that cannot be cut (a chunk by hash): taken whole.
+                    group_len += whole.len();
+                    group.push(whole);
+                }
+            }
+        }
+        if group_len >= min {
+            out.push(Part::Mixed(std::mem::take(&mut group)));
+            group_len = 0;
+        }
+    }
+    if !group.is_empty() {
+        out.push(Part::Mixed(group));
+    }
+    out
 }
 
 #[derive(Debug, Clone)]
@@ -284,6 +353,7 @@ impl Uploader {
                 p => jobs.push(p),
             }
         }
+        let jobs = meet_min_part_size(jobs, self.store.capabilities().min_part_size);
         if jobs.len() > 10_000 {
             return Err(UploadError::Store(StoreError::Unsupported("more than 10,000 parts")));
         }
@@ -341,6 +411,23 @@ impl Uploader {
                     Part::Zero(n) => (PartSource::Bytes(Bytes::from(vec![0u8; n as usize])), n),
                     Part::Copy(r) => (PartSource::CopyFromBase(r), 0),
                     Part::Chunk(h, _) => (PartSource::Chunk(h), 0),
+                    Part::Mixed(pieces) => {
+                        let mut buf = Vec::new();
+                        for piece in pieces {
+                            match piece {
+                                Part::Local(r) => buf.extend_from_slice(&local(s, r)?),
+                                Part::Base(r) | Part::Copy(r) => {
+                                    buf.extend_from_slice(&base.read(r).await.map_err(UploadError::Local)?)
+                                }
+                                Part::Zero(n) => buf.resize(buf.len() + n as usize, 0),
+                                Part::Chunk(..) | Part::Mixed(_) => {
+                                    return Err(UploadError::Local("a chunk cannot be sent as bytes".into()));
+                                }
+                            }
+                        }
+                        let n = buf.len() as u64;
+                        (PartSource::Bytes(Bytes::from(buf)), n)
+                    }
                 };
                 let receipt =
                     super::stream::with_retries(|| store.upload_part(id, number, src.clone(), Some(offset))).await?;

@@ -218,3 +218,59 @@ async fn truncations_and_holes() {
     assert_eq!(e.remote("t"), want);
     let _ = ETag::new("\"unused\"");
 }
+
+#[tokio::test]
+async fn a_remote_with_a_minimum_part_size_gets_one_minimum_part_for_a_small_change() {
+    let min = 5 * MIB as u64;
+    let caps = Capabilities {
+        partial_writes: false,
+        content_chunks: false,
+        min_part_size: min,
+        ..MemoryStore::new().capabilities()
+    };
+    let e = env_with(MemoryStore::new().with_capabilities(caps), PlanConfig::default());
+    let old = data(64 * MIB, 30);
+    let (mut s, base) = e.existing("obj", &old);
+    // A 4 KiB overwrite in the middle: copy, one 5 MiB part with the change, copy.
+    s.write(30 * MIB as u64, &[1u8; 4096]).unwrap();
+    let o = e.send("obj", &mut s, &base).await;
+    assert_eq!(o.plan, "session");
+    assert_eq!(o.bytes_sent, min, "one minimum-size part");
+    let mut want = old.clone();
+    want[30 * MIB..30 * MIB + 4096].fill(1);
+    assert_eq!(e.remote("obj"), want);
+    // An append: a copy of the object and the appended bytes as the (small) last part.
+    s.write(want.len() as u64, b"tail").unwrap();
+    let o = e.send("obj", &mut s, &base).await;
+    assert_eq!(o.bytes_sent, 4);
+    want.extend_from_slice(b"tail");
+    assert_eq!(e.remote("obj"), want);
+    // A change near the start: the copy before it is too small, so it goes as bytes too.
+    s.write(10, b"head").unwrap();
+    let o = e.send("obj", &mut s, &base).await;
+    assert_eq!(o.bytes_sent, min);
+    want[10..14].copy_from_slice(b"head");
+    assert_eq!(e.remote("obj"), want);
+}
+
+#[test]
+fn small_parts_are_grouped_up_to_the_minimum() {
+    let parts = vec![
+        Part::Copy(0..10),
+        Part::Local(10..12),
+        Part::Copy(12..100),
+        Part::Zero(3),
+        Part::Local(103..104),
+    ];
+    let out = meet_min_part_size(parts.clone(), 20);
+    assert_eq!(
+        out,
+        vec![
+            Part::Mixed(vec![Part::Base(0..10), Part::Local(10..12), Part::Base(12..20)]),
+            Part::Copy(20..100),
+            Part::Mixed(vec![Part::Zero(3), Part::Local(103..104)]),
+        ]
+    );
+    assert_eq!(out.iter().map(Part::len).sum::<u64>(), 104);
+    assert_eq!(meet_min_part_size(parts.clone(), 0), parts);
+}
