@@ -67,7 +67,7 @@ impl Part {
     }
 
     /// The same bytes as a piece of new bytes (a copy of the base becomes a local read of it).
-    fn as_bytes(self) -> Part {
+    fn into_bytes(self) -> Part {
         match self {
             Part::Copy(r) => Part::Base(r),
             p => p,
@@ -106,11 +106,11 @@ fn meet_min_part_size(parts: Vec<Part>, min: u64) -> Vec<Part> {
         let need = min - group_len;
         if p.len() <= need {
             group_len += p.len();
-            group.push(p.as_bytes());
+            group.push(p.into_bytes());
         } else {
             match p.split(need) {
                 Ok((head, tail)) => {
-                    group.push(head.as_bytes());
+                    group.push(head.into_bytes());
                     group_len += need;
                     queue.push_front(tail);
                 }
