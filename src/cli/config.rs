@@ -75,6 +75,7 @@ pub struct Config {
     pub metadata: MetadataSection,
     pub write: WriteSection,
     pub http: HttpConfig,
+    pub web: crate::store::web::WebConfig,
     pub log: LogSection,
 }
 

@@ -42,8 +42,8 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct MountArgs {
-    /// The remote: the URL of an `artifactfs serve` server (http:// or https://).
-    /// Optional when the config file names it.
+    /// The remote: an `artifactfs serve` server, a WebDAV server or a web server's directory
+    /// index (http:// or https://). Optional when the config file names it.
     #[arg(value_name = "REMOTE")]
     pub first: String,
     /// Where to mount (an existing directory).
@@ -86,6 +86,15 @@ pub struct MountArgs {
     /// Send only what changed (default); `--incremental=false` uploads whole files.
     #[arg(long, value_name = "BOOL")]
     pub incremental: Option<bool>,
+    /// What kind of server an http(s) remote is [default: auto, detected].
+    #[arg(long, value_name = "KIND", value_enum)]
+    pub kind: Option<crate::store::web::RemoteKind>,
+    /// Another base URL serving the same tree (repeatable): reads are spread over all.
+    #[arg(long = "mirror", value_name = "URL")]
+    pub mirrors: Vec<String>,
+    /// Partial PUT with Content-Range to a WebDAV server [default: only for Apache mod_dav].
+    #[arg(long, value_name = "BOOL")]
+    pub partial_put: Option<bool>,
     /// Print the resolved configuration and exit.
     #[arg(long)]
     pub print_config: bool,

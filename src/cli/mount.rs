@@ -70,6 +70,15 @@ pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
         cfg.write.write_back = true;
         cfg.write.write_back_delay = d;
     }
+    if let Some(k) = a.kind {
+        cfg.web.kind = k;
+    }
+    if !a.mirrors.is_empty() {
+        cfg.web.mirrors = a.mirrors.clone();
+    }
+    if let Some(p) = a.partial_put {
+        cfg.web.partial_put = Some(p);
+    }
     if let Some(i) = a.incremental {
         cfg.write.incremental = i;
     }
@@ -156,7 +165,10 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    let opts = crate::store::open::RemoteOptions { http: cfg.http.clone() };
+    let opts = crate::store::open::RemoteOptions {
+        http: cfg.http.clone(),
+        web: cfg.web.clone(),
+    };
     let store: DynStore = rt
         .block_on(crate::store::open::open(&r.remote, &opts))
         .map_err(|e| format!("cannot use the remote {}: {e}", r.remote))?;

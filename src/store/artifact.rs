@@ -5,21 +5,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::StreamExt;
 use http::StatusCode;
-use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use reqwest::Url;
-use reqwest::header::{ACCEPT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, ETAG, IF_MATCH, IF_NONE_MATCH, RANGE};
+use reqwest::header::{ACCEPT_ENCODING, CONTENT_LENGTH, ETAG, IF_MATCH, IF_NONE_MATCH, RANGE};
 
 use super::http::{self as h, HttpConfig};
 use super::{
-    Capabilities, Content, Digests, DirEntry, ETag, GetResponse, Head, Listing, ObjectMeta, PartReceipt, PartSource,
+    Capabilities, Digests, DirEntry, ETag, GetResponse, Head, Listing, ObjectMeta, PartReceipt, PartSource,
     Revalidated, Store, StoreError, StoreResult, UploadId, WriteCondition,
 };
 use crate::protocol::{self, DigestList, KIND_HEADER, ListPage, ServerInfo};
-
-/// Characters left as they are in a path segment; everything else is percent-encoded.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
 
 #[derive(Debug)]
 pub struct ArtifactStore {
@@ -34,35 +29,40 @@ pub struct ArtifactStore {
 impl ArtifactStore {
     /// Connects to the server at `url` and checks that it speaks the protocol.
     pub async fn connect(url: &str, cfg: HttpConfig) -> StoreResult<Self> {
-        let mut base = Url::parse(url).map_err(|e| StoreError::Protocol(format!("bad remote URL {url:?}: {e}")))?;
-        if !matches!(base.scheme(), "http" | "https") {
-            return Err(StoreError::Protocol(format!("{url}: not an http(s) URL")));
-        }
-        if !base.path().ends_with('/') {
-            let p = format!("{}/", base.path());
-            base.set_path(&p);
-        }
-        base.set_query(None);
-        base.set_fragment(None);
-        let mut id_url = base.clone();
-        let _ = id_url.set_username("");
-        let _ = id_url.set_password(None);
-        let id = id_url.as_str().trim_end_matches('/').to_string();
+        let id = h::base_url(url)?.1;
+        Self::connect_if_artifact(url, cfg).await?.ok_or_else(|| {
+            StoreError::Protocol(format!(
+                "{id} is not an artifactfs server (no answer to ?afs=info; `--kind` names other kinds)"
+            ))
+        })
+    }
+
+    /// Connects to the server at `url` when it is an artifactfs server: `None` when it
+    /// answers `?afs=info` with anything but the server's description (a plain web server).
+    pub async fn connect_if_artifact(url: &str, cfg: HttpConfig) -> StoreResult<Option<Self>> {
+        /// An info answer is small; a web server may answer with a large index page instead.
+        const INFO_MAX: usize = 64 << 10;
+        let (base, id) = h::base_url(url)?;
         let client = h::build_client(&cfg)?;
         let mut info_url = base.clone();
         info_url.set_query(Some("afs=info"));
         let what = format!("GET {id}/?afs=info");
         let resp = h::send(&cfg, &what, || client.get(info_url.clone())).await?;
-        let status = resp.status();
-        let body = resp.bytes().await.map_err(|e| h::body_error(&what, &e))?;
-        if !status.is_success() {
-            return Err(StoreError::Protocol(format!(
-                "{id} is not an artifactfs server ({what} answered HTTP {status}: {})",
-                h::error_message(&body)
-            )));
+        if !resp.status().is_success() {
+            tracing::debug!("{what}: HTTP {}: not an artifactfs server", resp.status());
+            return Ok(None);
         }
-        let info: ServerInfo = serde_json::from_slice(&body)
-            .map_err(|e| StoreError::Protocol(format!("{id} is not an artifactfs server: {what}: {e}")))?;
+        let mut body = Vec::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(piece) = futures_util::StreamExt::next(&mut stream).await {
+            body.extend_from_slice(&piece.map_err(|e| h::body_error(&what, &e))?);
+            if body.len() > INFO_MAX {
+                return Ok(None);
+            }
+        }
+        let Ok(info) = serde_json::from_slice::<ServerInfo>(&body) else {
+            return Ok(None);
+        };
         if info.protocol != protocol::PROTOCOL {
             return Err(StoreError::Protocol(format!(
                 "{id} speaks {}, this client speaks {}",
@@ -70,13 +70,13 @@ impl ArtifactStore {
                 protocol::PROTOCOL
             )));
         }
-        Ok(ArtifactStore {
+        Ok(Some(ArtifactStore {
             id,
             base,
             client,
             cfg,
             info,
-        })
+        }))
     }
 
     pub fn info(&self) -> &ServerInfo {
@@ -84,18 +84,7 @@ impl ArtifactStore {
     }
 
     fn url_for(&self, path: &str, dir: bool) -> Url {
-        let mut s = self.base.as_str().to_string();
-        for (i, seg) in path.split('/').filter(|s| !s.is_empty()).enumerate() {
-            if i > 0 {
-                s.push('/');
-            }
-            s.extend(utf8_percent_encode(seg, SEGMENT));
-        }
-        if dir && !s.ends_with('/') {
-            s.push('/');
-        }
-        // Segments are encoded and the base parsed already, so this cannot fail.
-        Url::parse(&s).unwrap_or_else(|_| self.base.clone())
+        h::join_url(&self.base, path, dir)
     }
 
     async fn fail(&self, what: &str, resp: reqwest::Response) -> StoreError {
@@ -355,7 +344,7 @@ impl Store for ArtifactStore {
         let resp = h::send(&self.cfg, &what, || {
             let mut r = self.client.get(url.clone()).header(ACCEPT_ENCODING, "identity");
             if let Some(rg) = &range {
-                r = r.header(RANGE, format!("bytes={}-{}", rg.start, rg.end - 1));
+                r = r.header(RANGE, h::range_header(rg));
             }
             if let Some(t) = if_match {
                 r = r.header(IF_MATCH, t.as_str());
@@ -363,31 +352,11 @@ impl Store for ArtifactStore {
             r
         })
         .await?;
-        let headers = resp.headers();
-        let content = match resp.status() {
-            StatusCode::PARTIAL_CONTENT => {
-                let cr = h::header_str(headers, CONTENT_RANGE.as_str())
-                    .ok_or_else(|| StoreError::Protocol(format!("{what}: 206 without Content-Range")))?;
-                let (range, total) = h::parse_content_range(cr)
-                    .ok_or_else(|| StoreError::Protocol(format!("{what}: bad Content-Range {cr:?}")))?;
-                Content::Partial { range, total }
-            }
-            StatusCode::OK => Content::Whole {
-                size: resp.content_length(),
-            },
-            StatusCode::RANGE_NOT_SATISFIABLE => {
-                let size = h::header_str(headers, CONTENT_RANGE.as_str())
-                    .and_then(|v| v.strip_prefix("bytes */"))
-                    .and_then(|v| v.parse().ok());
-                return Err(StoreError::RangeNotSatisfiable { size });
-            }
-            _ => return Err(self.fail(&what, resp).await),
+        let Some(content) = h::content_of(&what, &resp)? else {
+            return Err(self.fail(&what, resp).await);
         };
-        let etag = h::header_str(headers, ETAG.as_str()).map(ETag::new);
-        let body = resp
-            .bytes_stream()
-            .map(move |r| r.map_err(|e| h::body_error(&what, &e)))
-            .boxed();
+        let etag = h::header_str(resp.headers(), ETAG.as_str()).map(ETag::new);
+        let body = h::body_stream(what, resp);
         Ok(GetResponse { etag, content, body })
     }
 
@@ -623,42 +592,5 @@ impl Store for ArtifactStore {
         })
         .await
         .map(drop)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn store(base: &str) -> ArtifactStore {
-        ArtifactStore {
-            id: base.into(),
-            base: Url::parse(base).unwrap(),
-            client: h::build_client(&HttpConfig::default()).unwrap(),
-            cfg: HttpConfig::default(),
-            info: ServerInfo {
-                protocol: protocol::PROTOCOL.into(),
-                server: "t".into(),
-                chunk_size: 1 << 20,
-                max_list_limit: 1000,
-                capabilities: protocol::ServerCapabilities {
-                    ranges: true,
-                    listing_etags: true,
-                    digests: true,
-                    writes: false,
-                    partial_writes: false,
-                    content_chunks: false,
-                },
-            },
-        }
-    }
-
-    #[test]
-    fn urls_encode_each_segment() {
-        let s = store("http://h:1/pre/");
-        assert_eq!(s.url_for("a b/c#d?e", false).as_str(), "http://h:1/pre/a%20b/c%23d%3Fe");
-        assert_eq!(s.url_for("", true).as_str(), "http://h:1/pre/");
-        assert_eq!(s.url_for("d", true).as_str(), "http://h:1/pre/d/");
-        assert_eq!(s.url_for("100%/x", false).as_str(), "http://h:1/pre/100%25/x");
     }
 }

@@ -10,7 +10,14 @@ use http::StatusCode;
 use reqwest::header::HeaderMap;
 use serde::{Deserialize, Serialize};
 
-use super::{StoreError, StoreResult};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use reqwest::Url;
+use reqwest::header::CONTENT_RANGE;
+
+use super::{Content, StoreError, StoreResult};
 
 /// Connection settings of a remote (`[http]` in the config).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +128,83 @@ pub fn body_error(what: &str, e: &reqwest::Error) -> StoreError {
     }
 }
 
+/// The base URL of a remote (always ending in `/`, no query or fragment) and its id: the
+/// same URL without credentials and without the trailing slash, safe to log.
+pub fn base_url(url: &str) -> StoreResult<(Url, String)> {
+    let mut base = Url::parse(url).map_err(|e| StoreError::Protocol(format!("bad remote URL {url:?}: {e}")))?;
+    if !matches!(base.scheme(), "http" | "https") {
+        return Err(StoreError::Protocol(format!("{url}: not an http(s) URL")));
+    }
+    if !base.path().ends_with('/') {
+        let p = format!("{}/", base.path());
+        base.set_path(&p);
+    }
+    base.set_query(None);
+    base.set_fragment(None);
+    let mut id_url = base.clone();
+    let _ = id_url.set_username("");
+    let _ = id_url.set_password(None);
+    let id = id_url.as_str().trim_end_matches('/').to_string();
+    Ok((base, id))
+}
+
+/// Characters left as they are in a path segment; everything else is percent-encoded.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+
+/// The URL of remote `path` under `base` (which ends in `/`), each segment percent-encoded;
+/// with `dir`, ending in `/`.
+pub fn join_url(base: &Url, path: &str, dir: bool) -> Url {
+    let mut s = base.as_str().to_string();
+    for (i, seg) in path.split('/').filter(|s| !s.is_empty()).enumerate() {
+        if i > 0 {
+            s.push('/');
+        }
+        s.extend(utf8_percent_encode(seg, SEGMENT));
+    }
+    if dir && !s.ends_with('/') {
+        s.push('/');
+    }
+    // Segments are encoded and the base parsed already, so this cannot fail.
+    Url::parse(&s).unwrap_or_else(|_| base.clone())
+}
+
+/// What a `GET` answer carries, from its status and headers: `Ok(None)` for a status the
+/// caller interprets (an error of its protocol).
+pub fn content_of(what: &str, resp: &reqwest::Response) -> StoreResult<Option<Content>> {
+    let headers = resp.headers();
+    match resp.status() {
+        StatusCode::PARTIAL_CONTENT => {
+            let cr = header_str(headers, CONTENT_RANGE.as_str())
+                .ok_or_else(|| StoreError::Protocol(format!("{what}: 206 without Content-Range")))?;
+            let (range, total) = parse_content_range(cr)
+                .ok_or_else(|| StoreError::Protocol(format!("{what}: bad Content-Range {cr:?}")))?;
+            Ok(Some(Content::Partial { range, total }))
+        }
+        StatusCode::OK => Ok(Some(Content::Whole {
+            size: resp.content_length(),
+        })),
+        StatusCode::RANGE_NOT_SATISFIABLE => {
+            let size = header_str(headers, CONTENT_RANGE.as_str())
+                .and_then(|v| v.strip_prefix("bytes */"))
+                .and_then(|v| v.parse().ok());
+            Err(StoreError::RangeNotSatisfiable { size })
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The `Range` header value for `range` (non-empty).
+pub fn range_header(range: &Range<u64>) -> String {
+    format!("bytes={}-{}", range.start, range.end - 1)
+}
+
+/// A response body as a stream of store results (a cut body is [`StoreError::BodyCut`]).
+pub fn body_stream(what: String, resp: reqwest::Response) -> BoxStream<'static, StoreResult<Bytes>> {
+    resp.bytes_stream()
+        .map(move |r| r.map_err(|e| body_error(&what, &e)))
+        .boxed()
+}
+
 /// `Content-Range: bytes a-b/total` → (`a..b+1`, `Some(total)`); `total` is `None` for `*`.
 pub fn parse_content_range(value: &str) -> Option<(Range<u64>, Option<u64>)> {
     let rest = value.trim().strip_prefix("bytes ")?;
@@ -180,6 +264,26 @@ pub fn error_message(body: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_encode_each_segment() {
+        let base = Url::parse("http://h:1/pre/").unwrap();
+        assert_eq!(
+            join_url(&base, "a b/c#d?e", false).as_str(),
+            "http://h:1/pre/a%20b/c%23d%3Fe"
+        );
+        assert_eq!(join_url(&base, "", true).as_str(), "http://h:1/pre/");
+        assert_eq!(join_url(&base, "d", true).as_str(), "http://h:1/pre/d/");
+        assert_eq!(join_url(&base, "100%/x", false).as_str(), "http://h:1/pre/100%25/x");
+    }
+
+    #[test]
+    fn base_urls_lose_credentials_in_their_id() {
+        let (base, id) = base_url("https://u:secret@h/a/b?x=1#f").unwrap();
+        assert_eq!(base.as_str(), "https://u:secret@h/a/b/");
+        assert_eq!(id, "https://h/a/b");
+        assert!(base_url("ftp://h/").is_err());
+    }
 
     #[test]
     fn content_range_forms() {

@@ -14,6 +14,7 @@ pub mod faulty;
 pub mod http;
 pub mod memory;
 pub mod open;
+pub mod web;
 
 use std::fmt;
 use std::ops::Range;

@@ -1,25 +1,49 @@
-//! Which store a remote URL names, and opening it: `http(s)://` is the built-in server when it
-//! answers `?afs=info`; other kinds are added here as they come.
+//! Which store a remote URL names, and opening it. `http(s)://` is the built-in server when
+//! it answers `?afs=info` as one, else a plain web server (WebDAV or a directory index);
+//! `[web] kind` (`--kind`) skips the guessing.
+
+use std::sync::Arc;
 
 use super::http::HttpConfig;
+use super::web::{RemoteKind, WebConfig, WebStore};
 use super::{DynStore, StoreError, StoreResult};
 
 /// Everything a remote of any kind may need to be opened.
 #[derive(Debug, Clone, Default)]
 pub struct RemoteOptions {
     pub http: HttpConfig,
+    pub web: WebConfig,
 }
 
 /// Opens the remote `url` names.
 pub async fn open(url: &str, opts: &RemoteOptions) -> StoreResult<DynStore> {
     let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
     match scheme.as_deref() {
-        Some("http") | Some("https") => {
-            let s = super::artifact::ArtifactStore::connect(url, opts.http.clone()).await?;
-            Ok(std::sync::Arc::new(s))
-        }
+        Some("http") | Some("https") => open_http(url, opts).await,
         _ => Err(StoreError::Protocol(format!(
             "{url}: not a remote URL this build knows (http:// or https://)"
         ))),
+    }
+}
+
+async fn open_http(url: &str, opts: &RemoteOptions) -> StoreResult<DynStore> {
+    use super::artifact::ArtifactStore;
+    let web = || async { Ok(Arc::new(WebStore::connect(url, opts.http.clone(), &opts.web).await?) as DynStore) };
+    match opts.web.kind {
+        RemoteKind::Artifact => {
+            if !opts.web.mirrors.is_empty() {
+                return Err(StoreError::Protocol(
+                    "mirrors are for plain web servers (kind webdav or index)".into(),
+                ));
+            }
+            Ok(Arc::new(ArtifactStore::connect(url, opts.http.clone()).await?))
+        }
+        RemoteKind::Webdav | RemoteKind::Index => web().await,
+        // Mirrors only exist for plain web servers.
+        RemoteKind::Auto if !opts.web.mirrors.is_empty() => web().await,
+        RemoteKind::Auto => match ArtifactStore::connect_if_artifact(url, opts.http.clone()).await? {
+            Some(s) => Ok(Arc::new(s)),
+            None => web().await,
+        },
     }
 }

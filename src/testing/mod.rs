@@ -1,6 +1,8 @@
 //! Helpers shared by the tests of every module and by the end-to-end tests (which link the
 //! library as it is built for users, hence not behind `cfg(test)`). Not part of the API.
 
+pub mod web;
+
 /// Deterministic pseudo-random bytes: incompressible, with no period (content-defined
 /// chunking finds real boundaries in it), and different for every seed.
 pub fn noise(len: usize, seed: u64) -> Vec<u8> {
