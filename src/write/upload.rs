@@ -172,22 +172,27 @@ impl Uploader {
         };
         let (meta, name, sent) = match p {
             Plan::Nothing => return Ok(None),
-            Plan::Put => {
-                let body = self.whole(s, base).await?;
-                let n = body.len() as u64;
-                (self.store.put(path, body, cond).await?, "put", n)
-            }
+            Plan::Put => self.put(path, s, base, cond).await?,
             Plan::Append { offset } => {
                 let body = local(s, offset..s.size())?;
                 let n = body.len() as u64;
-                (self.store.append(path, offset, body, cond).await?, "append", n)
+                match self.store.append(path, offset, body, cond.clone()).await {
+                    Err(StoreError::Unsupported(what)) => self.put_instead(path, s, base, cond, what).await?,
+                    r => (r?, "append", n),
+                }
             }
             Plan::WriteRange(r) => {
                 let body = local(s, r.clone())?;
                 let n = body.len() as u64;
-                (self.store.write_range(path, r.start, body, cond).await?, "write", n)
+                match self.store.write_range(path, r.start, body, cond.clone()).await {
+                    Err(StoreError::Unsupported(what)) => self.put_instead(path, s, base, cond, what).await?,
+                    r => (r?, "write", n),
+                }
             }
-            Plan::Truncate(size) => (self.store.truncate(path, size, cond).await?, "truncate", 0),
+            Plan::Truncate(size) => match self.store.truncate(path, size, cond.clone()).await {
+                Err(StoreError::Unsupported(what)) => self.put_instead(path, s, base, cond, what).await?,
+                r => (r?, "truncate", 0),
+            },
             Plan::Parts => {
                 let parts = s
                     .layers(0..s.size())
@@ -229,17 +234,80 @@ impl Uploader {
         }))
     }
 
-    /// The whole content in memory (small files).
+    async fn put(
+        &self,
+        path: &str,
+        s: &Staged,
+        base: &dyn BaseSource,
+        cond: WriteCondition,
+    ) -> Result<(ObjectMeta, &'static str, u64), UploadError> {
+        let body = self.whole(s, base).await?;
+        let n = body.len() as u64;
+        Ok((self.store.put(path, body, cond).await?, "put", n))
+    }
+
+    /// The whole file instead of a partial write the remote turned out not to take.
+    async fn put_instead(
+        &self,
+        path: &str,
+        s: &Staged,
+        base: &dyn BaseSource,
+        cond: WriteCondition,
+        what: &str,
+    ) -> Result<(ObjectMeta, &'static str, u64), UploadError> {
+        tracing::info!(path, "the remote does not support {what}: uploading the whole file");
+        self.put(path, s, base, cond).await
+    }
+
+    /// The whole content as one body: the staged file itself (mapped, not copied) when all
+    /// of it was written locally, else put together, in memory for small files and in a
+    /// mapped scratch file beside the staged one for large files.
     async fn whole(&self, s: &Staged, base: &dyn BaseSource) -> Result<Bytes, UploadError> {
-        let mut out = Vec::with_capacity(s.size() as usize);
-        for (r, l) in s.layers(0..s.size()) {
-            match l {
-                Layer::Local => out.extend_from_slice(&local(s, r)?),
-                Layer::Base => out.extend_from_slice(&base.read(r).await.map_err(UploadError::Local)?),
-                Layer::Zero => out.resize(out.len() + (r.end - r.start) as usize, 0),
+        /// Pieces of the base version are read in steps of this size.
+        const STEP: u64 = 8 << 20;
+        let size = s.size();
+        let layers = s.layers(0..size);
+        if let [(r, Layer::Local)] = layers.as_slice() {
+            return local(s, r.clone());
+        }
+        if size <= STEP {
+            let mut out = Vec::with_capacity(size as usize);
+            for (r, l) in layers {
+                match l {
+                    Layer::Local => out.extend_from_slice(&local(s, r)?),
+                    Layer::Base => out.extend_from_slice(&base.read(r).await.map_err(UploadError::Local)?),
+                    Layer::Zero => out.resize(out.len() + (r.end - r.start) as usize, 0),
+                }
+            }
+            return Ok(out.into());
+        }
+        let io = |e: std::io::Error| UploadError::Local(e.to_string());
+        let scratch = s.path().with_extension("whole");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&scratch)
+            .map_err(io)?;
+        // Unlinked at once: the mapping keeps the bytes as long as the body lives.
+        let _ = std::fs::remove_file(&scratch);
+        file.set_len(size).map_err(io)?;
+        for (r, l) in layers {
+            let mut at = r.start;
+            while at < r.end {
+                let end = r.end.min(at + STEP);
+                let piece = match l {
+                    Layer::Local => local(s, at..end)?,
+                    Layer::Base => base.read(at..end).await.map_err(UploadError::Local)?,
+                    // The scratch file is sparse: holes read as zeros.
+                    Layer::Zero => Bytes::new(),
+                };
+                std::os::unix::fs::FileExt::write_all_at(&file, &piece, at).map_err(io)?;
+                at = end;
             }
         }
-        Ok(out.into())
+        super::staged::map_range(&file, 0..size).map_err(io)
     }
 
     /// The new content cut into content-defined chunks: copies of the remote version's

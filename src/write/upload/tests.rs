@@ -274,3 +274,56 @@ fn small_parts_are_grouped_up_to_the_minimum() {
     assert_eq!(out.iter().map(Part::len).sum::<u64>(), 104);
     assert_eq!(meet_min_part_size(parts.clone(), 0), parts);
 }
+
+#[tokio::test]
+async fn a_large_file_on_a_remote_without_sessions_is_put_whole_from_a_mapped_scratch_file() {
+    let caps = Capabilities {
+        server_side_copy: false,
+        partial_writes: false,
+        content_chunks: false,
+        ..MemoryStore::new().capabilities()
+    };
+    let e = env_with(MemoryStore::new().with_capabilities(caps), PlanConfig::default());
+    let mut old = data(20 * MIB, 4);
+    let (mut s, base) = e.existing("big", &old);
+    s.write(5 * MIB as u64, &[9u8; 4096]).unwrap();
+    s.truncate(21 * MIB as u64).unwrap();
+    old[5 * MIB..5 * MIB + 4096].fill(9);
+    old.resize(21 * MIB, 0);
+    let o = e.send("big", &mut s, &base).await;
+    assert_eq!((o.plan, o.bytes_sent), ("put", 21 * MIB as u64));
+    assert_eq!(blake3::hash(&e.remote("big")), blake3::hash(&old));
+    let left: Vec<_> = std::fs::read_dir(e.dir.path())
+        .unwrap()
+        .map(|d| d.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 1, "the scratch file is gone: {left:?}");
+}
+
+#[tokio::test]
+async fn a_partial_write_the_remote_refuses_as_unsupported_becomes_a_put() {
+    let inner = Arc::new(MemoryStore::new());
+    let faulty = crate::store::faulty::FaultyStore::new(inner.clone());
+    let up = Uploader::new(faulty.clone(), PlanConfig::default(), 4);
+    let dir = tempfile::tempdir().unwrap();
+    let old = data(3 * MIB, 5);
+    let etag = inner.insert("f", old.clone());
+    let mut s = Staged::modify(
+        dir.path().join("s"),
+        RemoteVersion {
+            etag,
+            size: old.len() as u64,
+        },
+    )
+    .unwrap();
+    s.truncate(MIB as u64).unwrap();
+    let base = Original(Bytes::from(old.clone()));
+    faulty.inject(
+        crate::store::faulty::Fault::Fail(crate::store::faulty::Op::Write, StoreError::Unsupported("truncate")),
+        1,
+    );
+    let o = up.upload("f", &s, &base).await.unwrap().unwrap();
+    assert_eq!(o.plan, "put");
+    assert_eq!(faulty.pending(), 0, "the truncate was tried first");
+    assert_eq!(inner.object("f").unwrap().0.to_vec(), &old[..MIB]);
+}
