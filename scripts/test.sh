@@ -7,8 +7,20 @@ missing=()
 for tool in fusermount3:fuse3 python3:python3 tar:tar curl:curl sha256sum:coreutils rsync:rsync; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
 done
+# Real web servers the tests start on 127.0.0.1: nginx with WebDAV listings (dav_ext) and
+# Apache mod_dav (partial PUT).
+[ -e /usr/lib/nginx/modules/ngx_http_dav_ext_module.so ] || missing+=(nginx-extras)
+[ -e /usr/lib/apache2/modules/mod_dav_fs.so ] || missing+=(apache2)
 if [ ${#missing[@]} -gt 0 ]; then
-    apt-get install -y "${missing[@]}" || { apt-get update -qq && apt-get install -y "${missing[@]}"; }
+    # Packages must not start their services (port 80) on this machine.
+    policy_made=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+        policy_made=1
+    fi
+    install() { DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"; }
+    install "${missing[@]}" || { apt-get update -qq && install "${missing[@]}"; }
+    [ -z "$policy_made" ] || rm -f /usr/sbin/policy-rc.d
 fi
 [ -e /dev/fuse ] || { echo "no /dev/fuse: the end-to-end tests need FUSE" >&2; exit 1; }
 cargo test --locked --all-targets

@@ -1,5 +1,6 @@
-//! End to end: `artifactfs serve` on 127.0.0.1, a real FUSE mount of it, ordinary reads.
-//! Every test unmounts, also when it fails (the `Mount` guard).
+//! End to end: a real FUSE mount of a remote on 127.0.0.1, ordinary reads. Each test runs
+//! on every remote kind (the built-in server, nginx WebDAV, Apache mod_dav; see
+//! `common::remote`). Every test unmounts, also when it fails (the `Mount` guard).
 
 mod common;
 
@@ -11,447 +12,425 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-#[test]
-fn a_256mib_file_and_2000_small_files_read_back_identical_and_remount_fetches_nothing() {
-    let store = Store::new();
-    let big = bytes(256 * MIB + 12345, 1);
-    store.write("models/big.bin", &big);
-    let mut expect = BTreeMap::new();
-    for i in 0..2000usize {
-        let rel = format!("set/d{:02}/e{}/f{i:04}.dat", i % 20, i % 3);
-        let data = bytes((i * 37) % 20_000, i as u64 + 10);
-        store.write(&rel, &data);
-        expect.insert(rel, hash(&data));
-    }
-    let server = store.serve();
-    let cache = tempfile::tempdir().unwrap();
-    let opts = || MountOpts {
-        cache: Some(cache.path().join("c")),
-        ..MountOpts::default()
-    };
-    let mut m = Mount::with(&server.url(), opts());
-    assert_eq!(hash_file(&m.path("models/big.bin")).unwrap(), hash(&big));
-    for (rel, h) in &expect {
-        assert_eq!(&hash_file(&m.path(rel)).unwrap(), h, "{rel}");
-    }
-    let total: u64 = big.len() as u64
-        + expect
-            .keys()
-            .map(|r| std::fs::metadata(store.path(r)).unwrap().len())
-            .sum::<u64>();
-    let s = server.stats();
-    assert_eq!(s.file_bytes_sent, total, "every byte fetched exactly once");
-    // `ls -lR` sees the same tree as the store.
-    assert_eq!(tree(&m.mnt), tree(store.dir.path()));
-    let ls = Command::new("ls").arg("-lR").arg(&m.mnt).output().unwrap();
-    assert!(ls.status.success());
-    let listed = String::from_utf8_lossy(&ls.stdout);
-    assert_eq!(listed.lines().filter(|l| l.starts_with('-')).count(), expect.len() + 1);
-    assert!(listed.contains(&format!(" {} ", big.len())), "ls -l shows the size");
-    assert!(m.unmount().status.success());
-
-    // Remount on the same cache: the same reads fetch no data at all.
-    let before = server.stats().file_bytes_sent;
-    let _m = Mount::with(&server.url(), opts());
-    assert_eq!(hash_file(&_m.path("models/big.bin")).unwrap(), hash(&big));
-    for (rel, h) in expect.iter().step_by(7) {
-        assert_eq!(&hash_file(&_m.path(rel)).unwrap(), h, "{rel}");
-    }
-    assert_eq!(server.stats().file_bytes_sent, before, "remount fetched data bytes");
-}
-
-#[test]
-fn an_interrupted_read_resumes_from_the_chunks_present() {
-    let store = Store::new();
-    let data = bytes(96 * MIB, 2);
-    store.write("f.bin", &data);
-    let server = store.serve();
-    let cache = tempfile::tempdir().unwrap();
-    let opts = || MountOpts {
-        cache: Some(cache.path().join("c")),
-        ..MountOpts::default()
-    };
-    // Read the first 40 MiB, then the daemon dies (kill -9: no clean shutdown).
-    let mut m = Mount::with(&server.url(), opts());
-    let mut f = std::fs::File::open(m.path("f.bin")).unwrap();
-    let mut buf = vec![0u8; 40 * MIB];
-    f.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf[..], &data[..40 * MIB]);
-    drop(f);
-    // Let the cache record what it has (it saves its chunk map at least once a second).
-    std::thread::sleep(Duration::from_millis(1500));
-    m.kill9_keep_mounted();
-    // A dead mount is named as such, and `artifactfs unmount` clears it.
-    let again = Command::new(bin())
-        .arg("mount")
-        .arg(server.url())
-        .arg(&m.mnt)
-        .output()
-        .unwrap();
-    assert!(!again.status.success());
-    assert!(
-        String::from_utf8_lossy(&again.stderr).contains("daemon is gone"),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
-    assert!(
-        Command::new(bin())
-            .arg("unmount")
-            .arg(&m.mnt)
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(!is_mounted(&m.mnt));
-    let first = server.stats().file_bytes_sent;
-    assert!(first >= 40 * MIB as u64);
-
-    let m = Mount::with(&server.url(), opts());
-    assert_eq!(hash_file(&m.path("f.bin")).unwrap(), hash(&data));
-    let second = server.stats().file_bytes_sent - first;
-    assert!(
-        second <= data.len() as u64 - 40 * MIB as u64,
-        "the second read fetched {second} bytes: it did not resume from the first 40 MiB"
-    );
-}
-
-#[test]
-fn random_offset_reads_match() {
-    let store = Store::new();
-    let data = bytes(64 * MIB + 333, 3);
-    store.write("r.bin", &data);
-    let server = store.serve();
-    let m = Mount::new(&server.url());
-    let f = std::fs::File::open(m.path("r.bin")).unwrap();
-    let mut x = 12345u64;
-    for _ in 0..300 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-        let off = (x >> 20) % data.len() as u64;
-        let len = 1 + ((x >> 8) % 300_000) as usize;
-        let mut buf = vec![0u8; len];
-        let n = f.read_at(&mut buf, off).unwrap();
-        let end = (off as usize + len).min(data.len());
-        assert_eq!(&buf[..n], &data[off as usize..end], "at {off}+{len}");
-        assert_eq!(n, end - off as usize);
-    }
-    drop(f);
-
-    // A few small reads far apart fetch the chunks they touch, not the file.
-    store.write("sparse.bin", &data);
-    let before = server.stats().file_bytes_sent;
-    let f = std::fs::File::open(m.path("sparse.bin")).unwrap();
-    for i in 1..=6u64 {
-        let off = i * 10 * MIB as u64 + 5000;
-        let mut buf = vec![0u8; 4096];
-        f.read_exact_at(&mut buf, off).unwrap();
-        assert_eq!(&buf[..], &data[off as usize..off as usize + 4096]);
-    }
-    let fetched = server.stats().file_bytes_sent - before;
-    assert!(
-        fetched <= 12 * MIB as u64,
-        "6 small random reads fetched {} MiB",
-        fetched >> 20
-    );
-}
-
-#[test]
-fn a_remote_change_after_the_ttl_is_seen_and_never_mixed_with_old_bytes() {
-    let store = Store::new();
-    let v1 = bytes(48 * MIB, 4);
-    let v2 = bytes(48 * MIB, 5);
-    store.write("f.bin", &v1);
-    let server = store.serve();
-    let m = Mount::with(
-        &server.url(),
-        MountOpts {
-            args: vec!["--metadata-ttl".into(), "1s".into()],
-            ..MountOpts::default()
-        },
-    );
-    // A handle held open across the change; it has read one chunk far from the start.
-    let held = std::fs::File::open(m.path("f.bin")).unwrap();
-    let mut b = vec![0u8; 4096];
-    held.read_exact_at(&mut b, 40 * MIB as u64).unwrap();
-    assert_eq!(&b[..], &v1[40 * MIB..40 * MIB + 4096]);
-
-    assert_eq!(hash_file(&m.path("f.bin")).unwrap(), hash(&v1));
-    store.write("f.bin", &v2);
-    // Within the TTL the mount still shows v1 (cached), whole and unmixed.
-    let h = hash_file(&m.path("f.bin")).unwrap();
-    assert!(h == hash(&v1) || h == hash(&v2), "mixed bytes within the TTL");
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(
-        hash_file(&m.path("f.bin")).unwrap(),
-        hash(&v2),
-        "the change is seen after the TTL"
-    );
-
-    // The old handle reads its own version, or fails; it never returns v2's bytes.
-    for off in [0u64, 13 * MIB as u64, 40 * MIB as u64, 47 * MIB as u64] {
-        let mut b = vec![0u8; 4096];
-        match held.read_at(&mut b, off) {
-            Ok(n) => assert_eq!(&b[..n], &v1[off as usize..off as usize + n], "old handle at {off}"),
-            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}"),
+on_remotes! {
+    fn a_256mib_file_and_2000_small_files_read_back_identical_and_remount_fetches_nothing(r) needs [] {
+        let big = bytes(256 * MIB + 12345, 1);
+        r.write("models/big.bin", &big);
+        let mut expect = BTreeMap::new();
+        for i in 0..2000usize {
+            let rel = format!("set/d{:02}/e{}/f{i:04}.dat", i % 20, i % 3);
+            let data = bytes((i * 37) % 20_000, i as u64 + 10);
+            r.write(&rel, &data);
+            expect.insert(rel, hash(&data));
         }
-    }
-}
-
-#[test]
-fn whole_file_answers_and_cut_bodies_never_give_wrong_bytes() {
-    let store = Store::new();
-    let a = bytes(24 * MIB + 7, 6);
-    let b = bytes(24 * MIB + 9, 7);
-    store.write("a.bin", &a);
-    store.write("b.bin", &b);
-    let server = store.serve();
-    let proxy = proxy::Proxy::start(&server.url());
-    let m = Mount::new(&proxy.url());
-    // Cut the first three file bodies after 1.5 MiB.
-    proxy
-        .faults
-        .truncate_after
-        .store(3 * MIB as u64 / 2, std::sync::atomic::Ordering::Relaxed);
-    proxy.faults.truncate.store(3, std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(hash_file(&m.path("a.bin")).unwrap(), hash(&a));
-    assert_eq!(
-        proxy.faults.truncate.load(std::sync::atomic::Ordering::Relaxed),
-        0,
-        "the cuts happened"
-    );
-    // Answer ranged requests with the whole file: the mount must still read the right bytes.
-    proxy
-        .faults
-        .strip_range
-        .store(1000, std::sync::atomic::Ordering::Relaxed);
-    let f = std::fs::File::open(m.path("b.bin")).unwrap();
-    let mut buf = vec![0u8; 10_000];
-    f.read_exact_at(&mut buf, 20 * MIB as u64).unwrap();
-    assert_eq!(&buf[..], &b[20 * MIB..20 * MIB + 10_000]);
-    assert_eq!(hash_file(&m.path("b.bin")).unwrap(), hash(&b));
-    assert!(
-        m.log_text().contains("whole files"),
-        "the switch to whole-file reads is logged"
-    );
-}
-
-#[test]
-fn the_daemon_stays_within_its_memory_budget_while_8_readers_stream() {
-    let store = Store::new();
-    let files: Vec<Vec<u8>> = (0..8).map(|i| bytes(64 * MIB, 100 + i)).collect();
-    for (i, d) in files.iter().enumerate() {
-        store.write(&format!("s{i}.bin"), d);
-    }
-    let server = store.serve();
-    let m = Mount::new(&server.url());
-    let pid = m.pid();
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let sampler = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let mut peak = (0u64, 0u64);
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Some((anon, rss)) = memory_of(pid) {
-                    peak = (peak.0.max(anon), peak.1.max(rss));
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            peak
-        })
-    };
-    let readers: Vec<_> = (0..8)
-        .map(|i| {
-            let p = m.path(&format!("s{i}.bin"));
-            std::thread::spawn(move || hash_file(&p).unwrap())
-        })
-        .collect();
-    for (i, r) in readers.into_iter().enumerate() {
-        assert_eq!(r.join().unwrap(), hash(&files[i]));
-    }
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (anon, rss) = sampler.join().unwrap();
-    eprintln!("daemon peak RssAnon {} MiB, VmRSS {} MiB", anon >> 20, rss >> 20);
-    // The read engine's transfer budget is 64 MiB; the daemon as a whole stays under 96 MiB
-    // of anonymous memory (cached bytes are file-backed pages, not counted here).
-    assert!(anon < 96 << 20, "peak RssAnon {} MiB", anon >> 20);
-}
-
-#[test]
-fn unmount_with_a_file_held_open_completes() {
-    let store = Store::new();
-    store.write("f.bin", &bytes(3 * MIB, 8));
-    let server = store.serve();
-    let mut m = Mount::new(&server.url());
-    let held = std::fs::File::open(m.path("f.bin")).unwrap();
-    let start = Instant::now();
-    let out = Command::new(bin())
-        .args(["unmount", "--timeout", "1s"])
-        .arg(&m.mnt)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        start.elapsed() < Duration::from_secs(8),
-        "unmount took {:?}",
-        start.elapsed()
-    );
-    assert!(!is_mounted(&m.mnt));
-    // The daemon stopped even though the file is still open.
-    let child = m.child.as_mut().unwrap();
-    let end = Instant::now() + Duration::from_secs(5);
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < end, "the daemon is still running");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    drop(held);
-}
-
-#[test]
-fn ordinary_tools_work_on_the_mount() {
-    let store = Store::new();
-    let src = tempfile::tempdir().unwrap();
-    for i in 0..20 {
-        std::fs::write(src.path().join(format!("m{i}.txt")), bytes(10_000 + i, i as u64)).unwrap();
-    }
-    let tar = store.path("x.tar");
-    let st = Command::new("tar")
-        .arg("-cf")
-        .arg(&tar)
-        .arg("-C")
-        .arg(src.path())
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(st.success());
-    store.write("a", b"print me\n");
-    let server = store.serve();
-    let m = Mount::new(&server.url());
-    let listed = Command::new("tar").arg("-tf").arg(m.path("x.tar")).output().unwrap();
-    assert!(listed.status.success());
-    assert_eq!(
-        String::from_utf8_lossy(&listed.stdout)
-            .lines()
-            .filter(|l| l.ends_with(".txt"))
-            .count(),
-        20
-    );
-    let py = Command::new("python3")
-        .arg("-c")
-        .arg("import sys; print(open(sys.argv[1]).read(), end='')")
-        .arg(m.path("a"))
-        .output()
-        .unwrap();
-    assert_eq!(py.stdout, b"print me\n");
-    let sha = Command::new("sha256sum").arg(m.path("x.tar")).output().unwrap();
-    let sha_src = Command::new("sha256sum").arg(&tar).output().unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&sha.stdout).split_whitespace().next(),
-        String::from_utf8_lossy(&sha_src.stdout).split_whitespace().next()
-    );
-    // A missing name is ENOENT.
-    assert_eq!(
-        std::fs::metadata(m.path("nope")).unwrap_err().kind(),
-        std::io::ErrorKind::NotFound
-    );
-    // df works (statfs answers with the cache disk's figures).
-    assert!(Command::new("df").arg(&m.mnt).status().unwrap().success());
-}
-
-#[test]
-fn the_servers_max_age_decides_how_long_metadata_is_trusted() {
-    let store = Store::new();
-    store.write("d/f", b"one");
-    let server = store.serve_with(|c| c.max_age = Some(Duration::from_secs(1)));
-    // The mount's own TTL is long; the server says 1 s.
-    let m = Mount::with(
-        &server.url(),
-        MountOpts {
-            args: vec!["--metadata-ttl".into(), "1h".into()],
+        let cache = tempfile::tempdir().unwrap();
+        let opts = || MountOpts {
+            cache: Some(cache.path().join("c")),
             ..MountOpts::default()
-        },
-    );
-    assert_eq!(std::fs::read(m.path("d/f")).unwrap(), b"one");
-    store.write("d/f", b"two!");
-    std::thread::sleep(Duration::from_millis(2200));
-    assert_eq!(std::fs::read(m.path("d/f")).unwrap(), b"two!");
-}
+        };
+        let mut m = Mount::with(&r.url(), opts());
+        assert_eq!(hash_file(&m.path("models/big.bin")).unwrap(), hash(&big));
+        for (rel, h) in &expect {
+            assert_eq!(&hash_file(&m.path(rel)).unwrap(), h, "{rel}");
+        }
+        let total: u64 = big.len() as u64
+            + expect
+                .keys()
+                .map(|rel| std::fs::metadata(r.path(rel)).unwrap().len())
+                .sum::<u64>();
+        assert_eq!(r.wire().file_bytes_sent, total, "every byte fetched exactly once");
+        // `ls -lR` sees the same tree as the remote's folder.
+        assert_eq!(tree(&m.mnt), tree(r.root()));
+        let ls = Command::new("ls").arg("-lR").arg(&m.mnt).output().unwrap();
+        assert!(ls.status.success());
+        let listed = String::from_utf8_lossy(&ls.stdout);
+        assert_eq!(listed.lines().filter(|l| l.starts_with('-')).count(), expect.len() + 1);
+        assert!(listed.contains(&format!(" {} ", big.len())), "ls -l shows the size");
+        assert!(m.unmount().status.success());
 
-#[test]
-fn an_artifact_larger_than_the_cache_reads_correctly_and_the_cache_keeps_its_limit() {
-    let store = Store::new();
-    let data = bytes(96 * MIB, 9);
-    store.write("huge.bin", &data);
-    let server = store.serve();
-    let mut m = Mount::with(
-        &server.url(),
-        MountOpts {
-            args: vec!["--max-cache-size".into(), "16M".into()],
+        // Remount on the same cache: the same reads fetch no data at all.
+        let before = r.wire().file_bytes_sent;
+        let _m = Mount::with(&r.url(), opts());
+        assert_eq!(hash_file(&_m.path("models/big.bin")).unwrap(), hash(&big));
+        for (rel, h) in expect.iter().step_by(7) {
+            assert_eq!(&hash_file(&_m.path(rel)).unwrap(), h, "{rel}");
+        }
+        assert_eq!(r.wire().file_bytes_sent, before, "remount fetched data bytes");
+    }
+
+    fn an_interrupted_read_resumes_from_the_chunks_present(r) needs [] {
+        let data = bytes(96 * MIB, 2);
+        r.write("f.bin", &data);
+        let cache = tempfile::tempdir().unwrap();
+        let opts = || MountOpts {
+            cache: Some(cache.path().join("c")),
             ..MountOpts::default()
-        },
-    );
-    assert_eq!(hash_file(&m.path("huge.bin")).unwrap(), hash(&data));
-    assert!(m.unmount().status.success());
-    let out = Command::new(bin())
-        .args(["cache", "stats", "--json", "--cache-dir"])
-        .arg(&m.cache)
-        .output()
-        .unwrap();
-    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let used = st["bytes"].as_u64().unwrap();
-    // Data is kept within the limit; the filesystem may add a few blocks of its own (ext4
-    // counts the extent tree of a sparse file in its blocks).
-    assert!(
-        used <= 16 * MIB as u64 + 64 * 1024,
-        "the cache holds {used} bytes: {st}"
-    );
-    let fetched = st["counters"]["fetched_bytes"].as_u64().unwrap();
-    assert!(
-        fetched <= data.len() as u64 * 11 / 10,
-        "readahead thrashed: {fetched} bytes fetched for {}",
-        data.len()
-    );
-    assert!(st["counters"]["punched_chunks"].as_u64().unwrap() > 0, "{st}");
-}
+        };
+        // Read the first 40 MiB, then the daemon dies (kill -9: no clean shutdown).
+        let mut m = Mount::with(&r.url(), opts());
+        let mut f = std::fs::File::open(m.path("f.bin")).unwrap();
+        let mut buf = vec![0u8; 40 * MIB];
+        f.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf[..], &data[..40 * MIB]);
+        drop(f);
+        // Let the cache record what it has (it saves its chunk map at least once a second).
+        std::thread::sleep(Duration::from_millis(1500));
+        m.kill9_keep_mounted();
+        // A dead mount is named as such, and `artifactfs unmount` clears it.
+        let again = Command::new(bin())
+            .arg("mount")
+            .arg(r.url())
+            .arg(&m.mnt)
+            .output()
+            .unwrap();
+        assert!(!again.status.success());
+        assert!(
+            String::from_utf8_lossy(&again.stderr).contains("daemon is gone"),
+            "{}",
+            String::from_utf8_lossy(&again.stderr)
+        );
+        assert!(
+            Command::new(bin())
+                .arg("unmount")
+                .arg(&m.mnt)
+                .status()
+                .unwrap()
+                .success()
+        );
+        assert!(!is_mounted(&m.mnt));
+        let first = r.wire().file_bytes_sent;
+        assert!(first >= 40 * MIB as u64);
 
-#[test]
-fn odd_names_and_a_directory_of_many_pages_list_and_read() {
-    let store = Store::new();
-    let names = [
-        "a b",
-        "100%",
-        "x#y?z",
-        "ünïcödé ✓",
-        "semi;colon",
-        "plus+sign",
-        "quote\"d",
-        "-dash",
-        ".hidden",
-    ];
-    for (i, n) in names.iter().enumerate() {
-        store.write(&format!("odd/{n}"), &bytes(1000 + i, i as u64));
-    }
-    // More entries than one listing page (the client asks for 10,000): it follows the pages.
-    for i in 0..10_050 {
-        store.write(&format!("many/e{i:05}"), format!("{i}").as_bytes());
-    }
-    let server = store.serve();
-    let m = Mount::new(&server.url());
-    let mut listed: Vec<String> = std::fs::read_dir(m.path("odd"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    listed.sort();
-    let mut want: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-    want.sort();
-    assert_eq!(listed, want);
-    for (i, n) in names.iter().enumerate() {
-        assert_eq!(
-            std::fs::read(m.path(&format!("odd/{n}"))).unwrap(),
-            bytes(1000 + i, i as u64),
-            "{n}"
+        let m = Mount::with(&r.url(), opts());
+        assert_eq!(hash_file(&m.path("f.bin")).unwrap(), hash(&data));
+        let second = r.wire().file_bytes_sent - first;
+        assert!(
+            second <= data.len() as u64 - 40 * MIB as u64,
+            "the second read fetched {second} bytes: it did not resume from the first 40 MiB"
         );
     }
-    let many: Vec<_> = std::fs::read_dir(m.path("many")).unwrap().collect();
-    assert_eq!(many.len(), 10_050);
-    assert_eq!(std::fs::read(m.path("many/e10049")).unwrap(), b"10049");
-    assert!(server.stats().lists >= 3, "the listing came in pages");
+
+    fn random_offset_reads_match(r) needs [] {
+        let data = bytes(64 * MIB + 333, 3);
+        r.write("r.bin", &data);
+        let m = Mount::new(&r.url());
+        let f = std::fs::File::open(m.path("r.bin")).unwrap();
+        let mut x = 12345u64;
+        for _ in 0..300 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let off = (x >> 20) % data.len() as u64;
+            let len = 1 + ((x >> 8) % 300_000) as usize;
+            let mut buf = vec![0u8; len];
+            let n = f.read_at(&mut buf, off).unwrap();
+            let end = (off as usize + len).min(data.len());
+            assert_eq!(&buf[..n], &data[off as usize..end], "at {off}+{len}");
+            assert_eq!(n, end - off as usize);
+        }
+        drop(f);
+
+        // A few small reads far apart fetch the chunks they touch, not the file.
+        r.write("sparse.bin", &data);
+        let before = r.wire().file_bytes_sent;
+        let f = std::fs::File::open(m.path("sparse.bin")).unwrap();
+        for i in 1..=6u64 {
+            let off = i * 10 * MIB as u64 + 5000;
+            let mut buf = vec![0u8; 4096];
+            f.read_exact_at(&mut buf, off).unwrap();
+            assert_eq!(&buf[..], &data[off as usize..off as usize + 4096]);
+        }
+        let fetched = r.wire().file_bytes_sent - before;
+        assert!(
+            fetched <= 12 * MIB as u64,
+            "6 small random reads fetched {} MiB",
+            fetched >> 20
+        );
+    }
+
+    fn a_remote_change_after_the_ttl_is_seen_and_never_mixed_with_old_bytes(r) needs [] {
+        let v1 = bytes(48 * MIB, 4);
+        let v2 = bytes(48 * MIB, 5);
+        r.write("f.bin", &v1);
+        let m = Mount::with(
+            &r.url(),
+            MountOpts {
+                args: vec!["--metadata-ttl".into(), "1s".into()],
+                ..MountOpts::default()
+            },
+        );
+        // A handle held open across the change; it has read one chunk far from the start.
+        let held = std::fs::File::open(m.path("f.bin")).unwrap();
+        let mut b = vec![0u8; 4096];
+        held.read_exact_at(&mut b, 40 * MIB as u64).unwrap();
+        assert_eq!(&b[..], &v1[40 * MIB..40 * MIB + 4096]);
+
+        assert_eq!(hash_file(&m.path("f.bin")).unwrap(), hash(&v1));
+        r.write("f.bin", &v2);
+        // Within the TTL the mount still shows v1 (cached), whole and unmixed.
+        let h = hash_file(&m.path("f.bin")).unwrap();
+        assert!(h == hash(&v1) || h == hash(&v2), "mixed bytes within the TTL");
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(
+            hash_file(&m.path("f.bin")).unwrap(),
+            hash(&v2),
+            "the change is seen after the TTL"
+        );
+
+        // The old handle reads its own version, or fails; it never returns v2's bytes.
+        for off in [0u64, 13 * MIB as u64, 40 * MIB as u64, 47 * MIB as u64] {
+            let mut b = vec![0u8; 4096];
+            match held.read_at(&mut b, off) {
+                Ok(n) => assert_eq!(&b[..n], &v1[off as usize..off as usize + n], "old handle at {off}"),
+                Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}"),
+            }
+        }
+    }
+
+    fn whole_file_answers_and_cut_bodies_never_give_wrong_bytes(r) needs [] {
+        let a = bytes(24 * MIB + 7, 6);
+        let b = bytes(24 * MIB + 9, 7);
+        r.write("a.bin", &a);
+        r.write("b.bin", &b);
+        let proxy = proxy::Proxy::start(&r.url());
+        let m = Mount::new(&proxy.url());
+        // Cut the first three file bodies after 1.5 MiB.
+        proxy
+            .faults
+            .truncate_after
+            .store(3 * MIB as u64 / 2, std::sync::atomic::Ordering::Relaxed);
+        proxy.faults.truncate.store(3, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(hash_file(&m.path("a.bin")).unwrap(), hash(&a));
+        assert_eq!(
+            proxy.faults.truncate.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "the cuts happened"
+        );
+        // Answer ranged requests with the whole file: the mount must still read the right bytes.
+        proxy
+            .faults
+            .strip_range
+            .store(1000, std::sync::atomic::Ordering::Relaxed);
+        let f = std::fs::File::open(m.path("b.bin")).unwrap();
+        let mut buf = vec![0u8; 10_000];
+        f.read_exact_at(&mut buf, 20 * MIB as u64).unwrap();
+        assert_eq!(&buf[..], &b[20 * MIB..20 * MIB + 10_000]);
+        assert_eq!(hash_file(&m.path("b.bin")).unwrap(), hash(&b));
+        assert!(
+            m.log_text().contains("whole files"),
+            "the switch to whole-file reads is logged"
+        );
+    }
+
+    fn the_daemon_stays_within_its_memory_budget_while_8_readers_stream(r) needs [] {
+        let files: Vec<Vec<u8>> = (0..8).map(|i| bytes(64 * MIB, 100 + i)).collect();
+        for (i, d) in files.iter().enumerate() {
+            r.write(&format!("s{i}.bin"), d);
+        }
+        let m = Mount::new(&r.url());
+        let pid = m.pid();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let mut peak = (0u64, 0u64);
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    if let Some((anon, rss)) = memory_of(pid) {
+                        peak = (peak.0.max(anon), peak.1.max(rss));
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                peak
+            })
+        };
+        let readers: Vec<_> = (0..8)
+            .map(|i| {
+                let p = m.path(&format!("s{i}.bin"));
+                std::thread::spawn(move || hash_file(&p).unwrap())
+            })
+            .collect();
+        for (i, r) in readers.into_iter().enumerate() {
+            assert_eq!(r.join().unwrap(), hash(&files[i]));
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (anon, rss) = sampler.join().unwrap();
+        eprintln!("daemon peak RssAnon {} MiB, VmRSS {} MiB", anon >> 20, rss >> 20);
+        // The read engine's transfer budget is 64 MiB; the daemon as a whole stays under 96 MiB
+        // of anonymous memory (cached bytes are file-backed pages, not counted here).
+        assert!(anon < 96 << 20, "peak RssAnon {} MiB", anon >> 20);
+    }
+
+    fn unmount_with_a_file_held_open_completes(r) needs [] {
+        r.write("f.bin", &bytes(3 * MIB, 8));
+        let mut m = Mount::new(&r.url());
+        let held = std::fs::File::open(m.path("f.bin")).unwrap();
+        let start = Instant::now();
+        let out = Command::new(bin())
+            .args(["unmount", "--timeout", "1s"])
+            .arg(&m.mnt)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "unmount took {:?}",
+            start.elapsed()
+        );
+        assert!(!is_mounted(&m.mnt));
+        // The daemon stopped even though the file is still open.
+        let child = m.child.as_mut().unwrap();
+        let end = Instant::now() + Duration::from_secs(5);
+        while child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < end, "the daemon is still running");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(held);
+    }
+
+    fn ordinary_tools_work_on_the_mount(r) needs [] {
+        let src = tempfile::tempdir().unwrap();
+        for i in 0..20 {
+            std::fs::write(src.path().join(format!("m{i}.txt")), bytes(10_000 + i, i as u64)).unwrap();
+        }
+        let tar = r.path("x.tar");
+        let st = Command::new("tar")
+            .arg("-cf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(src.path())
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        r.write("a", b"print me\n");
+        let m = Mount::new(&r.url());
+        let listed = Command::new("tar").arg("-tf").arg(m.path("x.tar")).output().unwrap();
+        assert!(listed.status.success());
+        assert_eq!(
+            String::from_utf8_lossy(&listed.stdout)
+                .lines()
+                .filter(|l| l.ends_with(".txt"))
+                .count(),
+            20
+        );
+        let py = Command::new("python3")
+            .arg("-c")
+            .arg("import sys; print(open(sys.argv[1]).read(), end='')")
+            .arg(m.path("a"))
+            .output()
+            .unwrap();
+        assert_eq!(py.stdout, b"print me\n");
+        let sha = Command::new("sha256sum").arg(m.path("x.tar")).output().unwrap();
+        let sha_src = Command::new("sha256sum").arg(&tar).output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&sha.stdout).split_whitespace().next(),
+            String::from_utf8_lossy(&sha_src.stdout).split_whitespace().next()
+        );
+        // A missing name is ENOENT.
+        assert_eq!(
+            std::fs::metadata(m.path("nope")).unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
+        // df works (statfs answers with the cache disk's figures).
+        assert!(Command::new("df").arg(&m.mnt).status().unwrap().success());
+    }
+
+    fn the_servers_max_age_decides_how_long_metadata_is_trusted(r) needs [ServerMaxAge] {
+        r.write("d/f", b"one");
+        r.configure(|c| c.max_age = Some(Duration::from_secs(1)));
+        // The mount's own TTL is long; the server says 1 s.
+        let m = Mount::with(
+            &r.url(),
+            MountOpts {
+                args: vec!["--metadata-ttl".into(), "1h".into()],
+                ..MountOpts::default()
+            },
+        );
+        assert_eq!(std::fs::read(m.path("d/f")).unwrap(), b"one");
+        r.write("d/f", b"two!");
+        std::thread::sleep(Duration::from_millis(2200));
+        assert_eq!(std::fs::read(m.path("d/f")).unwrap(), b"two!");
+    }
+
+    fn an_artifact_larger_than_the_cache_reads_correctly_and_the_cache_keeps_its_limit(r) needs [] {
+        let data = bytes(96 * MIB, 9);
+        r.write("huge.bin", &data);
+        let mut m = Mount::with(
+            &r.url(),
+            MountOpts {
+                args: vec!["--max-cache-size".into(), "16M".into()],
+                ..MountOpts::default()
+            },
+        );
+        assert_eq!(hash_file(&m.path("huge.bin")).unwrap(), hash(&data));
+        assert!(m.unmount().status.success());
+        let out = Command::new(bin())
+            .args(["cache", "stats", "--json", "--cache-dir"])
+            .arg(&m.cache)
+            .output()
+            .unwrap();
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let used = st["bytes"].as_u64().unwrap();
+        // Data is kept within the limit; the filesystem may add a few blocks of its own (ext4
+        // counts the extent tree of a sparse file in its blocks).
+        assert!(
+            used <= 16 * MIB as u64 + 64 * 1024,
+            "the cache holds {used} bytes: {st}"
+        );
+        let fetched = st["counters"]["fetched_bytes"].as_u64().unwrap();
+        assert!(
+            fetched <= data.len() as u64 * 11 / 10,
+            "readahead thrashed: {fetched} bytes fetched for {}",
+            data.len()
+        );
+        assert!(st["counters"]["punched_chunks"].as_u64().unwrap() > 0, "{st}");
+    }
+
+    fn odd_names_and_a_directory_of_many_pages_list_and_read(r) needs [] {
+        let names = [
+            "a b",
+            "100%",
+            "x#y?z",
+            "ünïcödé ✓",
+            "semi;colon",
+            "plus+sign",
+            "quote\"d",
+            "-dash",
+            ".hidden",
+        ];
+        for (i, n) in names.iter().enumerate() {
+            r.write(&format!("odd/{n}"), &bytes(1000 + i, i as u64));
+        }
+        // More entries than one listing page (the client asks for 10,000): it follows the pages.
+        for i in 0..10_050 {
+            r.write(&format!("many/e{i:05}"), format!("{i}").as_bytes());
+        }
+        let m = Mount::new(&r.url());
+        let mut listed: Vec<String> = std::fs::read_dir(m.path("odd"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        listed.sort();
+        let mut want: Vec<String> = names
+            .iter()
+            .filter(|n| r.lists_dotfiles() || !n.starts_with('.'))
+            .map(|s| s.to_string())
+            .collect();
+        want.sort();
+        assert_eq!(listed, want);
+        for (i, n) in names.iter().enumerate() {
+            if !want.iter().any(|w| w == n) {
+                continue;
+            }
+            assert_eq!(
+                std::fs::read(m.path(&format!("odd/{n}"))).unwrap(),
+                bytes(1000 + i, i as u64),
+                "{n}"
+            );
+        }
+        let many: Vec<_> = std::fs::read_dir(m.path("many")).unwrap().collect();
+        assert_eq!(many.len(), 10_050);
+        assert_eq!(std::fs::read(m.path("many/e10049")).unwrap(), b"10049");
+        if let Some(pages) = r.list_pages() {
+            assert!(pages >= 3, "the listing came in pages");
+        }
+    }
 }

@@ -37,6 +37,8 @@ pub struct Logged {
     pub bytes_in: u64,
     /// Bytes sent, headers included.
     pub bytes_out: u64,
+    /// Bytes of the response body.
+    pub body_out: u64,
 }
 
 #[derive(Debug)]
@@ -47,6 +49,50 @@ pub struct WebServer {
     dir: PathBuf,
     child: Child,
     log: PathBuf,
+    launch: Launch,
+}
+
+/// How the server process is started (again, after [`WebServer::stop`]).
+#[derive(Debug)]
+enum Launch {
+    Nginx { bin: PathBuf, conf: PathBuf },
+    Apache { bin: PathBuf, conf: PathBuf },
+}
+
+impl Launch {
+    fn spawn(&self, dir: &Path, sock: Option<TcpListener>) -> io::Result<Child> {
+        match self {
+            Launch::Nginx { bin, conf } => {
+                let sock = sock.ok_or_else(|| io::Error::other("nginx needs its socket"))?;
+                let fd = sock.as_raw_fd();
+                let mut cmd = Command::new(bin);
+                // The socket survives exec into nginx only: cleared in the child, so that no
+                // other process a test starts inherits it.
+                unsafe {
+                    cmd.pre_exec(move || clear_cloexec(fd));
+                }
+                cmd.arg("-c")
+                    .arg(conf)
+                    .arg("-p")
+                    .arg(dir)
+                    .arg("-e")
+                    .arg(dir.join("logs/error.log"))
+                    .env("NGINX", format!("{fd};"))
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+            }
+            Launch::Apache { bin, conf } => Command::new(bin)
+                .arg("-f")
+                .arg(conf)
+                .arg("-DFOREGROUND")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn(),
+        }
+    }
 }
 
 fn find(candidates: &[&str]) -> io::Result<PathBuf> {
@@ -104,7 +150,7 @@ pid {d}/nginx.pid;
 error_log {d}/logs/error.log;
 events {{ worker_connections 256; }}
 http {{
-  log_format wire '$request_method $request_uri $status $request_length $bytes_sent';
+  log_format wire '$request_method $request_uri $status $request_length $bytes_sent $body_bytes_sent';
   access_log {log} wire;
   client_body_temp_path {d}/tmp;
   client_max_body_size 0;
@@ -122,32 +168,15 @@ http {{
         );
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf)?;
-        let fd = sock.as_raw_fd();
-        let mut cmd = Command::new(bin);
-        // The socket survives exec into nginx only: cleared in the child, so that no other
-        // process a test starts inherits it.
-        unsafe {
-            cmd.pre_exec(move || clear_cloexec(fd));
-        }
-        let child = cmd
-            .arg("-c")
-            .arg(&conf_path)
-            .arg("-p")
-            .arg(&dir)
-            .arg("-e")
-            .arg(dir.join("logs/error.log"))
-            .env("NGINX", format!("{fd};"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        drop(sock);
+        let launch = Launch::Nginx { bin, conf: conf_path };
+        let child = launch.spawn(&dir, Some(sock))?;
         let s = WebServer {
             url: format!("http://127.0.0.1:{port}"),
             root,
             dir,
             child,
             log,
+            launch,
         };
         s.wait_ready()?;
         Ok(s)
@@ -191,7 +220,7 @@ LoadModule autoindex_module {m}/mod_autoindex.so
 LoadModule dir_module {m}/mod_dir.so
 {user}
 ErrorLog {d}/logs/error.log
-LogFormat \"%m %U%q %>s %I %O\" wire
+LogFormat \"%m %U%q %>s %I %O %B\" wire
 CustomLog {log} wire
 DavLockDB {d}/davlock/db
 DocumentRoot {root}
@@ -218,20 +247,18 @@ DocumentRoot {root}
                 return Err(io::Error::other("cannot give the tree to www-data"));
             }
         }
-        let child = Command::new(bin)
-            .arg("-f")
-            .arg(&conf_path)
-            .arg("-DFOREGROUND")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
+        let launch = Launch::Apache {
+            bin: bin.to_path_buf(),
+            conf: conf_path,
+        };
+        let child = launch.spawn(&dir, None)?;
         let s = WebServer {
             url: format!("http://127.0.0.1:{port}"),
             root,
             dir,
             child,
             log,
+            launch,
         };
         s.wait_ready()?;
         Ok(s)
@@ -257,13 +284,29 @@ DocumentRoot {root}
         self.root.join(rel)
     }
 
-    /// Puts a file in the served tree (as its owner would: written beside, renamed).
+    /// Puts a file in the served tree (as its owner would: written beside, renamed). A file
+    /// replaced gets an mtime in a later second than the one it replaces: these servers'
+    /// version tags are the mtime in seconds and the size, so a same-size replacement within
+    /// the same second would be invisible to every client (`docs/SEMANTICS.md`).
     pub fn write(&self, rel: &str, data: &[u8]) {
         let p = self.path(rel);
         std::fs::create_dir_all(p.parent().expect("a file in a folder")).expect("mkdir");
+        let before = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
         let tmp = p.with_extension("tmp-writing");
         std::fs::write(&tmp, data).expect("write");
         std::fs::rename(&tmp, &p).expect("rename");
+        if let Some(old) = before {
+            let secs = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+            let now = std::fs::metadata(&p).and_then(|m| m.modified()).expect("mtime");
+            if secs(now) <= secs(old) {
+                let later = std::time::UNIX_EPOCH + Duration::from_secs(secs(old) + 1);
+                std::fs::File::options()
+                    .write(true)
+                    .open(&p)
+                    .and_then(|f| f.set_modified(later))
+                    .expect("set mtime");
+            }
+        }
         self.give_away(&p);
     }
 
@@ -293,7 +336,7 @@ DocumentRoot {root}
         text.lines()
             .filter_map(|l| {
                 let f: Vec<&str> = l.split(' ').collect();
-                let [method, uri, status, bytes_in, bytes_out] = f.as_slice() else {
+                let [method, uri, status, bytes_in, bytes_out, body_out] = f.as_slice() else {
                     return None;
                 };
                 Some(Logged {
@@ -302,6 +345,7 @@ DocumentRoot {root}
                     status: status.parse().ok()?,
                     bytes_in: bytes_in.parse().unwrap_or(0),
                     bytes_out: bytes_out.parse().unwrap_or(0),
+                    body_out: body_out.parse().unwrap_or(0),
                 })
             })
             .collect()
@@ -317,6 +361,19 @@ DocumentRoot {root}
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Starts the server again on the same address, over the same tree (after [`Self::stop`]).
+    pub fn restart(&mut self) -> io::Result<()> {
+        if let Ok(None) = self.child.try_wait() {
+            return Ok(());
+        }
+        let sock = match self.launch {
+            Launch::Nginx { .. } => Some(TcpListener::bind(self.url.trim_start_matches("http://"))?),
+            Launch::Apache { .. } => None,
+        };
+        self.child = self.launch.spawn(&self.dir, sock)?;
+        self.wait_ready()
     }
 
     /// Stops the server (as a crash would, or a machine going away).

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod remote;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -199,6 +200,13 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The log dies with the temp dir: its end goes with the failure.
+            let log = self.log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            eprintln!("--- the mount's log, last lines ---\n{tail}\n---");
+        }
         if self.child.is_some() {
             let out = self.unmount();
             if !out.status.success() && is_mounted(&self.mnt) {

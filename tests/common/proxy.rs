@@ -51,12 +51,18 @@ async fn forward(State(ctx): State<Arc<Ctx>>, req: Request) -> Response {
     if ranged && take(&f.strip_range) {
         headers.remove(http::header::RANGE);
     }
-    let resp = ctx
+    let method = req.method().clone();
+    let body = axum::body::to_bytes(req.into_body(), usize::MAX)
+        .await
+        .unwrap_or_default();
+    let mut upstream = ctx
         .client
-        .request(req.method().clone(), format!("{}{pq}", ctx.upstream))
-        .headers(headers)
-        .send()
-        .await;
+        .request(method, format!("{}{pq}", ctx.upstream))
+        .headers(headers);
+    if !body.is_empty() {
+        upstream = upstream.body(body);
+    }
+    let resp = upstream.send().await;
     let resp = match resp {
         Ok(r) => r,
         Err(e) => return Response::builder().status(502).body(Body::from(e.to_string())).unwrap(),
@@ -102,7 +108,12 @@ impl Proxy {
         let faults = Arc::new(Faults::default());
         let ctx = Arc::new(Ctx {
             upstream: upstream.trim_end_matches('/').to_string(),
-            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+            // Transparent: redirects go back to the client as they are.
+            client: reqwest::Client::builder()
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
             faults: faults.clone(),
         });
         let (tx, rx) = std::sync::mpsc::channel();

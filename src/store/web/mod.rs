@@ -244,9 +244,11 @@ impl WebStore {
             _ => return Err(refused(&what, status, resp).await),
         }
         let headers = resp.headers();
-        let size: u64 = h::header_str(headers, CONTENT_LENGTH.as_str())
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| StoreError::Protocol(format!("{what}: no Content-Length")))?;
+        let size: u64 = match h::header_str(headers, CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok()) {
+            Some(n) => n,
+            // Apache answers HEAD of an empty file without one.
+            None => self.size_by_get(i, path).await?,
+        };
         let meta = ObjectMeta {
             size,
             mtime: h::parse_last_modified(headers).unwrap_or(UNIX_EPOCH),
@@ -259,6 +261,31 @@ impl WebStore {
             return Ok(Revalidated::NotModified);
         }
         Ok(Revalidated::Modified(Head::File(meta)))
+    }
+
+    /// The size of a file whose `HEAD` did not say, from a one-byte ranged `GET`.
+    async fn size_by_get(&self, i: usize, path: &str) -> StoreResult<u64> {
+        let url = self.url(i, path, false);
+        let what = format!("GET {} [0-1)", redact(&url));
+        let resp = self
+            .send(&what, || {
+                self.client
+                    .get(url.clone())
+                    .header(ACCEPT_ENCODING, "identity")
+                    .header(RANGE, "bytes=0-0")
+            })
+            .await?;
+        let size = match h::content_of(&what, &resp) {
+            Ok(Some(super::Content::Partial { total: Some(t), .. })) => Some(t),
+            Ok(Some(super::Content::Whole { size })) => size,
+            Err(StoreError::RangeNotSatisfiable { size }) => size,
+            Ok(None) => {
+                let status = resp.status();
+                return Err(refused(&what, status, resp).await);
+            }
+            _ => None,
+        };
+        size.ok_or_else(|| StoreError::Protocol(format!("{what}: the server does not say how large the file is")))
     }
 
     /// The file at `path` on the primary, `None` when nothing is there.

@@ -81,6 +81,7 @@ async fn reads_like_a_filesystem(s: &WebServer, st: &WebStore) {
         Revalidated::Modified(Head::Dir { .. })
     ));
     assert!(matches!(st.head("missing", None).await, Err(StoreError::NotFound)));
+    assert_eq!(file(st.head("sub/deep/z", None).await.unwrap()).size, 0, "an empty file");
     assert_eq!(st.head("a.bin", Some(&tag)).await.unwrap(), Revalidated::NotModified);
 
     let r = st.get("a.bin", Some(1000..70_000), Some(&tag)).await.unwrap();
