@@ -23,11 +23,7 @@ pub enum Kind {
 
 impl Kind {
     pub fn has(self, need: Need) -> bool {
-        match (self, need) {
-            (Kind::Builtin, _) => true,
-            (Kind::Apache, Need::PartialUpdates) => true,
-            _ => false,
-        }
+        matches!((self, need), (Kind::Builtin, _) | (Kind::Apache, Need::PartialUpdates))
     }
 
     pub fn name(self) -> &'static str {
