@@ -1,5 +1,6 @@
-//! End to end: writing through a real mount of `artifactfs serve` on 127.0.0.1. Remote content
-//! is checked by hash in the served folder; bytes on the wire are counted by the server.
+//! End to end: writing through a real mount of a remote on 127.0.0.1, on every remote kind
+//! that takes writes (`common::remote`). Remote content is checked by hash in the served
+//! folder; bytes on the wire are counted by the server.
 
 mod common;
 
@@ -9,10 +10,6 @@ use std::os::unix::fs::FileExt;
 use std::process::Command;
 
 use common::*;
-
-fn stored(store: &Store, rel: &str) -> Vec<u8> {
-    std::fs::read(store.path(rel)).unwrap()
-}
 
 /// Closes a file and returns what `close(2)` said (dropping a `File` ignores it).
 fn close(f: std::fs::File) -> std::io::Result<()> {
@@ -30,422 +27,412 @@ fn sh(cmd: &str) {
     assert!(st.success(), "{cmd}");
 }
 
-#[test]
-fn everyday_operations_reach_the_remote() {
-    let store = Store::new();
-    store.write("docs/readme.txt", b"first\n");
-    store.write("docs/old/a.bin", &bytes(300_000, 1));
-    let server = store.serve();
-    let m = Mount::new(&server.url());
-    // Create and write; readable at once through the mount.
-    std::fs::write(m.path("docs/new.txt"), b"hello\n").unwrap();
-    assert_eq!(std::fs::read(m.path("docs/new.txt")).unwrap(), b"hello\n");
-    assert_eq!(stored(&store, "docs/new.txt"), b"hello\n");
-    // >> appends.
-    sh(&format!("echo more >> '{}'", m.path("docs/new.txt").display()));
-    assert_eq!(stored(&store, "docs/new.txt"), b"hello\nmore\n");
-    // In-place range overwrite.
-    sh(&format!(
-        "printf XY | dd of='{}' bs=1 seek=2 conv=notrunc status=none",
-        m.path("docs/new.txt").display()
-    ));
-    assert_eq!(stored(&store, "docs/new.txt"), b"heXYo\nmore\n");
-    // truncate, touch, mkdir, mv of a file and of a folder, rm, rmdir.
-    sh(&format!("truncate -s 3 '{}'", m.path("docs/new.txt").display()));
-    assert_eq!(stored(&store, "docs/new.txt"), b"heX");
-    sh(&format!(
-        "touch '{}' '{}'",
-        m.path("docs/new.txt").display(),
-        m.path("docs/empty").display()
-    ));
-    assert_eq!(stored(&store, "docs/empty"), b"");
-    std::fs::create_dir(m.path("docs/sub")).unwrap();
-    assert!(store.path("docs/sub").is_dir());
-    std::fs::rename(m.path("docs/new.txt"), m.path("docs/sub/moved.txt")).unwrap();
-    assert_eq!(stored(&store, "docs/sub/moved.txt"), b"heX");
-    assert!(!store.path("docs/new.txt").exists());
-    std::fs::rename(m.path("docs/old"), m.path("archive")).unwrap();
-    assert_eq!(stored(&store, "archive/a.bin"), bytes(300_000, 1));
-    assert_eq!(hash_file(&m.path("archive/a.bin")).unwrap(), hash(&bytes(300_000, 1)));
-    assert_eq!(
-        std::fs::remove_dir(m.path("docs/sub")).unwrap_err().raw_os_error(),
-        Some(libc::ENOTEMPTY)
-    );
-    std::fs::remove_file(m.path("docs/sub/moved.txt")).unwrap();
-    std::fs::remove_dir(m.path("docs/sub")).unwrap();
-    assert!(!store.path("docs/sub").exists());
-    // cp a new version over an old one.
-    let local = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(local.path(), b"replaced").unwrap();
-    sh(&format!(
-        "cp '{}' '{}'",
-        local.path().display(),
-        m.path("docs/readme.txt").display()
-    ));
-    assert_eq!(stored(&store, "docs/readme.txt"), b"replaced");
-    // ls sees it all, and modes say the mount is writable.
-    let mut names: Vec<String> = std::fs::read_dir(m.path("docs"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
-    assert_eq!(names, vec!["empty", "readme.txt"]);
-    use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(m.path("docs/empty")).unwrap().permissions().mode() & 0o777,
-        0o644
-    );
-    // Symlinks are not kept by the remote: refused, consistently.
-    let err = std::os::unix::fs::symlink("x", m.path("link")).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EPERM));
-}
-
-#[test]
-fn open_files_renamed_and_removed_keep_working() {
-    let store = Store::new();
-    let server = store.serve();
-    let m = Mount::new(&server.url());
-    let mut f = std::fs::File::create(m.path("draft")).unwrap();
-    f.write_all(b"part one,").unwrap();
-    std::fs::rename(m.path("draft"), m.path("final")).unwrap();
-    f.write_all(b" part two").unwrap();
-    close(f).unwrap();
-    assert_eq!(stored(&store, "final"), b"part one, part two");
-    assert!(!store.path("draft").exists());
-    // Removed while open: still readable and writable through the descriptor; never uploaded.
-    let mut g = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(m.path("scratch"))
-        .unwrap();
-    g.write_all(b"temporary").unwrap();
-    std::fs::remove_file(m.path("scratch")).unwrap();
-    g.seek(SeekFrom::Start(0)).unwrap();
-    let mut s = String::new();
-    g.read_to_string(&mut s).unwrap();
-    assert_eq!(s, "temporary");
-    close(g).unwrap();
-    assert!(!store.path("scratch").exists());
-}
-
-#[test]
-fn partial_updates_send_only_what_changed() {
-    let store = Store::new();
-    let old = bytes(256 * MIB, 2);
-    store.write("big.bin", &old);
-    let server = store.serve();
-    let m = Mount::new(&server.url());
-    // The file is in the cache.
-    assert_eq!(hash_file(&m.path("big.bin")).unwrap(), hash(&old));
-    let wire = |f: &dyn Fn()| {
-        let before = server.stats();
-        f();
-        let after = server.stats();
-        (
-            after.bytes_received - before.bytes_received,
-            after.file_bytes_sent - before.file_bytes_sent,
-        )
-    };
-    let mut want = old.clone();
-
-    // Append 1 KiB.
-    let (sent, fetched) = wire(&|| {
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(m.path("big.bin"))
-            .unwrap();
-        f.write_all(&[7u8; 1024]).unwrap();
-        close(f).unwrap();
-    });
-    want.extend_from_slice(&[7u8; 1024]);
-    eprintln!("append 1 KiB: sent {sent} B, fetched {fetched} B");
-    assert!(
-        sent < 64 << 10 && fetched < 1 << 20,
-        "append: sent {sent}, fetched {fetched}"
-    );
-    assert_eq!(hash_file(&store.path("big.bin")).unwrap(), hash(&want));
-
-    // Overwrite 4 KiB in place.
-    let (sent, fetched) = wire(&|| {
-        let f = std::fs::OpenOptions::new().write(true).open(m.path("big.bin")).unwrap();
-        f.write_all_at(&[9u8; 4096], 100 * MIB as u64).unwrap();
-        close(f).unwrap();
-    });
-    want[100 * MIB..100 * MIB + 4096].fill(9);
-    eprintln!("overwrite 4 KiB: sent {sent} B, fetched {fetched} B");
-    assert!(
-        sent < 64 << 10 && fetched < 1 << 20,
-        "overwrite: sent {sent}, fetched {fetched}"
-    );
-    assert_eq!(hash_file(&store.path("big.bin")).unwrap(), hash(&want));
-
-    // cp of a version with 1 MiB changed in the middle.
-    want[128 * MIB..129 * MIB].copy_from_slice(&bytes(MIB, 3));
-    let local = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(local.path(), &want).unwrap();
-    let (sent, _) = wire(&|| {
+on_remotes! {
+    fn everyday_operations_reach_the_remote(r) needs [] {
+        r.write("docs/readme.txt", b"first\n");
+        r.write("docs/old/a.bin", &bytes(300_000, 1));
+        let m = Mount::new(&r.url());
+        // Create and write; readable at once through the mount.
+        std::fs::write(m.path("docs/new.txt"), b"hello\n").unwrap();
+        assert_eq!(std::fs::read(m.path("docs/new.txt")).unwrap(), b"hello\n");
+        assert_eq!(r.stored("docs/new.txt"), b"hello\n");
+        // >> appends.
+        sh(&format!("echo more >> '{}'", m.path("docs/new.txt").display()));
+        assert_eq!(r.stored("docs/new.txt"), b"hello\nmore\n");
+        // In-place range overwrite.
         sh(&format!(
-            "cp '{}' '{}'",
-            local.path().display(),
-            m.path("big.bin").display()
-        ))
-    });
-    eprintln!("cp with 1 MiB changed: sent {sent} B");
-    assert!(sent < 4 << 20, "cp: sent {sent}");
-    assert_eq!(hash_file(&store.path("big.bin")).unwrap(), hash(&want));
-
-    // The same kind of change saved through a temp file renamed over the original.
-    want[60 * MIB..61 * MIB].copy_from_slice(&bytes(MIB, 4));
-    std::fs::write(local.path(), &want).unwrap();
-    let (sent, _) = wire(&|| {
-        sh(&format!(
-            "cp '{}' '{}'",
-            local.path().display(),
-            m.path("big.bin.tmp").display()
+            "printf XY | dd of='{}' bs=1 seek=2 conv=notrunc status=none",
+            m.path("docs/new.txt").display()
         ));
-        std::fs::rename(m.path("big.bin.tmp"), m.path("big.bin")).unwrap();
-    });
-    eprintln!("temp file + mv with 1 MiB changed: sent {sent} B");
-    assert!(sent < 4 << 20, "save via temp: sent {sent}");
-    assert_eq!(hash_file(&store.path("big.bin")).unwrap(), hash(&want));
-    assert_eq!(hash_file(&m.path("big.bin")).unwrap(), hash(&want));
-}
-
-#[test]
-fn a_new_large_file_goes_up_in_parallel_parts_before_close_returns() {
-    let store = Store::new();
-    let server = store.serve();
-    let m = Mount::new(&server.url());
-    let data = bytes(1024 * MIB, 5);
-    server.handle.stats().reset();
-    let mut f = std::fs::File::create(m.path("new.bin")).unwrap();
-    for piece in data.chunks(1 << 20) {
-        f.write_all(piece).unwrap();
-    }
-    // Streamed: parts went to the server while the file was being written.
-    let before_close = server.stats().bytes_received;
-    assert!(
-        before_close >= 8 << 20,
-        "only {before_close} bytes arrived before close"
-    );
-    close(f).unwrap();
-    let s = server.stats();
-    assert_eq!(
-        hash_file(&store.path("new.bin")).unwrap(),
-        hash(&data),
-        "on the remote when close returned"
-    );
-    assert!(s.max_active >= 2, "at most {} requests at once", s.max_active);
-    assert!(s.bytes_received >= data.len() as u64);
-}
-
-#[test]
-fn a_file_changed_on_the_server_meanwhile_is_not_overwritten() {
-    let store = Store::new();
-    store.write("c.txt", b"base");
-    let server = store.serve();
-    let m = Mount::new(&server.url());
-    assert_eq!(std::fs::read(m.path("c.txt")).unwrap(), b"base");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .truncate(true)
-        .open(m.path("c.txt"))
-        .unwrap();
-    f.write_all(b"mine").unwrap();
-    store.write("c.txt", b"theirs");
-    let err = close(f).unwrap_err();
-    assert!(
-        matches!(err.raw_os_error(), Some(libc::ESTALE) | Some(libc::EIO)),
-        "close: {err}"
-    );
-    assert_eq!(stored(&store, "c.txt"), b"theirs", "theirs is not overwritten");
-    let log = m.log_text();
-    assert!(log.contains("changed on the remote since it was opened"), "{log}");
-    let kept: Vec<_> = std::fs::read_dir(m.cache.join("pending/conflicts")).unwrap().collect();
-    assert_eq!(kept.len(), 1);
-    assert_eq!(std::fs::read(kept[0].as_ref().unwrap().path()).unwrap(), b"mine");
-}
-
-#[test]
-fn shared_mapping_writes_reach_the_remote() {
-    let store = Store::new();
-    store.write("m.bin", &[0u8; 8192]);
-    let server = store.serve();
-    let m = Mount::new(&server.url());
-    let py = Command::new("python3")
-        .arg("-c")
-        .arg(
-            "import mmap,sys\n\
-             f=open(sys.argv[1],'r+b')\n\
-             mm=mmap.mmap(f.fileno(),0)\n\
-             mm[100:105]=b'MMAP!'\n\
-             mm.flush(); mm.close(); f.close()",
-        )
-        .arg(m.path("m.bin"))
-        .output()
-        .unwrap();
-    assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
-    let got = stored(&store, "m.bin");
-    assert_eq!(&got[100..105], b"MMAP!");
-    assert_eq!(got.len(), 8192);
-}
-
-#[test]
-fn tar_x_and_rsync_a_into_the_mount() {
-    let src = tempfile::tempdir().unwrap();
-    for i in 0..30 {
-        let d = src.path().join(format!("d{}", i % 3));
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::write(d.join(format!("f{i}.dat")), bytes(1000 + i * 100, i as u64)).unwrap();
-    }
-    let store = Store::new();
-    let server = store.serve();
-    let m = Mount::new(&server.url());
-    let tarball = tempfile::NamedTempFile::new().unwrap();
-    sh(&format!(
-        "tar -C '{}' -cf '{}' .",
-        src.path().display(),
-        tarball.path().display()
-    ));
-    std::fs::create_dir(m.path("untarred")).unwrap();
-    sh(&format!(
-        "tar -C '{}' -xf '{}'",
-        m.path("untarred").display(),
-        tarball.path().display()
-    ));
-    for i in 0..30 {
-        let rel = format!("d{}/f{i}.dat", i % 3);
+        assert_eq!(r.stored("docs/new.txt"), b"heXYo\nmore\n");
+        // truncate, touch, mkdir, mv of a file and of a folder, rm, rmdir.
+        sh(&format!("truncate -s 3 '{}'", m.path("docs/new.txt").display()));
+        assert_eq!(r.stored("docs/new.txt"), b"heX");
+        sh(&format!(
+            "touch '{}' '{}'",
+            m.path("docs/new.txt").display(),
+            m.path("docs/empty").display()
+        ));
+        assert_eq!(r.stored("docs/empty"), b"");
+        std::fs::create_dir(m.path("docs/sub")).unwrap();
+        assert!(r.path("docs/sub").is_dir());
+        std::fs::rename(m.path("docs/new.txt"), m.path("docs/sub/moved.txt")).unwrap();
+        assert_eq!(r.stored("docs/sub/moved.txt"), b"heX");
+        assert!(!r.path("docs/new.txt").exists());
+        std::fs::rename(m.path("docs/old"), m.path("archive")).unwrap();
+        assert_eq!(r.stored("archive/a.bin"), bytes(300_000, 1));
+        assert_eq!(hash_file(&m.path("archive/a.bin")).unwrap(), hash(&bytes(300_000, 1)));
         assert_eq!(
-            stored(&store, &format!("untarred/{rel}")),
-            bytes(1000 + i * 100, i as u64),
-            "{rel}"
+            std::fs::remove_dir(m.path("docs/sub")).unwrap_err().raw_os_error(),
+            Some(libc::ENOTEMPTY)
         );
-    }
-    // rsync -a: temp files renamed into place, chmod and utimens (accepted, not kept).
-    sh(&format!(
-        "rsync -a '{}/' '{}/'",
-        src.path().display(),
-        m.path("synced").display()
-    ));
-    for i in 0..30 {
-        let rel = format!("d{}/f{i}.dat", i % 3);
+        std::fs::remove_file(m.path("docs/sub/moved.txt")).unwrap();
+        std::fs::remove_dir(m.path("docs/sub")).unwrap();
+        assert!(!r.path("docs/sub").exists());
+        // cp a new version over an old one.
+        let local = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(local.path(), b"replaced").unwrap();
+        sh(&format!(
+            "cp '{}' '{}'",
+            local.path().display(),
+            m.path("docs/readme.txt").display()
+        ));
+        assert_eq!(r.stored("docs/readme.txt"), b"replaced");
+        // ls sees it all, and modes say the mount is writable.
+        let mut names: Vec<String> = std::fs::read_dir(m.path("docs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["empty", "readme.txt"]);
+        use std::os::unix::fs::PermissionsExt;
         assert_eq!(
-            stored(&store, &format!("synced/{rel}")),
-            bytes(1000 + i * 100, i as u64),
-            "{rel}"
+            std::fs::metadata(m.path("docs/empty")).unwrap().permissions().mode() & 0o777,
+            0o644
         );
+        // Symlinks are not kept by the remote: refused, consistently.
+        let err = std::os::unix::fs::symlink("x", m.path("link")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM));
     }
-    let leftovers: Vec<_> = std::fs::read_dir(store.path("synced/d0"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .filter(|n| n.starts_with('.'))
-        .collect();
-    assert!(leftovers.is_empty(), "rsync temp files left: {leftovers:?}");
-}
 
-#[test]
-fn a_read_only_mount_refuses_writes() {
-    let store = Store::new();
-    store.write("a", b"x");
-    let server = store.serve();
-    let m = Mount::with(
-        &server.url(),
-        MountOpts {
-            args: vec!["--read-only".into()],
-            ..MountOpts::default()
-        },
-    );
-    let w = std::fs::OpenOptions::new().write(true).open(m.path("a")).unwrap_err();
-    assert_eq!(w.raw_os_error(), Some(libc::EROFS));
-    assert_eq!(
-        std::fs::write(m.path("b"), b"y").unwrap_err().raw_os_error(),
-        Some(libc::EROFS)
-    );
-    assert_eq!(std::fs::read(m.path("a")).unwrap(), b"x");
-}
+    fn open_files_renamed_and_removed_keep_working(r) needs [] {
+        let m = Mount::new(&r.url());
+        let mut f = std::fs::File::create(m.path("draft")).unwrap();
+        f.write_all(b"part one,").unwrap();
+        std::fs::rename(m.path("draft"), m.path("final")).unwrap();
+        f.write_all(b" part two").unwrap();
+        close(f).unwrap();
+        assert_eq!(r.stored("final"), b"part one, part two");
+        assert!(!r.path("draft").exists());
+        // Removed while open: still readable and writable through the descriptor; never uploaded.
+        let mut g = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(m.path("scratch"))
+            .unwrap();
+        g.write_all(b"temporary").unwrap();
+        std::fs::remove_file(m.path("scratch")).unwrap();
+        g.seek(SeekFrom::Start(0)).unwrap();
+        let mut s = String::new();
+        g.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "temporary");
+        close(g).unwrap();
+        assert!(!r.path("scratch").exists());
+    }
 
-#[test]
-fn write_back_survives_a_crash_while_the_server_is_down() {
-    let store = Store::new();
-    store.write("existing.log", b"line 1\n");
-    let server = store.serve();
-    let addr = server.handle.addr();
-    let url = server.url();
-    let cache = tempfile::tempdir().unwrap();
-    let opts = || MountOpts {
-        cache: Some(cache.path().join("c")),
-        args: vec!["--write-back=1h".into()],
-    };
-    let mut m = Mount::with(&url, opts());
-    // Look at the files while the server is up.
-    assert_eq!(std::fs::read(m.path("existing.log")).unwrap(), b"line 1\n");
-    assert!(std::fs::read_dir(&m.mnt).unwrap().count() >= 1);
-    drop(server);
-    // The server is down: writes and fsync still succeed, into the journal.
-    let mut f = std::fs::File::create(m.path("new.bin")).unwrap();
-    let data = bytes(3 * MIB + 5, 9);
-    f.write_all(&data).unwrap();
-    f.sync_all().unwrap();
-    let mut g = std::fs::OpenOptions::new()
-        .append(true)
-        .open(m.path("existing.log"))
-        .unwrap();
-    g.write_all(b"line 2\n").unwrap();
-    g.sync_all().unwrap();
-    // The daemon dies before anything was sent.
-    m.kill9_keep_mounted();
-    drop(f);
-    drop(g);
-    common::force_unmount(&m.mnt);
-    // The server comes back on the same address; the next mount sends the journal first.
-    let _server = store.serve_with(|c| c.listen = addr);
-    let m2 = Mount::with(&url, opts());
-    assert_eq!(stored(&store, "new.bin"), data);
-    assert_eq!(stored(&store, "existing.log"), b"line 1\nline 2\n");
-    assert_eq!(hash_file(&m2.path("new.bin")).unwrap(), hash(&data));
-    assert!(
-        m2.log_text().contains("write-back journal replayed"),
-        "{}",
-        m2.log_text()
-    );
-}
+    fn appends_and_overwrites_send_only_the_change(r) needs [PartialUpdates] {
+        let old = bytes(256 * MIB, 2);
+        r.write("big.bin", &old);
+        let m = Mount::new(&r.url());
+        // The file is in the cache.
+        assert_eq!(hash_file(&m.path("big.bin")).unwrap(), hash(&old));
+        let wire = |f: &dyn Fn()| {
+            let before = r.wire();
+            f();
+            let after = r.wire();
+            (
+                after.received - before.received,
+                after.file_bytes_sent - before.file_bytes_sent,
+            )
+        };
+        let mut want = old.clone();
 
-#[test]
-fn write_back_returns_before_the_upload_and_unmount_sends_the_rest() {
-    let store = Store::new();
-    let server = store.serve();
-    let mut m = Mount::with(
-        &server.url(),
-        MountOpts {
+        // Append 1 KiB.
+        let (sent, fetched) = wire(&|| {
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(m.path("big.bin"))
+                .unwrap();
+            f.write_all(&[7u8; 1024]).unwrap();
+            close(f).unwrap();
+        });
+        want.extend_from_slice(&[7u8; 1024]);
+        eprintln!("append 1 KiB: sent {sent} B, fetched {fetched} B");
+        assert!(
+            sent < 64 << 10 && fetched < 1 << 20,
+            "append: sent {sent}, fetched {fetched}"
+        );
+        assert_eq!(hash_file(&r.path("big.bin")).unwrap(), hash(&want));
+
+        // Overwrite 4 KiB in place.
+        let (sent, fetched) = wire(&|| {
+            let f = std::fs::OpenOptions::new().write(true).open(m.path("big.bin")).unwrap();
+            f.write_all_at(&[9u8; 4096], 100 * MIB as u64).unwrap();
+            close(f).unwrap();
+        });
+        want[100 * MIB..100 * MIB + 4096].fill(9);
+        eprintln!("overwrite 4 KiB: sent {sent} B, fetched {fetched} B");
+        assert!(
+            sent < 64 << 10 && fetched < 1 << 20,
+            "overwrite: sent {sent}, fetched {fetched}"
+        );
+        assert_eq!(hash_file(&r.path("big.bin")).unwrap(), hash(&want));
+        assert_eq!(hash_file(&m.path("big.bin")).unwrap(), hash(&want));
+    }
+
+    fn rewrites_send_only_the_changed_chunks(r) needs [ChunkDedup] {
+        let old = bytes(128 * MIB, 2);
+        r.write("big.bin", &old);
+        let m = Mount::new(&r.url());
+        assert_eq!(hash_file(&m.path("big.bin")).unwrap(), hash(&old));
+        let wire = |f: &dyn Fn()| {
+            let before = r.wire();
+            f();
+            let after = r.wire();
+            (
+                after.received - before.received,
+                after.file_bytes_sent - before.file_bytes_sent,
+            )
+        };
+        let mut want = old.clone();
+
+        // cp of a version with 1 MiB changed in the middle.
+        want[64 * MIB..65 * MIB].copy_from_slice(&bytes(MIB, 3));
+        let local = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(local.path(), &want).unwrap();
+        let (sent, _) = wire(&|| {
+            sh(&format!(
+                "cp '{}' '{}'",
+                local.path().display(),
+                m.path("big.bin").display()
+            ))
+        });
+        eprintln!("cp with 1 MiB changed: sent {sent} B");
+        assert!(sent < 4 << 20, "cp: sent {sent}");
+        assert_eq!(hash_file(&r.path("big.bin")).unwrap(), hash(&want));
+
+        // The same kind of change saved through a temp file renamed over the original.
+        want[60 * MIB..61 * MIB].copy_from_slice(&bytes(MIB, 4));
+        std::fs::write(local.path(), &want).unwrap();
+        let (sent, _) = wire(&|| {
+            sh(&format!(
+                "cp '{}' '{}'",
+                local.path().display(),
+                m.path("big.bin.tmp").display()
+            ));
+            std::fs::rename(m.path("big.bin.tmp"), m.path("big.bin")).unwrap();
+        });
+        eprintln!("temp file + mv with 1 MiB changed: sent {sent} B");
+        assert!(sent < 4 << 20, "save via temp: sent {sent}");
+        assert_eq!(hash_file(&r.path("big.bin")).unwrap(), hash(&want));
+        assert_eq!(hash_file(&m.path("big.bin")).unwrap(), hash(&want));
+    }
+
+    fn a_new_large_file_goes_up_in_parallel_parts_before_close_returns(r) needs [ParallelParts] {
+        let m = Mount::new(&r.url());
+        let data = bytes(1024 * MIB, 5);
+        let start = r.wire();
+        let mut f = std::fs::File::create(m.path("new.bin")).unwrap();
+        for piece in data.chunks(1 << 20) {
+            f.write_all(piece).unwrap();
+        }
+        // Streamed: parts went to the server while the file was being written.
+        let before_close = r.wire().received - start.received;
+        assert!(
+            before_close >= 8 << 20,
+            "only {before_close} bytes arrived before close"
+        );
+        close(f).unwrap();
+        let received = r.wire().received - start.received;
+        assert_eq!(
+            hash_file(&r.path("new.bin")).unwrap(),
+            hash(&data),
+            "on the remote when close returned"
+        );
+        let active = r.max_active().expect("the server counts requests in flight");
+        assert!(active >= 2, "at most {active} requests at once");
+        assert!(received >= data.len() as u64);
+    }
+
+    fn a_file_changed_on_the_server_meanwhile_is_not_overwritten(r) needs [] {
+        r.write("c.txt", b"base");
+        let m = Mount::new(&r.url());
+        assert_eq!(std::fs::read(m.path("c.txt")).unwrap(), b"base");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(m.path("c.txt"))
+            .unwrap();
+        f.write_all(b"mine").unwrap();
+        r.write("c.txt", b"theirs");
+        let err = close(f).unwrap_err();
+        assert!(
+            matches!(err.raw_os_error(), Some(libc::ESTALE) | Some(libc::EIO)),
+            "close: {err}"
+        );
+        assert_eq!(r.stored("c.txt"), b"theirs", "theirs is not overwritten");
+        let log = m.log_text();
+        assert!(log.contains("changed on the remote since it was opened"), "{log}");
+        let kept: Vec<_> = std::fs::read_dir(m.cache.join("pending/conflicts")).unwrap().collect();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(std::fs::read(kept[0].as_ref().unwrap().path()).unwrap(), b"mine");
+    }
+
+    fn shared_mapping_writes_reach_the_remote(r) needs [] {
+        r.write("m.bin", &[0u8; 8192]);
+        let m = Mount::new(&r.url());
+        let py = Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import mmap,sys\n\
+                 f=open(sys.argv[1],'r+b')\n\
+                 mm=mmap.mmap(f.fileno(),0)\n\
+                 mm[100:105]=b'MMAP!'\n\
+                 mm.flush(); mm.close(); f.close()",
+            )
+            .arg(m.path("m.bin"))
+            .output()
+            .unwrap();
+        assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
+        let got = r.stored("m.bin");
+        assert_eq!(&got[100..105], b"MMAP!");
+        assert_eq!(got.len(), 8192);
+    }
+
+    fn tar_x_and_rsync_a_into_the_mount(r) needs [] {
+        let src = tempfile::tempdir().unwrap();
+        for i in 0..30 {
+            let d = src.path().join(format!("d{}", i % 3));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(format!("f{i}.dat")), bytes(1000 + i * 100, i as u64)).unwrap();
+        }
+        let m = Mount::new(&r.url());
+        let tarball = tempfile::NamedTempFile::new().unwrap();
+        sh(&format!(
+            "tar -C '{}' -cf '{}' .",
+            src.path().display(),
+            tarball.path().display()
+        ));
+        std::fs::create_dir(m.path("untarred")).unwrap();
+        sh(&format!(
+            "tar -C '{}' -xf '{}'",
+            m.path("untarred").display(),
+            tarball.path().display()
+        ));
+        for i in 0..30 {
+            let rel = format!("d{}/f{i}.dat", i % 3);
+            assert_eq!(
+                r.stored(&format!("untarred/{rel}")),
+                bytes(1000 + i * 100, i as u64),
+                "{rel}"
+            );
+        }
+        // rsync -a: temp files renamed into place, chmod and utimens (accepted, not kept).
+        sh(&format!(
+            "rsync -a '{}/' '{}/'",
+            src.path().display(),
+            m.path("synced").display()
+        ));
+        for i in 0..30 {
+            let rel = format!("d{}/f{i}.dat", i % 3);
+            assert_eq!(
+                r.stored(&format!("synced/{rel}")),
+                bytes(1000 + i * 100, i as u64),
+                "{rel}"
+            );
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(r.path("synced/d0"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "rsync temp files left: {leftovers:?}");
+    }
+
+    fn a_read_only_mount_refuses_writes(r) needs [] {
+        r.write("a", b"x");
+        let m = Mount::with(
+            &r.url(),
+            MountOpts {
+                args: vec!["--read-only".into()],
+                ..MountOpts::default()
+            },
+        );
+        let w = std::fs::OpenOptions::new().write(true).open(m.path("a")).unwrap_err();
+        assert_eq!(w.raw_os_error(), Some(libc::EROFS));
+        assert_eq!(
+            std::fs::write(m.path("b"), b"y").unwrap_err().raw_os_error(),
+            Some(libc::EROFS)
+        );
+        assert_eq!(std::fs::read(m.path("a")).unwrap(), b"x");
+    }
+
+    fn write_back_survives_a_crash_while_the_server_is_down(r) needs [] {
+        r.write("existing.log", b"line 1\n");
+        let url = r.url();
+        let cache = tempfile::tempdir().unwrap();
+        let opts = || MountOpts {
+            cache: Some(cache.path().join("c")),
             args: vec!["--write-back=1h".into()],
-            ..MountOpts::default()
-        },
-    );
-    let data = bytes(2 * MIB + 3, 11);
-    let mut f = std::fs::File::create(m.path("wb.bin")).unwrap();
-    f.write_all(&data).unwrap();
-    f.sync_all().unwrap();
-    close(f).unwrap();
-    // Durable locally, not sent yet (the delay is an hour).
-    assert!(!store.path("wb.bin").exists());
-    assert_eq!(
-        hash_file(&m.path("wb.bin")).unwrap(),
-        hash(&data),
-        "readable through the mount meanwhile"
-    );
-    let journaled = std::fs::read_dir(m.cache.join("pending"))
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json"))
-        .count();
-    assert_eq!(journaled, 1);
-    let out = m.unmount();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(stored(&store, "wb.bin"), data, "sent while unmounting");
-    let left = std::fs::read_dir(m.cache.join("pending"))
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json"))
-        .count();
-    assert_eq!(left, 0);
+        };
+        let mut m = Mount::with(&url, opts());
+        // Look at the files while the server is up.
+        assert_eq!(std::fs::read(m.path("existing.log")).unwrap(), b"line 1\n");
+        assert!(std::fs::read_dir(&m.mnt).unwrap().count() >= 1);
+        r.stop();
+        // The server is down: writes and fsync still succeed, into the journal.
+        let mut f = std::fs::File::create(m.path("new.bin")).unwrap();
+        let data = bytes(3 * MIB + 5, 9);
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+        let mut g = std::fs::OpenOptions::new()
+            .append(true)
+            .open(m.path("existing.log"))
+            .unwrap();
+        g.write_all(b"line 2\n").unwrap();
+        g.sync_all().unwrap();
+        // The daemon dies before anything was sent.
+        m.kill9_keep_mounted();
+        drop(f);
+        drop(g);
+        common::force_unmount(&m.mnt);
+        // The server comes back on the same address; the next mount sends the journal first.
+        r.restart();
+        let m2 = Mount::with(&url, opts());
+        assert_eq!(r.stored("new.bin"), data);
+        assert_eq!(r.stored("existing.log"), b"line 1\nline 2\n");
+        assert_eq!(hash_file(&m2.path("new.bin")).unwrap(), hash(&data));
+        assert!(
+            m2.log_text().contains("write-back journal replayed"),
+            "{}",
+            m2.log_text()
+        );
+    }
+
+    fn write_back_returns_before_the_upload_and_unmount_sends_the_rest(r) needs [] {
+        let mut m = Mount::with(
+            &r.url(),
+            MountOpts {
+                args: vec!["--write-back=1h".into()],
+                ..MountOpts::default()
+            },
+        );
+        let data = bytes(2 * MIB + 3, 11);
+        let mut f = std::fs::File::create(m.path("wb.bin")).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+        close(f).unwrap();
+        // Durable locally, not sent yet (the delay is an hour).
+        assert!(!r.path("wb.bin").exists());
+        assert_eq!(
+            hash_file(&m.path("wb.bin")).unwrap(),
+            hash(&data),
+            "readable through the mount meanwhile"
+        );
+        let journaled = std::fs::read_dir(m.cache.join("pending"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json"))
+            .count();
+        assert_eq!(journaled, 1);
+        let out = m.unmount();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(r.stored("wb.bin"), data, "sent while unmounting");
+        let left = std::fs::read_dir(m.cache.join("pending"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json"))
+            .count();
+        assert_eq!(left, 0);
+    }
 }

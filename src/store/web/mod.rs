@@ -486,6 +486,7 @@ impl WebStore {
             .conditional_write(&what, path, &cond, || {
                 self.client
                     .put(url.clone())
+                    .header(CONTENT_LENGTH, body.len())
                     .header(CONTENT_RANGE, format!("bytes {offset}-{}/*", end - 1))
                     .body(body.clone())
             })
@@ -717,7 +718,13 @@ impl Store for WebStore {
     async fn put(&self, path: &str, body: Bytes, cond: WriteCondition) -> StoreResult<ObjectMeta> {
         let url = self.url(0, path, false);
         let what = format!("PUT {} ({} bytes)", redact(&url), body.len());
-        let put = || self.client.put(url.clone()).body(body.clone());
+        // Always with a length: nginx refuses a PUT without one (an empty body has none).
+        let put = || {
+            self.client
+                .put(url.clone())
+                .header(CONTENT_LENGTH, body.len())
+                .body(body.clone())
+        };
         let resp = self.conditional_write(&what, path, &cond, put).await?;
         write_status(&what, resp).await?;
         let meta = self.version_after_write(path).await?;

@@ -81,7 +81,11 @@ async fn reads_like_a_filesystem(s: &WebServer, st: &WebStore) {
         Revalidated::Modified(Head::Dir { .. })
     ));
     assert!(matches!(st.head("missing", None).await, Err(StoreError::NotFound)));
-    assert_eq!(file(st.head("sub/deep/z", None).await.unwrap()).size, 0, "an empty file");
+    assert_eq!(
+        file(st.head("sub/deep/z", None).await.unwrap()).size,
+        0,
+        "an empty file"
+    );
     assert_eq!(st.head("a.bin", Some(&tag)).await.unwrap(), Revalidated::NotModified);
 
     let r = st.get("a.bin", Some(1000..70_000), Some(&tag)).await.unwrap();
@@ -213,6 +217,9 @@ async fn writes_like_a_filesystem(s: &WebServer, st: &WebStore) {
         .unwrap();
     assert!(!s.path("new.txt").exists());
 
+    let empty = st.put("empty", Bytes::new(), WriteCondition::Absent).await.unwrap();
+    assert_eq!(empty.size, 0);
+    assert_eq!(std::fs::read(s.path("empty")).unwrap(), b"");
     st.mkdir("d").await.unwrap();
     assert!(s.path("d").is_dir());
     assert!(matches!(st.mkdir("d").await, Err(StoreError::Conflict(c)) if c == "exists"));
