@@ -377,6 +377,7 @@ fn write_back_survives_a_crash_while_the_server_is_down() {
     let opts = || MountOpts {
         cache: Some(cache.path().join("c")),
         args: vec!["--write-back=1h".into()],
+        ..Default::default()
     };
     let mut m = Mount::with(&url, opts());
     // Look at the files while the server is up.

@@ -1,5 +1,5 @@
 //! Which store a remote URL names, and opening it: `http(s)://` is the built-in server when it
-//! answers `?afs=info`; other kinds are added here as they come.
+//! answers `?afs=info`; `s3://BUCKET/PREFIX` is S3 (or an S3-compatible server, `[s3]`).
 
 use super::http::HttpConfig;
 use super::{DynStore, StoreError, StoreResult};
@@ -8,6 +8,7 @@ use super::{DynStore, StoreError, StoreResult};
 #[derive(Debug, Clone, Default)]
 pub struct RemoteOptions {
     pub http: HttpConfig,
+    pub s3: super::s3::S3Config,
 }
 
 /// Opens the remote `url` names.
@@ -18,8 +19,12 @@ pub async fn open(url: &str, opts: &RemoteOptions) -> StoreResult<DynStore> {
             let s = super::artifact::ArtifactStore::connect(url, opts.http.clone()).await?;
             Ok(std::sync::Arc::new(s))
         }
+        Some("s3") => {
+            let s = super::s3::S3Store::connect(url, &opts.s3, &opts.http).await?;
+            Ok(std::sync::Arc::new(s))
+        }
         _ => Err(StoreError::Protocol(format!(
-            "{url}: not a remote URL this build knows (http:// or https://)"
+            "{url}: not a remote URL this build knows (http://, https:// or s3://)"
         ))),
     }
 }

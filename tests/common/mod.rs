@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod s3;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -104,6 +105,8 @@ pub struct Mount {
 pub struct MountOpts {
     pub cache: Option<PathBuf>,
     pub args: Vec<String>,
+    /// Environment of the daemon (e.g. S3 credentials).
+    pub env: Vec<(String, String)>,
 }
 
 impl Mount {
@@ -126,6 +129,7 @@ impl Mount {
             .arg(&cache)
             .args(&opts.args)
             .env("RUST_LOG", "artifactfs=debug,info")
+            .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
