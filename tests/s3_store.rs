@@ -426,3 +426,35 @@ async fn wrong_keys_and_unreachable_servers_fail_with_the_reason_and_no_secret()
     assert!(err.is_transient(), "{err}");
     assert!(err.to_string().to_lowercase().contains("connect"), "{err}");
 }
+
+#[tokio::test]
+async fn a_ca_bundle_that_holds_no_certificate_is_named() {
+    let srv = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("ca.pem");
+    std::fs::write(&pem, "not a certificate\n").unwrap();
+    let cfg = S3Config {
+        ca_bundle: Some(pem.clone()),
+        ..srv.config()
+    };
+    let err = S3Store::connect_with(
+        &srv.url(""),
+        &cfg,
+        &Default::default(),
+        Some(static_credentials(ACCESS_KEY, SECRET_KEY)),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("ca_bundle") && err.to_string().contains("ca.pem"),
+        "{err}"
+    );
+    let cfg = S3Config {
+        endpoint_url: Some("ftp://127.0.0.1:1".into()),
+        ..srv.config()
+    };
+    let err = S3Store::connect_with(&srv.url(""), &cfg, &Default::default(), None)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("endpoint_url"), "{err}");
+}
