@@ -76,8 +76,13 @@ impl S3Store {
                     Some(None) => return Err(StoreError::Unsupported("copy without a base version")),
                     None => return Err(StoreError::NoSuchUpload),
                 };
-                if r.is_empty() || r.end - r.start > MAX_PART {
+                if r.is_empty() {
                     return Err(StoreError::RangeNotSatisfiable { size: None });
+                }
+                if r.end - r.start > MAX_PART {
+                    // One S3 part copies at most 5 GiB; the part numbers are the planner's, so
+                    // a longer copy cannot be split here.
+                    return Err(StoreError::Unsupported("a copied range over 5 GiB in one part"));
                 }
                 let len = r.end - r.start;
                 let tag = self
