@@ -43,7 +43,22 @@ fn an_s3_prefix_mounts_reads_and_takes_everyday_writes() {
     upload(&srv, "proj/a/b.bin", &a);
     upload(&srv, "proj/top.txt", b"top\n");
     upload(&srv, "outside.txt", b"not under the prefix");
+    for i in 0..20 {
+        upload(&srv, &format!("proj/many/f{i:02}"), &[i as u8; 100]);
+    }
     let m = Mount::with(&srv.url("proj"), srv.mount_opts());
+
+    // `ls -l` of a folder is one listing, not a HEAD per file (listings carry no ETags here).
+    assert!(m.path("many").is_dir());
+    srv.wire.reset();
+    let mut sizes = 0;
+    for e in std::fs::read_dir(m.path("many")).unwrap() {
+        sizes += std::fs::symlink_metadata(e.unwrap().path()).unwrap().len();
+    }
+    assert_eq!(sizes, 2000);
+    let seen = srv.wire.requests();
+    assert_eq!(seen.iter().filter(|r| r.method == "HEAD").count(), 0, "{seen:?}");
+    assert_eq!(seen.iter().filter(|r| r.is_list()).count(), 1, "{seen:?}");
 
     // Reads.
     assert_eq!(hash_file(&m.path("a/b.bin")).unwrap(), hash(&a));
@@ -53,7 +68,7 @@ fn an_s3_prefix_mounts_reads_and_takes_everyday_writes() {
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .collect();
     names.sort();
-    assert_eq!(names, vec!["a", "top.txt"]);
+    assert_eq!(names, vec!["a", "many", "top.txt"]);
     assert!(!m.path("outside.txt").exists());
 
     // A new small file, a new 20 MiB file (multipart while written), an append, an overwrite.
