@@ -366,6 +366,7 @@ on_remotes! {
         let opts = || MountOpts {
             cache: Some(cache.path().join("c")),
             args: vec!["--write-back=1h".into()],
+            ..Default::default()
         };
         let mut m = Mount::with(&url, opts());
         // Look at the files while the server is up.

@@ -10,6 +10,7 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::store::http::HttpConfig;
+use crate::store::s3::S3Config;
 
 /// A number of bytes; parsed from `"64MiB"`, `"8M"`, `"1G"` or a plain integer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -76,6 +77,7 @@ pub struct Config {
     pub write: WriteSection,
     pub http: HttpConfig,
     pub web: crate::store::web::WebConfig,
+    pub s3: S3Config,
     pub log: LogSection,
 }
 
@@ -263,6 +265,11 @@ impl Config {
         if self.write.part_size.0 == 0 || self.write.parallel_parts == 0 {
             return Err("write.part_size and write.parallel_parts must be at least 1".into());
         }
+        if let Some(e) = &self.s3.endpoint_url
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            return Err(format!("s3.endpoint_url {e:?} must start with http:// or https://"));
+        }
         if self.read.readahead_max.0 < self.read.readahead_initial.0 {
             return Err("read.readahead_max must be at least read.readahead_initial".into());
         }
@@ -308,6 +315,10 @@ mod tests {
         expect.mount.gid = parsed.mount.gid;
         expect.mount.file_mode = parsed.mount.file_mode;
         expect.mount.dir_mode = parsed.mount.dir_mode;
+        expect.s3.endpoint_url = parsed.s3.endpoint_url.clone();
+        expect.s3.region = parsed.s3.region.clone();
+        expect.s3.profile = parsed.s3.profile.clone();
+        expect.s3.ca_bundle = parsed.s3.ca_bundle.clone();
         assert_eq!(parsed, expect, "the example's values are the defaults");
         // Every key of the serialized defaults appears in the example.
         let defaults = toml::to_string(&Config::default()).unwrap();
@@ -316,7 +327,19 @@ mod tests {
                 assert!(text.contains(&format!("{key} = ")), "mount.example.toml lacks `{key}`");
             }
         }
-        for key in ["remote", "dir", "file", "uid", "gid", "file_mode", "dir_mode"] {
+        for key in [
+            "remote",
+            "dir",
+            "file",
+            "uid",
+            "gid",
+            "file_mode",
+            "dir_mode",
+            "endpoint_url",
+            "region",
+            "profile",
+            "ca_bundle",
+        ] {
             assert!(text.contains(&format!("{key} = ")), "mount.example.toml lacks `{key}`");
         }
     }

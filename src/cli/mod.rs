@@ -43,7 +43,8 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct MountArgs {
     /// The remote: an `artifactfs serve` server, a WebDAV server or a web server's directory
-    /// index (http:// or https://). Optional when the config file names it.
+    /// index (http:// or https://), or an S3 bucket and prefix (s3://BUCKET/PREFIX). Optional
+    /// when the config file names it.
     #[arg(value_name = "REMOTE")]
     pub first: String,
     /// Where to mount (an existing directory).
@@ -95,6 +96,24 @@ pub struct MountArgs {
     /// Partial PUT with Content-Range to a WebDAV server [default: only for Apache mod_dav].
     #[arg(long, value_name = "BOOL")]
     pub partial_put: Option<bool>,
+    /// S3: an S3-compatible server's URL (e.g. http://127.0.0.1:9000) [default: AWS].
+    #[arg(long, value_name = "URL")]
+    pub endpoint_url: Option<String>,
+    /// S3: the region [default: AWS_REGION, the profile's, else us-east-1].
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+    /// S3: a profile of ~/.aws/config and ~/.aws/credentials [default: AWS_PROFILE].
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+    /// S3: `path`, `virtual` or `auto` (path-style with --endpoint-url, else virtual-hosted).
+    #[arg(long, value_name = "STYLE")]
+    pub addressing_style: Option<crate::store::s3::AddressingStyle>,
+    /// S3: PEM file of CA certificates trusted besides the system roots.
+    #[arg(long, value_name = "FILE")]
+    pub ca_bundle: Option<PathBuf>,
+    /// S3: accept any TLS certificate (self-signed test servers only; logged as a warning).
+    #[arg(long)]
+    pub insecure_skip_tls_verify: bool,
     /// Print the resolved configuration and exit.
     #[arg(long)]
     pub print_config: bool,

@@ -82,6 +82,24 @@ pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
     if let Some(i) = a.incremental {
         cfg.write.incremental = i;
     }
+    if let Some(e) = &a.endpoint_url {
+        cfg.s3.endpoint_url = Some(e.clone());
+    }
+    if let Some(r) = &a.region {
+        cfg.s3.region = Some(r.clone());
+    }
+    if let Some(p) = &a.profile {
+        cfg.s3.profile = Some(p.clone());
+    }
+    if let Some(s) = a.addressing_style {
+        cfg.s3.addressing_style = s;
+    }
+    if let Some(f) = &a.ca_bundle {
+        cfg.s3.ca_bundle = Some(f.clone());
+    }
+    if a.insecure_skip_tls_verify {
+        cfg.s3.insecure_skip_tls_verify = true;
+    }
     cfg.mount.remote = Some(remote.clone());
     cfg.validate()?;
     let abs = |p: &Path| std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()));
@@ -89,6 +107,10 @@ pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
     cfg.cache.dir = Some(cache_dir.clone());
     if let Some(f) = &cfg.log.file {
         cfg.log.file = Some(abs(f)?);
+    }
+    // The daemon changes its directory: a relative CA bundle must still be found.
+    if let Some(f) = &cfg.s3.ca_bundle {
+        cfg.s3.ca_bundle = Some(abs(f)?);
     }
     Ok(Resolved {
         remote,
@@ -168,6 +190,7 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
     let opts = crate::store::open::RemoteOptions {
         http: cfg.http.clone(),
         web: cfg.web.clone(),
+        s3: cfg.s3.clone(),
     };
     let store: DynStore = rt
         .block_on(crate::store::open::open(&r.remote, &opts))

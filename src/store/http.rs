@@ -56,6 +56,13 @@ impl Default for HttpConfig {
 
 /// The one client a remote uses for all its requests (connection pool, keep-alive).
 pub fn build_client(cfg: &HttpConfig) -> StoreResult<reqwest::Client> {
+    client_builder(cfg)
+        .build()
+        .map_err(|e| StoreError::Unavailable(format!("cannot build the HTTP client: {e}")))
+}
+
+/// The settings every remote's client starts from (a remote may add TLS settings).
+pub fn client_builder(cfg: &HttpConfig) -> reqwest::ClientBuilder {
     install_crypto_provider();
     reqwest::Client::builder()
         .user_agent(concat!("artifactfs/", env!("CARGO_PKG_VERSION")))
@@ -65,8 +72,6 @@ pub fn build_client(cfg: &HttpConfig) -> StoreResult<reqwest::Client> {
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true)
         .http1_only()
-        .build()
-        .map_err(|e| StoreError::Unavailable(format!("cannot build the HTTP client: {e}")))
 }
 
 fn install_crypto_provider() {
@@ -109,15 +114,20 @@ where
 }
 
 fn describe_reqwest_error(what: &str, e: &reqwest::Error) -> StoreError {
-    // reqwest's Display hides the cause chain; the root cause is what a user needs.
+    StoreError::Unavailable(error_chain(what, e))
+}
+
+/// `what: error: cause: cause…` (reqwest's Display hides the cause chain).
+pub fn error_chain(what: &str, e: &dyn std::error::Error) -> String {
+    // The root cause is what a user needs.
     let mut msg = format!("{what}: {e}");
-    let mut src = std::error::Error::source(e);
+    let mut src = e.source();
     while let Some(s) = src {
         msg.push_str(": ");
         msg.push_str(&s.to_string());
         src = s.source();
     }
-    StoreError::Unavailable(msg)
+    msg
 }
 
 /// Maps a body-stream error to a store error (a cut body is retried from where it stopped).

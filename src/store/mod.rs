@@ -6,14 +6,16 @@
 //! whether a response is acceptable for a cached version (that policy lives in `read/`), and it
 //! knows nothing of the cache or of FUSE.
 //!
-//! Kinds: [`artifact::ArtifactStore`] (the built-in server), [`memory::MemoryStore`] (tests,
-//! reference semantics) and [`faulty::FaultyStore`] (wraps any store and injects faults).
+//! Kinds: [`artifact::ArtifactStore`] (the built-in server), [`s3::S3Store`] (S3 and
+//! S3-compatible servers), [`memory::MemoryStore`] (tests, reference semantics) and
+//! [`faulty::FaultyStore`] (wraps any store and injects faults).
 
 pub mod artifact;
 pub mod faulty;
 pub mod http;
 pub mod memory;
 pub mod open;
+pub mod s3;
 pub mod web;
 
 use std::fmt;

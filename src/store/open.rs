@@ -1,6 +1,7 @@
 //! Which store a remote URL names, and opening it. `http(s)://` is the built-in server when
 //! it answers `?afs=info` as one, else a plain web server (WebDAV or a directory index);
-//! `[web] kind` (`--kind`) skips the guessing.
+//! `[web] kind` (`--kind`) skips the guessing. `s3://BUCKET/PREFIX` is S3 or an
+//! S3-compatible server (`[s3]`).
 
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use super::{DynStore, StoreError, StoreResult};
 pub struct RemoteOptions {
     pub http: HttpConfig,
     pub web: WebConfig,
+    pub s3: super::s3::S3Config,
 }
 
 /// Opens the remote `url` names.
@@ -21,7 +23,7 @@ pub async fn open(url: &str, opts: &RemoteOptions) -> StoreResult<DynStore> {
     match scheme.as_deref() {
         Some("http") | Some("https") => open_http(url, opts).await,
         _ => Err(StoreError::Protocol(format!(
-            "{url}: not a remote URL this build knows (http:// or https://)"
+            "{url}: not a remote URL this build knows (http://, https:// or s3://)"
         ))),
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod proxy;
 pub mod remote;
+pub mod s3;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -105,6 +106,8 @@ pub struct Mount {
 pub struct MountOpts {
     pub cache: Option<PathBuf>,
     pub args: Vec<String>,
+    /// Environment of the daemon (e.g. S3 credentials).
+    pub env: Vec<(String, String)>,
 }
 
 impl Mount {
@@ -127,6 +130,7 @@ impl Mount {
             .arg(&cache)
             .args(&opts.args)
             .env("RUST_LOG", "artifactfs=debug,info")
+            .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

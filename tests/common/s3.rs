@@ -1,0 +1,288 @@
+//! A real S3 server for tests: `s3s-fs` 0.14 (S3 over a folder) started in-process on
+//! 127.0.0.1 port 0, with its own runtime thread, stopped on drop. It counts the bytes on the
+//! wire each way (at the socket, headers included) and logs every request, so tests can say
+//! what a mount sent and fetched.
+//!
+//! One quirk of s3s-fs is corrected in front of it: it answers `HEAD`/`GET` of a key that is a
+//! folder on its disk (`a` when `a/x` exists) with 500 instead of 404 (it tries to read the
+//! folder as a file); real S3 has no such key, so the wrapper answers 404 `NoSuchKey`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use artifactfs::store::s3::{S3Config, S3Store, client::static_credentials};
+use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+pub const ACCESS_KEY: &str = "AKIAARTIFACTFSTEST01";
+pub const SECRET_KEY: &str = "artifactfs-test-secret-not-a-real-one";
+pub const BUCKET: &str = "artifacts";
+pub const REGION: &str = "us-east-1";
+
+/// One request as the server saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    /// `x-amz-copy-source` was set (CopyObject / UploadPartCopy).
+    pub copy: bool,
+}
+
+impl Seen {
+    pub fn is_list(&self) -> bool {
+        self.method == "GET" && self.query.contains("list-type=2")
+    }
+}
+
+/// Bytes at the server's sockets, and the requests.
+#[derive(Default)]
+pub struct Wire {
+    /// Read by the server: what clients sent (request lines, headers, bodies).
+    pub received: AtomicU64,
+    /// Written by the server: what clients fetched.
+    pub sent: AtomicU64,
+    pub requests: Mutex<Vec<Seen>>,
+}
+
+impl Wire {
+    pub fn reset(&self) {
+        self.received.store(0, Ordering::SeqCst);
+        self.sent.store(0, Ordering::SeqCst);
+        self.requests.lock().clear();
+    }
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::SeqCst)
+    }
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
+    }
+    pub fn requests(&self) -> Vec<Seen> {
+        self.requests.lock().clone()
+    }
+}
+
+struct Counted<T> {
+    inner: T,
+    wire: Arc<Wire>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &r {
+            let n = (buf.filled().len() - before) as u64;
+            self.wire.received.fetch_add(n, Ordering::SeqCst);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.wire.sent.fetch_add(*n as u64, Ordering::SeqCst);
+        }
+        r
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.wire.sent.fetch_add(*n as u64, Ordering::SeqCst);
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+pub struct S3Server {
+    pub root: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub wire: Arc<Wire>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// `/bucket/key…` → the file s3s-fs keeps it in, when the path names a key (not a bucket).
+fn object_file(root: &Path, uri_path: &str) -> Option<PathBuf> {
+    let decoded = percent_encoding::percent_decode_str(uri_path).decode_utf8().ok()?;
+    let rest = decoded.strip_prefix('/')?;
+    let (bucket, key) = rest.split_once('/')?;
+    if key.is_empty() || key.ends_with('/') || key.split('/').any(|s| s == ".." || s == ".") {
+        return None;
+    }
+    Some(root.join(bucket).join(key))
+}
+
+impl S3Server {
+    /// A server with one empty bucket, [`BUCKET`].
+    pub fn start() -> S3Server {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join(BUCKET)).unwrap();
+        let wire = Arc::new(Wire::default());
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let dir = root.path().to_path_buf();
+        let w = wire.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let fs = s3s_fs::FileSystem::new(&dir).unwrap();
+                let mut b = s3s::service::S3ServiceBuilder::new(fs);
+                b.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+                let service = b.build();
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                let http = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                loop {
+                    let socket = tokio::select! {
+                        r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
+                        _ = &mut stop_rx => break,
+                    };
+                    let io = hyper_util::rt::TokioIo::new(Counted {
+                        inner: socket,
+                        wire: w.clone(),
+                    });
+                    let service = service.clone();
+                    let dir = dir.clone();
+                    let w = w.clone();
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let service = service.clone();
+                        let dir = dir.clone();
+                        let w = w.clone();
+                        async move {
+                            let method = req.method().to_string();
+                            w.requests.lock().push(Seen {
+                                method: method.clone(),
+                                path: req.uri().path().to_string(),
+                                query: req.uri().query().unwrap_or("").to_string(),
+                                copy: req.headers().contains_key("x-amz-copy-source"),
+                            });
+                            let folder = (method == "GET" || method == "HEAD")
+                                && object_file(&dir, req.uri().path()).is_some_and(|p| p.is_dir());
+                            if folder {
+                                let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\
+                                    <Error><Code>NoSuchKey</Code><Message>no such key</Message></Error>";
+                                let resp = http::Response::builder()
+                                    .status(404)
+                                    .header("content-type", "application/xml")
+                                    .body(if method == "HEAD" {
+                                        s3s::Body::empty()
+                                    } else {
+                                        s3s::Body::from(body.to_string())
+                                    })
+                                    .unwrap();
+                                return Ok::<_, s3s::HttpError>(resp);
+                            }
+                            hyper::service::Service::call(&service, req).await
+                        }
+                    });
+                    let http = http.clone();
+                    tokio::spawn(async move {
+                        let _ = http.serve_connection(io, svc).await;
+                    });
+                }
+            });
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+        });
+        let addr = addr_rx.recv().unwrap();
+        S3Server {
+            root,
+            addr,
+            wire,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `s3://BUCKET/prefix`.
+    pub fn url(&self, prefix: &str) -> String {
+        format!("s3://{BUCKET}/{prefix}")
+    }
+
+    pub fn config(&self) -> S3Config {
+        S3Config {
+            endpoint_url: Some(self.endpoint()),
+            region: Some(REGION.into()),
+            ..S3Config::default()
+        }
+    }
+
+    /// A store of `s3://BUCKET/prefix` with the test keys.
+    pub async fn store(&self, prefix: &str) -> S3Store {
+        S3Store::connect_with(
+            &self.url(prefix),
+            &self.config(),
+            &Default::default(),
+            Some(static_credentials(ACCESS_KEY, SECRET_KEY)),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// The mount flags and environment for this server (credentials from the environment, as
+    /// a user would give them; no profile files or instance metadata are consulted).
+    pub fn mount_opts(&self) -> super::MountOpts {
+        super::MountOpts {
+            args: vec![
+                "--endpoint-url".into(),
+                self.endpoint(),
+                "--region".into(),
+                REGION.into(),
+            ],
+            env: vec![
+                ("AWS_ACCESS_KEY_ID".into(), ACCESS_KEY.into()),
+                ("AWS_SECRET_ACCESS_KEY".into(), SECRET_KEY.into()),
+                ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+                ("AWS_CONFIG_FILE".into(), "/nonexistent/aws-config".into()),
+                (
+                    "AWS_SHARED_CREDENTIALS_FILE".into(),
+                    "/nonexistent/aws-credentials".into(),
+                ),
+            ],
+            ..Default::default()
+        }
+    }
+
+    /// The file s3s-fs keeps `key` of the bucket in.
+    pub fn file(&self, key: &str) -> PathBuf {
+        self.root.path().join(BUCKET).join(key)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
