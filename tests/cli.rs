@@ -46,6 +46,12 @@ impl Place {
     fn mount_with_cache(&self, url: &str, cache: &Path) -> Output {
         afs(&["mount", url, s(&self.mnt), "--cache-dir", s(cache)])
     }
+
+    fn mount_with(&self, url: &str, extra: &[&str]) -> Output {
+        let mut args = vec!["mount", url, s(&self.mnt), "--cache-dir", s(&self.cache)];
+        args.extend_from_slice(extra);
+        afs(&args)
+    }
 }
 
 impl Drop for Place {
@@ -127,8 +133,10 @@ fn an_unreachable_remote_fails_the_mount_with_the_reason() {
 }
 
 #[test]
-fn a_web_server_that_is_not_an_artifactfs_server_is_named_as_such() {
+fn a_plain_web_server_mounts_by_its_index_and_kind_artifact_names_it() {
     let www = tempfile::tempdir().unwrap();
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(www.path().join("data.bin"), &body).unwrap();
     let mut py = Command::new("python3")
         .args(["-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory"])
         .arg(www.path())
@@ -140,13 +148,27 @@ fn a_web_server_that_is_not_an_artifactfs_server_is_named_as_such() {
     std::io::BufRead::read_line(&mut std::io::BufReader::new(py.stdout.take().unwrap()), &mut line).unwrap();
     // "Serving HTTP on 127.0.0.1 port 41234 (http://127.0.0.1:41234/) ..."
     let port = line.split_whitespace().nth(5).unwrap().to_string();
+    let url = format!("http://127.0.0.1:{port}");
     let place = Place::new();
-    let out = place.mount(&format!("http://127.0.0.1:{port}"));
-    let _ = py.kill();
-    let _ = py.wait();
+    // Told it is the built-in server, the mount names what it found instead.
+    let out = place.mount_with(&url, &["--kind", "artifact"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("is not an artifactfs server"), "{}", stderr(&out));
     assert!(!is_mounted(&place.mnt));
+    // Detected, it is a plain server with HTML index pages: listed and read.
+    let out = place.mount(&url);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let names: Vec<_> = std::fs::read_dir(&place.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, vec!["data.bin".to_string()]);
+    let read = std::fs::read(place.mnt.join("data.bin")).unwrap();
+    assert_eq!(blake3::hash(&read), blake3::hash(&body));
+    let out = afs(&["unmount", s(&place.mnt)]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let _ = py.kill();
+    let _ = py.wait();
 }
 
 #[test]

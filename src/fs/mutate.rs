@@ -36,6 +36,9 @@ pub(crate) struct LocalState {
     pub(crate) path: String,
     /// The version read for bytes not written locally (rebased after each upload).
     pub(crate) base: Option<Arc<Version>>,
+    /// The version the file was opened at, once uploads rebased `base`: the bytes not written
+    /// locally are the same in both, and its cache already holds those that were read.
+    pub(crate) opened: Option<Arc<Version>>,
     /// Removed while open: its changes are never sent.
     pub(crate) unlinked: bool,
     /// A conflict was found: later flushes report it again instead of uploading.
@@ -77,40 +80,73 @@ impl LocalState {
     }
 }
 
+impl LocalState {
+    /// The versions the base layer is read from, in order: the one the file was opened at
+    /// (what was read is cached there), then the latest uploaded.
+    fn base_versions(&self) -> Vec<&Arc<Version>> {
+        self.opened.iter().chain(self.base.iter()).collect()
+    }
+}
+
 /// Reads the base layer through the read engine (for whole-file uploads).
 struct VersionSource<'a> {
-    version: Option<&'a Arc<Version>>,
+    versions: Vec<&'a Arc<Version>>,
 }
 
 #[async_trait]
 impl BaseSource for VersionSource<'_> {
     async fn read(&self, range: Range<u64>) -> Result<Bytes, String> {
-        let v = self.version.ok_or("no base version to read from")?;
-        read_all(v, range).await.map_err(|e| e.to_string())
+        let ra = Mutex::new(Readahead::disabled());
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        read_base_into(&mut out, &self.versions, &ra, range)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(out.into())
     }
 }
 
-/// Reads `range` of a version into memory, through the cache.
-pub(super) async fn read_all(v: &Arc<Version>, range: Range<u64>) -> Result<Bytes, FsError> {
-    let ra = Mutex::new(Readahead::default());
-    let mut out = Vec::with_capacity((range.end - range.start) as usize);
+/// Appends `range` of the base layer to `out`, from the first of `versions` that still has
+/// those bytes (an older version of ours whose remote copy is gone still serves what its
+/// cache holds; the rest comes from the next).
+async fn read_base_into(
+    out: &mut Vec<u8>,
+    versions: &[&Arc<Version>],
+    ra: &Mutex<Readahead>,
+    range: Range<u64>,
+) -> Result<(), FsError> {
     let mut pos = range.start;
-    while pos < range.end {
-        let n = (range.end - pos).min(1 << 20) as u32;
-        let got = v
-            .read(&ra, pos, n, |r| {
-                r.map(|b| {
-                    out.extend_from_slice(b);
-                    b.len()
+    for (k, v) in versions.iter().enumerate() {
+        let last = k + 1 == versions.len();
+        while pos < range.end {
+            let n = (range.end - pos).min(1 << 20) as u32;
+            let got = v
+                .read(ra, pos, n, |r| {
+                    r.map(|b| {
+                        out.extend_from_slice(b);
+                        b.len()
+                    })
                 })
-            })
-            .await
-            .map_err(|e| FsError::read(&v.path, e))?;
-        if got == 0 {
-            break;
+                .await;
+            match got {
+                Ok(0) if !last => break,
+                Ok(0) => return Err(FsError::Stale),
+                Ok(n) => pos += n as u64,
+                Err(crate::read::ReadError::Stale) if !last => break,
+                Err(e) => return Err(FsError::read(&v.path, e)),
+            }
         }
-        pos += got as u64;
+        if pos >= range.end {
+            return Ok(());
+        }
     }
+    Err(FsError::Local("no base version to read from".into()))
+}
+
+/// Reads `range` of a version into memory, through the cache, without reading ahead.
+pub(super) async fn read_all(v: &Arc<Version>, range: Range<u64>) -> Result<Bytes, FsError> {
+    let ra = Mutex::new(Readahead::disabled());
+    let mut out = Vec::with_capacity((range.end - range.start) as usize);
+    read_base_into(&mut out, &[v], &ra, range).await?;
     Ok(out.into())
 }
 
@@ -147,6 +183,7 @@ impl ArtifactFs {
                 staged,
                 path,
                 base: Some(version),
+                opened: None,
                 unlinked: false,
                 conflict: None,
                 stream: None,
@@ -196,6 +233,7 @@ impl ArtifactFs {
                         staged,
                         path: path.clone(),
                         base: None,
+                        opened: None,
                         unlinked: false,
                         conflict: None,
                         stream: None,
@@ -402,26 +440,7 @@ impl ArtifactFs {
                         .map_err(|e| FsError::Local(e.to_string()))?;
                 }
                 Layer::Zero => out.resize(out.len() + n, 0),
-                Layer::Base => {
-                    let v = st.base.as_ref().ok_or(FsError::Local("no base version".into()))?;
-                    let mut pos = r.start;
-                    while pos < r.end {
-                        let want = (r.end - pos).min(1 << 20) as u32;
-                        let got = v
-                            .read(&h.readahead, pos, want, |res| {
-                                res.map(|b| {
-                                    out.extend_from_slice(b);
-                                    b.len()
-                                })
-                            })
-                            .await
-                            .map_err(|e| FsError::read(&st.path, e))?;
-                        if got == 0 {
-                            return Err(FsError::Stale);
-                        }
-                        pos += got as u64;
-                    }
-                }
+                Layer::Base => read_base_into(&mut out, &st.base_versions(), &h.readahead, r).await?,
             }
         }
         Ok(out)
@@ -486,7 +505,7 @@ impl ArtifactFs {
             Some(r) => r,
             None => {
                 let src = VersionSource {
-                    version: st.base.as_ref(),
+                    versions: st.base_versions(),
                 };
                 self.uploader.upload(&path, &st.staged, &src).await
             }
@@ -497,8 +516,14 @@ impl ArtifactFs {
                 let v = o.version;
                 st.staged.uploaded(v.clone());
                 self.journal.done(&st.staged);
-                // Bytes not written locally now come from the new version.
-                st.base = Some(self.reader.open_version(&path, &v.etag, v.size));
+                // Bytes not written locally are those of the new version too; the version the
+                // file was opened at keeps serving those it has cached.
+                let new = self.reader.open_version(&path, &v.etag, v.size);
+                if let Some(old) = st.base.replace(new)
+                    && st.opened.is_none()
+                {
+                    st.opened = Some(old);
+                }
                 drop(st);
                 self.uploaded(ino, &v);
                 Ok(())
@@ -569,16 +594,14 @@ impl ArtifactFs {
                     ok &= st.staged.read_local(r.start, &mut content[at..]).is_ok();
                 }
                 Layer::Zero => content.resize(content.len() + n, 0),
-                Layer::Base => match st.base.as_ref() {
-                    Some(v) => match read_all(v, r).await {
-                        Ok(b) => content.extend_from_slice(&b),
-                        Err(_) => {
-                            ok = false;
-                            content.resize(content.len() + n, 0);
-                        }
-                    },
-                    None => ok = false,
-                },
+                Layer::Base => {
+                    let at = content.len();
+                    let ra = Mutex::new(Readahead::disabled());
+                    if read_base_into(&mut content, &st.base_versions(), &ra, r).await.is_err() {
+                        ok = false;
+                        content.resize(at + n, 0);
+                    }
+                }
             }
         }
         let written = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&dest, &content));

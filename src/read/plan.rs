@@ -21,15 +21,28 @@ pub struct Readahead {
     window: u64,
     /// Furthest byte already handed out for prefetching: each byte is prefetched once.
     issued: u64,
+    /// Never reads ahead (bounded internal reads: they know exactly what they need).
+    off: bool,
 }
 
 impl Readahead {
+    /// A state that never prefetches.
+    pub fn disabled() -> Self {
+        Readahead {
+            off: true,
+            ..Readahead::default()
+        }
+    }
+
     /// Records a read of `range` and returns the bytes to prefetch beyond it that were not
     /// handed out before (possibly none).
     ///
     /// A read counts as sequential when it starts within `slack` of where the stream was:
     /// the kernel issues several readahead requests at once and they reach us in any order.
     pub fn on_read(&mut self, range: &Range<u64>, size: u64, cfg: &ReadaheadConfig, slack: u64) -> Range<u64> {
+        if self.off {
+            return range.end..range.end;
+        }
         let sequential =
             range.start <= self.next.saturating_add(slack) && range.start.saturating_add(slack) >= self.next;
         if sequential {

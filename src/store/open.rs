@@ -22,6 +22,7 @@ pub async fn open(url: &str, opts: &RemoteOptions) -> StoreResult<DynStore> {
     let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
     match scheme.as_deref() {
         Some("http") | Some("https") => open_http(url, opts).await,
+        Some("s3") => Ok(Arc::new(super::s3::S3Store::connect(url, &opts.s3, &opts.http).await?)),
         _ => Err(StoreError::Protocol(format!(
             "{url}: not a remote URL this build knows (http://, https:// or s3://)"
         ))),
