@@ -133,6 +133,16 @@ fn an_unreachable_remote_fails_the_mount_with_the_reason() {
 }
 
 #[test]
+fn a_failed_mount_never_shows_the_password_of_the_url() {
+    let place = Place::new();
+    let out = place.mount("http://alice:hunter2-secret@127.0.0.1:9/store");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("cannot use the remote http://127.0.0.1:9/store"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+}
+
+#[test]
 fn a_plain_web_server_mounts_by_its_index_and_kind_artifact_names_it() {
     let www = tempfile::tempdir().unwrap();
     let body: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();

@@ -28,7 +28,7 @@ on_remotes! {
             cache: Some(cache.path().join("c")),
             ..MountOpts::default()
         };
-        let mut m = Mount::with(&r.url(), opts());
+        let mut m = r.mount_with(opts());
         assert_eq!(hash_file(&m.path("models/big.bin")).unwrap(), hash(&big));
         for (rel, h) in &expect {
             assert_eq!(&hash_file(&m.path(rel)).unwrap(), h, "{rel}");
@@ -40,7 +40,7 @@ on_remotes! {
                 .sum::<u64>();
         assert_eq!(r.wire().file_bytes_sent, total, "every byte fetched exactly once");
         // `ls -lR` sees the same tree as the remote's folder.
-        assert_eq!(tree(&m.mnt), tree(r.root()));
+        assert_eq!(tree(&m.mnt), tree(&r.root()));
         let ls = Command::new("ls").arg("-lR").arg(&m.mnt).output().unwrap();
         assert!(ls.status.success());
         let listed = String::from_utf8_lossy(&ls.stdout);
@@ -50,7 +50,7 @@ on_remotes! {
 
         // Remount on the same cache: the same reads fetch no data at all.
         let before = r.wire().file_bytes_sent;
-        let _m = Mount::with(&r.url(), opts());
+        let _m = r.mount_with(opts());
         assert_eq!(hash_file(&_m.path("models/big.bin")).unwrap(), hash(&big));
         for (rel, h) in expect.iter().step_by(7) {
             assert_eq!(&hash_file(&_m.path(rel)).unwrap(), h, "{rel}");
@@ -67,7 +67,7 @@ on_remotes! {
             ..MountOpts::default()
         };
         // Read the first 40 MiB, then the daemon dies (kill -9: no clean shutdown).
-        let mut m = Mount::with(&r.url(), opts());
+        let mut m = r.mount_with(opts());
         let mut f = std::fs::File::open(m.path("f.bin")).unwrap();
         let mut buf = vec![0u8; 40 * MIB];
         f.read_exact(&mut buf).unwrap();
@@ -77,10 +77,13 @@ on_remotes! {
         std::thread::sleep(Duration::from_millis(1500));
         m.kill9_keep_mounted();
         // A dead mount is named as such, and `artifactfs unmount` clears it.
+        let o = r.opts(MountOpts::default());
         let again = Command::new(bin())
             .arg("mount")
             .arg(r.url())
             .arg(&m.mnt)
+            .args(&o.args)
+            .envs(o.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .output()
             .unwrap();
         assert!(!again.status.success());
@@ -101,7 +104,7 @@ on_remotes! {
         let first = r.wire().file_bytes_sent;
         assert!(first >= 40 * MIB as u64);
 
-        let m = Mount::with(&r.url(), opts());
+        let m = r.mount_with(opts());
         assert_eq!(hash_file(&m.path("f.bin")).unwrap(), hash(&data));
         let second = r.wire().file_bytes_sent - first;
         assert!(
@@ -113,7 +116,7 @@ on_remotes! {
     fn random_offset_reads_match(r) needs [] {
         let data = bytes(64 * MIB + 333, 3);
         r.write("r.bin", &data);
-        let m = Mount::new(&r.url());
+        let m = r.mount();
         let f = std::fs::File::open(m.path("r.bin")).unwrap();
         let mut x = 12345u64;
         for _ in 0..300 {
@@ -150,9 +153,7 @@ on_remotes! {
         let v1 = bytes(48 * MIB, 4);
         let v2 = bytes(48 * MIB, 5);
         r.write("f.bin", &v1);
-        let m = Mount::with(
-            &r.url(),
-            MountOpts {
+        let m = r.mount_with(MountOpts {
                 args: vec!["--metadata-ttl".into(), "1s".into()],
                 ..MountOpts::default()
             },
@@ -185,7 +186,7 @@ on_remotes! {
         }
     }
 
-    fn whole_file_answers_and_cut_bodies_never_give_wrong_bytes(r) needs [] {
+    fn whole_file_answers_and_cut_bodies_never_give_wrong_bytes(r) needs [PlainHttp] {
         let a = bytes(24 * MIB + 7, 6);
         let b = bytes(24 * MIB + 9, 7);
         r.write("a.bin", &a);
@@ -225,7 +226,7 @@ on_remotes! {
         for (i, d) in files.iter().enumerate() {
             r.write(&format!("s{i}.bin"), d);
         }
-        let m = Mount::new(&r.url());
+        let m = r.mount();
         let pid = m.pid();
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sampler = {
@@ -260,7 +261,7 @@ on_remotes! {
 
     fn unmount_with_a_file_held_open_completes(r) needs [] {
         r.write("f.bin", &bytes(3 * MIB, 8));
-        let mut m = Mount::new(&r.url());
+        let mut m = r.mount();
         let held = std::fs::File::open(m.path("f.bin")).unwrap();
         let start = Instant::now();
         let out = Command::new(bin())
@@ -301,7 +302,7 @@ on_remotes! {
             .unwrap();
         assert!(st.success());
         r.write("a", b"print me\n");
-        let m = Mount::new(&r.url());
+        let m = r.mount();
         let listed = Command::new("tar").arg("-tf").arg(m.path("x.tar")).output().unwrap();
         assert!(listed.status.success());
         assert_eq!(
@@ -337,9 +338,7 @@ on_remotes! {
         r.write("d/f", b"one");
         r.configure(|c| c.max_age = Some(Duration::from_secs(1)));
         // The mount's own TTL is long; the server says 1 s.
-        let m = Mount::with(
-            &r.url(),
-            MountOpts {
+        let m = r.mount_with(MountOpts {
                 args: vec!["--metadata-ttl".into(), "1h".into()],
                 ..MountOpts::default()
             },
@@ -353,9 +352,7 @@ on_remotes! {
     fn an_artifact_larger_than_the_cache_reads_correctly_and_the_cache_keeps_its_limit(r) needs [] {
         let data = bytes(96 * MIB, 9);
         r.write("huge.bin", &data);
-        let mut m = Mount::with(
-            &r.url(),
-            MountOpts {
+        let mut m = r.mount_with(MountOpts {
                 args: vec!["--max-cache-size".into(), "16M".into()],
                 ..MountOpts::default()
             },
@@ -403,7 +400,7 @@ on_remotes! {
         for i in 0..10_050 {
             r.write(&format!("many/e{i:05}"), format!("{i}").as_bytes());
         }
-        let m = Mount::new(&r.url());
+        let m = r.mount();
         let mut listed: Vec<String> = std::fs::read_dir(m.path("odd"))
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -433,4 +430,32 @@ on_remotes! {
             assert!(pages >= 3, "the listing came in pages");
         }
     }
+}
+
+/// nginx's HTML index (no WebDAV): sizes exact, times to the minute; every file opens and
+/// reads (the version comes from a `HEAD`, whose time to the second is in the listed minute).
+#[test]
+fn an_nginx_html_index_mounts_and_reads() {
+    use artifactfs::testing::web::{NginxMode, WebServer};
+    let srv = WebServer::nginx(NginxMode::HtmlIndex).expect("nginx starts");
+    let files: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| (format!("d/f{i}.bin"), bytes(100_000 + i * 7919, 40 + i as u64)))
+        .collect();
+    for (rel, data) in &files {
+        srv.write(rel, data);
+    }
+    let m = Mount::new(&srv.url);
+    assert_eq!(std::fs::read_dir(m.path("d")).unwrap().count(), files.len());
+    for (rel, data) in &files {
+        assert_eq!(
+            std::fs::metadata(m.path(rel)).unwrap().len(),
+            data.len() as u64,
+            "{rel}"
+        );
+        assert_eq!(hash_file(&m.path(rel)).unwrap(), hash(data), "{rel}");
+    }
+    assert!(
+        std::fs::write(m.path("d/new"), b"x").is_err(),
+        "an index-only server is mounted read-only"
+    );
 }

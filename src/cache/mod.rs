@@ -269,6 +269,13 @@ impl Cache {
         (remote_dir, dir.join(format!("{h}.data")), dir.join(format!("{h}.meta")))
     }
 
+    /// Whether a version has a cache file (open, or on disk from before).
+    pub fn has_version(&self, key: &VersionKey) -> bool {
+        let (_, data, _) = self.paths(key);
+        let open = self.shared.open.lock().get(&data).is_some_and(|w| w.strong_count() > 0);
+        open || data.exists()
+    }
+
     /// The cache file of a version, shared by everyone who has it open.
     pub fn open_version(&self, key: VersionKey) -> Result<Arc<CacheFile>, CacheError> {
         let (remote_dir, data, meta) = self.paths(&key);

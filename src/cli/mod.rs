@@ -30,7 +30,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Mount REMOTE at MOUNTPOINT; returns once the mount is ready.
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     /// Unmount a mount (waits for its daemon to finish; open files do not make it hang).
     Unmount(UnmountArgs),
     /// Serve a folder over HTTP as an artifact store (the built-in server).
@@ -167,7 +167,7 @@ pub enum CacheCommand {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
-        Command::Mount(a) => mount::run(a),
+        Command::Mount(a) => mount::run(*a),
         Command::Unmount(a) => unmount::run(a),
         Command::Serve(a) => serve(a),
         Command::Cache(c) => cache(c),

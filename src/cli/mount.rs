@@ -192,9 +192,10 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
         web: cfg.web.clone(),
         s3: cfg.s3.clone(),
     };
-    let store: DynStore = rt
-        .block_on(crate::store::open::open(&r.remote, &opts))
-        .map_err(|e| format!("cannot use the remote {}: {e}", r.remote))?;
+    let store: DynStore = rt.block_on(crate::store::open::open(&r.remote, &opts)).map_err(|e| {
+        // Never show credentials given in the URL.
+        crate::store::http::redact_urls(&format!("cannot use the remote {}: {e}", r.remote))
+    })?;
     let owner = format!("mount {} of {}", r.mountpoint.display(), store.id());
     let cache = Cache::open(
         &CacheConfig {

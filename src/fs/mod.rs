@@ -199,6 +199,14 @@ impl Inode {
 
 /// Whether two modification times are the same to the second: HTTP dates carry seconds
 /// only, listings may carry nanoseconds.
+/// Whether `precise` is the time `listed` stands for: the same second, or, for a listing that
+/// gives times to the minute only (nginx's HTML index), the same minute.
+fn listed_time_matches(listed: SystemTime, precise: SystemTime) -> bool {
+    let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).ok();
+    same_second(listed, precise)
+        || matches!((secs(listed), secs(precise)), (Some(l), Some(p)) if l % 60 == 0 && p / 60 == l / 60)
+}
+
 fn same_second(a: SystemTime, b: SystemTime) -> bool {
     let secs = |t: SystemTime| match t.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(d) => d.as_secs() as i128,
@@ -890,7 +898,7 @@ impl ArtifactFs {
             ));
         };
         let mut t = self.table.lock();
-        if !(m.size == size && same_second(m.mtime, mtime)) {
+        if !(m.size == size && listed_time_matches(mtime, m.mtime)) {
             let child = Child {
                 kind: Kind::File,
                 size: m.size,

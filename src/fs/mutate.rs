@@ -17,7 +17,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 
 use super::{ArtifactFs, Attr, Child, Entry, FileHandle, FsError, Inode, Kind, OpenReply, Table, ValidName, ino_hash};
-use crate::read::{Readahead, Version};
+use crate::read::{Lineage, Readahead, Version};
 use crate::store::{WriteCondition, join_path};
 use crate::write::staged::{Layer, RemoteVersion, Staged};
 use crate::write::stream::{Streamer, mostly_known};
@@ -514,6 +514,27 @@ impl ArtifactFs {
             Ok(None) => Ok(()),
             Ok(Some(o)) => {
                 let v = o.version;
+                // Where the new version equals the old one (not written locally), its bytes can
+                // come from the old version's cache.
+                if let Some(base) = &st.base {
+                    let limit = base.size.min(v.size);
+                    let same = st
+                        .staged
+                        .layers(0..limit)
+                        .into_iter()
+                        .filter(|(_, l)| *l == Layer::Base)
+                        .map(|(r, _)| r)
+                        .collect();
+                    self.reader.record_lineage(
+                        &path,
+                        &v.etag,
+                        Lineage {
+                            from_etag: base.etag.clone(),
+                            from_size: base.size,
+                            same,
+                        },
+                    );
+                }
                 st.staged.uploaded(v.clone());
                 self.journal.done(&st.staged);
                 // Bytes not written locally are those of the new version too; the version the

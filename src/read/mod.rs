@@ -110,7 +110,26 @@ pub struct Reader {
     /// Set once the remote answered a ranged GET with the whole file.
     whole_file: AtomicBool,
     versions: Mutex<HashMap<(String, ETag), Weak<Version>>>,
+    /// Versions we wrote, and which bytes they share with the version they were written from.
+    lineage: Mutex<HashMap<(String, ETag), Lineage>>,
 }
+
+/// A version we uploaded equals the version it was written from on `same`: those bytes can
+/// come from that version's cache instead of the remote.
+#[derive(Debug, Clone)]
+pub struct Lineage {
+    pub from_etag: ETag,
+    pub from_size: u64,
+    /// Ranges of equal bytes, within both versions' sizes.
+    pub same: Vec<Range<u64>>,
+}
+
+/// Lineage records kept at most; when full, all are dropped (a missing record costs fetches,
+/// never wrong bytes).
+const MAX_LINEAGE: usize = 4096;
+
+/// How far back a chunk is looked for through versions we wrote.
+const MAX_LINEAGE_DEPTH: u32 = 8;
 
 impl Reader {
     /// `cache` is `None` to read without caching (every read goes to the remote).
@@ -133,6 +152,7 @@ impl Reader {
             rt,
             whole_file: AtomicBool::new(false),
             versions: Mutex::new(HashMap::new()),
+            lineage: Mutex::new(HashMap::new()),
         })
     }
 
@@ -170,8 +190,13 @@ impl Reader {
             }
             _ => None,
         };
+        let lineage = self.lineage.lock().get(&key).cloned().map(|l| Inherited {
+            lineage: l,
+            from: std::sync::OnceLock::new(),
+        });
         let v = Arc::new(Version {
             reader: self.clone(),
+            lineage,
             path: path.to_string(),
             etag: etag.clone(),
             size,
@@ -182,6 +207,35 @@ impl Reader {
         });
         map.insert(key, Arc::downgrade(&v));
         v
+    }
+
+    /// Records that version `etag` of `path`, which we uploaded, equals an older version on
+    /// `lineage.same`.
+    pub fn record_lineage(&self, path: &str, etag: &ETag, lineage: Lineage) {
+        let mut map = self.lineage.lock();
+        if map.len() >= MAX_LINEAGE {
+            map.clear();
+        }
+        map.insert((path.to_string(), etag.clone()), lineage);
+    }
+
+    /// The version `(path, etag)` when it is being read, its cache file is on disk, or it was
+    /// written by us from another.
+    fn cached_version(self: &Arc<Self>, path: &str, etag: &ETag, size: u64) -> Option<Arc<Version>> {
+        let key = (path.to_string(), etag.clone());
+        if let Some(v) = self.versions.lock().get(&key).and_then(Weak::upgrade) {
+            return Some(v);
+        }
+        let cache = self.cache.as_ref()?;
+        let vk = VersionKey {
+            remote: self.store.id().to_string(),
+            path: path.to_string(),
+            etag: etag.as_str().to_string(),
+            size,
+        };
+        // A version we wrote may hold nothing yet and still lead to one that does.
+        let reachable = cache.has_version(&vk) || self.lineage.lock().contains_key(&key);
+        reachable.then(|| self.open_version(path, etag, size))
     }
 
     /// The version `(path, etag)` is superseded: its cached bytes go now, or when its last
@@ -230,6 +284,15 @@ pub struct Version {
     flights: Mutex<Vec<Arc<Flight>>>,
     digests: OnceCell<Option<Arc<Digests>>>,
     stale: AtomicBool,
+    /// Written by us from an older version: where shared bytes may be copied from.
+    lineage: Option<Inherited>,
+}
+
+#[derive(Debug)]
+struct Inherited {
+    lineage: Lineage,
+    /// The older version, once looked up (`None`: nothing of it is cached).
+    from: std::sync::OnceLock<Option<Arc<Version>>>,
 }
 
 impl Version {
@@ -364,8 +427,10 @@ impl Version {
             (r.cfg.max_request / file.chunk_size()).max(1)
         };
         let mut flights = self.flights.lock();
+        // Missing chunks nobody fetches: copied from an older version of ours when it holds
+        // the same bytes (under the lock, so no flight starts for them meanwhile), else fetched.
         let runs = plan::runs(chunks, max_chunks, |i| {
-            !file.is_present(i) && !flights.iter().any(|f| f.chunks.contains(&i))
+            !file.is_present(i) && !flights.iter().any(|f| f.chunks.contains(&i)) && !self.inherit(file, i, 0)
         });
         for run in runs {
             let (tx, _) = watch::channel(Progress {
@@ -380,6 +445,47 @@ impl Version {
             flights.push(flight.clone());
             r.rt.spawn(self.clone().fly(flight));
         }
+    }
+
+    /// Copies chunk `i` into `file` from the cache of the version this one was written from
+    /// (or, recursively, of its own ancestors) when those bytes are the same and held there.
+    fn inherit(&self, file: &CacheFile, i: u64, depth: u32) -> bool {
+        let Some(inh) = &self.lineage else { return false };
+        let range = file.chunk_range(i);
+        if !inh
+            .lineage
+            .same
+            .iter()
+            .any(|s| s.start <= range.start && range.end <= s.end)
+        {
+            return false;
+        }
+        let from = inh.from.get_or_init(|| {
+            let l = &inh.lineage;
+            self.reader.cached_version(&self.path, &l.from_etag, l.from_size)
+        });
+        let Some(src) = from else { return false };
+        let Some(sfile) = &src.file else { return false };
+        if sfile.read_with(range.clone(), |_| ()).is_none() {
+            if depth >= MAX_LINEAGE_DEPTH {
+                return false;
+            }
+            let all = sfile
+                .chunks_of(&range)
+                .all(|j| sfile.is_ready(j) || src.inherit(sfile, j, depth + 1));
+            if !all {
+                return false;
+            }
+        }
+        let Ok(mut w) = file.begin_chunk(i, self.reader.cfg.verify) else {
+            return false;
+        };
+        let copied = sfile.read_with(range, |b| w.write(b).is_ok()).unwrap_or(false);
+        let ok = copied && w.finish(None).is_ok();
+        if ok {
+            tracing::trace!(path = %self.path, chunk = i, "chunk copied from the version it was written from");
+        }
+        ok
     }
 
     async fn fly(self: Arc<Self>, flight: Arc<Flight>) {

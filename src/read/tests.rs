@@ -394,3 +394,52 @@ async fn persistent_failure_is_an_error_not_a_hang() {
     assert_eq!(read(&v, &ra, 0, 10).await.unwrap(), &d[..10]);
     drop(e.dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_we_wrote_takes_its_unchanged_bytes_from_the_cache_of_the_one_before() {
+    let e = env();
+    let v1 = data(24 * MIB as usize, 20);
+    let t1 = e.mem.insert("f", v1.clone());
+    let old = open(&e, "f", &t1, v1.len());
+    assert_eq!(read_all(&old, 1 << 20).await, v1);
+    settle(&old).await;
+    drop(old);
+    // v2: 4 KiB changed at 10 MiB and 1 KiB appended (as an upload of ours would make it).
+    let mut v2 = v1.clone();
+    v2[10 * MIB as usize..][..4096].fill(9);
+    v2.extend_from_slice(&[7u8; 1024]);
+    let t2 = e.mem.insert("f", v2.clone());
+    let same = vec![0..10 * MIB, 10 * MIB + 4096..v1.len() as u64];
+    e.reader.record_lineage(
+        "f",
+        &t2,
+        Lineage {
+            from_etag: t1.clone(),
+            from_size: v1.len() as u64,
+            same: same.clone(),
+        },
+    );
+    // v3: another 4 KiB changed at 20 MiB, written from v2 (whose cache is empty).
+    let mut v3 = v2.clone();
+    v3[20 * MIB as usize..][..4096].fill(5);
+    let t3 = e.mem.insert("f", v3.clone());
+    let same3 = vec![0..20 * MIB, 20 * MIB + 4096..v2.len() as u64];
+    e.reader.record_lineage(
+        "f",
+        &t3,
+        Lineage {
+            from_etag: t2,
+            from_size: v2.len() as u64,
+            same: same3,
+        },
+    );
+    let before = e.mem.bytes_served();
+    let new = open(&e, "f", &t3, v3.len());
+    assert_eq!(read_all(&new, 1 << 20).await, v3);
+    settle(&new).await;
+    // Only the chunks holding a change (10 MiB, 20 MiB, the tail) came from the remote:
+    // the rest were copied from v1's cache, through v2's lineage.
+    let fetched = e.mem.bytes_served() - before;
+    assert!(fetched <= 3 * MIB, "fetched {fetched} bytes");
+    assert!(new.is_complete());
+}

@@ -158,6 +158,25 @@ pub fn base_url(url: &str) -> StoreResult<(Url, String)> {
     Ok((base, id))
 }
 
+/// `text` with the credentials of every URL in it removed (`http://user:pw@host/` →
+/// `http://host/`), for messages that quote URLs as given.
+pub fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == ')' || c == '"')
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        out.push_str(authority.rsplit_once('@').map_or(authority, |(_, host)| host));
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Characters left as they are in a path segment; everything else is percent-encoded.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
 
@@ -273,6 +292,15 @@ pub fn error_message(body: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn credentials_in_quoted_urls_are_removed() {
+        assert_eq!(
+            super::redact_urls("cannot use http://al:s3cret@h:80/x: error for url (https://u@h/y) s3://b/p"),
+            "cannot use http://h:80/x: error for url (https://h/y) s3://b/p"
+        );
+        assert_eq!(super::redact_urls("no url here"), "no url here");
+    }
+
     use super::*;
 
     #[test]

@@ -1,29 +1,37 @@
 //! The remotes the end-to-end suites run on, behind one face: the built-in server, nginx with
-//! WebDAV and Apache `mod_dav`, each over a folder the test can look into, each counting the
-//! bytes it sends and receives. A test body is written once ([`crate::on_remotes!`]) and runs
+//! WebDAV, Apache `mod_dav` and an S3 server (s3s-fs), each over a folder the test can look
+//! into, each counting the bytes it sends and receives. A test body is written once ([`crate::on_remotes!`]) and runs
 //! on every remote; a remote that lacks what a test needs is skipped, by name, with the reason
 //! (printed, and listed by `scripts/test.sh` at the end).
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use artifactfs::server::ServerConfig;
 use artifactfs::testing::web::{NginxMode, WebServer};
 
-use super::{Server, Store};
+use super::s3::{S3Server, Wire as S3Wire};
+use super::{Mount, MountOpts, Server, Store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Builtin,
     Nginx,
     Apache,
+    S3,
 }
 
 impl Kind {
     pub fn has(self, need: Need) -> bool {
-        matches!((self, need), (Kind::Builtin, _) | (Kind::Apache, Need::PartialUpdates))
+        matches!(
+            (self, need),
+            (Kind::Builtin, _)
+                | (Kind::Apache, Need::PartialUpdates)
+                | (Kind::S3, Need::PartialUpdates | Need::ParallelParts)
+                | (Kind::Nginx | Kind::Apache, Need::PlainHttp)
+        )
     }
 
     pub fn name(self) -> &'static str {
@@ -31,6 +39,7 @@ impl Kind {
             Kind::Builtin => "builtin",
             Kind::Nginx => "nginx",
             Kind::Apache => "apache",
+            Kind::S3 => "s3",
         }
     }
 }
@@ -46,6 +55,8 @@ pub enum Need {
     ParallelParts,
     /// The server says how long metadata stays valid (`Cache-Control: max-age`).
     ServerMaxAge,
+    /// Requests can be altered on their way (no request signing), e.g. by a fault proxy.
+    PlainHttp,
 }
 
 impl Need {
@@ -55,10 +66,13 @@ impl Need {
             Need::ChunkDedup => "no content-defined chunks",
             Need::ParallelParts => "no upload sessions",
             Need::ServerMaxAge => "no server-set max-age",
+            Need::PlainHttp => "signed requests (a proxy that alters them breaks the signature)",
         }
     }
 }
 
+// One per test: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Backend {
     Builtin {
         store: Store,
@@ -67,6 +81,15 @@ enum Backend {
         cfg: Box<dyn Fn(&mut ServerConfig) + Send>,
     },
     Web(WebServer),
+    S3 {
+        dir: tempfile::TempDir,
+        server: Option<S3Server>,
+        addr: SocketAddr,
+        wire: std::sync::Arc<S3Wire>,
+        /// Another writer of the bucket, through the S3 API.
+        client: artifactfs::store::s3::S3Store,
+        rt: tokio::runtime::Runtime,
+    },
 }
 
 /// Bytes counted by the server.
@@ -104,6 +127,25 @@ impl Remote {
             }
             Kind::Nginx => Backend::Web(WebServer::nginx(NginxMode::Dav).expect("nginx starts")),
             Kind::Apache => Backend::Web(WebServer::apache().expect("apache starts")),
+            Kind::S3 => {
+                let dir = tempfile::tempdir().unwrap();
+                std::fs::create_dir(dir.path().join(super::s3::BUCKET)).unwrap();
+                let server = S3Server::restart(dir.path(), "127.0.0.1:0".parse().unwrap(), Default::default());
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let client = rt.block_on(server.store(""));
+                Backend::S3 {
+                    addr: server.addr,
+                    wire: server.wire.clone(),
+                    server: Some(server),
+                    dir,
+                    client,
+                    rt,
+                }
+            }
         };
         Remote { kind, backend }
     }
@@ -112,14 +154,38 @@ impl Remote {
         match &self.backend {
             Backend::Builtin { addr, .. } => format!("http://{addr}"),
             Backend::Web(w) => w.url.clone(),
+            Backend::S3 { .. } => format!("s3://{}/", super::s3::BUCKET),
         }
     }
 
+    /// The mount options this remote needs (S3: endpoint, region, credentials), with `o`'s.
+    pub fn opts(&self, mut o: MountOpts) -> MountOpts {
+        if let Backend::S3 { addr, .. } = &self.backend {
+            let mut base = super::s3::mount_opts(&format!("http://{addr}"));
+            base.args.append(&mut o.args);
+            base.env.append(&mut o.env);
+            base.cache = o.cache;
+            return base;
+        }
+        o
+    }
+
+    /// A mount of this remote.
+    pub fn mount(&self) -> Mount {
+        self.mount_with(MountOpts::default())
+    }
+
+    pub fn mount_with(&self, o: MountOpts) -> Mount {
+        Mount::with(&self.url(), self.opts(o))
+    }
+
     /// The folder the remote serves.
-    pub fn root(&self) -> &Path {
+    pub fn root(&self) -> PathBuf {
         match &self.backend {
-            Backend::Builtin { store, .. } => store.dir.path(),
-            Backend::Web(w) => &w.root,
+            Backend::Builtin { store, .. } => store.dir.path().to_path_buf(),
+            Backend::Web(w) => w.root.clone(),
+            // s3s-fs keeps the objects of a bucket as files in its folder.
+            Backend::S3 { dir, .. } => dir.path().join(super::s3::BUCKET),
         }
     }
 
@@ -132,6 +198,15 @@ impl Remote {
         match &self.backend {
             Backend::Builtin { store, .. } => store.write(rel, data),
             Backend::Web(w) => w.write(rel, data),
+            Backend::S3 { client, rt, .. } => rt
+                .block_on(artifactfs::store::Store::put(
+                    client,
+                    rel,
+                    bytes::Bytes::copy_from_slice(data),
+                    artifactfs::store::WriteCondition::None,
+                ))
+                .map(|_| ())
+                .unwrap_or_else(|e| panic!("put {rel}: {e}")),
         }
     }
 
@@ -148,6 +223,20 @@ impl Remote {
     /// such files are still found by name).
     pub fn lists_dotfiles(&self) -> bool {
         self.kind != Kind::Nginx
+    }
+
+    /// Whether folders can be renamed (S3 has no rename: refused with EPERM, as documented).
+    pub fn renames_folders(&self) -> bool {
+        self.kind != Kind::S3
+    }
+
+    /// The most a 4 KiB change to a large cached file may send: the change and some protocol,
+    /// or on S3 one minimum-size multipart part (5 MiB) beside server-side copies.
+    pub fn small_change_budget(&self) -> u64 {
+        match self.kind {
+            Kind::S3 => (5 << 20) + (256 << 10),
+            _ => 64 << 10,
+        }
     }
 
     /// What the server counted so far.
@@ -177,6 +266,10 @@ impl Remote {
                     received: log.iter().map(|r| r.bytes_in).sum(),
                 }
             }
+            Backend::S3 { wire, .. } => Wire {
+                file_bytes_sent: wire.file_sent(),
+                received: wire.received(),
+            },
         }
     }
 
@@ -185,6 +278,7 @@ impl Remote {
         match &self.backend {
             Backend::Builtin { server, .. } => server.as_ref().map(|s| s.stats().lists),
             Backend::Web(_) => None,
+            Backend::S3 { wire, .. } => Some(wire.requests().iter().filter(|r| r.is_list()).count() as u64),
         }
     }
 
@@ -193,6 +287,7 @@ impl Remote {
         match &self.backend {
             Backend::Builtin { server, .. } => server.as_ref().map(|s| s.stats().max_active),
             Backend::Web(_) => None,
+            Backend::S3 { wire, .. } => Some(wire.max_active()),
         }
     }
 
@@ -210,6 +305,7 @@ impl Remote {
         match &mut self.backend {
             Backend::Builtin { server, .. } => drop(server.take()),
             Backend::Web(w) => w.stop(),
+            Backend::S3 { server, .. } => drop(server.take()),
         }
     }
 
@@ -229,6 +325,13 @@ impl Remote {
                 }));
             }
             Backend::Web(w) => w.restart().expect("the server restarts"),
+            Backend::S3 {
+                dir,
+                server,
+                addr,
+                wire,
+                ..
+            } => *server = Some(S3Server::restart(dir.path(), *addr, wire.clone())),
         }
     }
 }
@@ -296,6 +399,11 @@ macro_rules! on_remotes {
             #[test]
             fn apache() {
                 run(stringify!($name), Kind::Apache, &[$(Need::$need),*], body);
+            }
+
+            #[test]
+            fn s3() {
+                run(stringify!($name), Kind::S3, &[$(Need::$need),*], body);
             }
         }
     )*};

@@ -46,6 +46,11 @@ pub struct Wire {
     pub received: AtomicU64,
     /// Written by the server: what clients fetched.
     pub sent: AtomicU64,
+    /// Bytes of object bodies sent by `GetObject` (exactly: counted on the response body).
+    pub file_sent: AtomicU64,
+    /// Requests being handled now, and the most at once.
+    pub active: AtomicU64,
+    pub max_active: AtomicU64,
     pub requests: Mutex<Vec<Seen>>,
 }
 
@@ -60,6 +65,12 @@ impl Wire {
     }
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::SeqCst)
+    }
+    pub fn file_sent(&self) -> u64 {
+        self.file_sent.load(Ordering::SeqCst)
+    }
+    pub fn max_active(&self) -> u64 {
+        self.max_active.load(Ordering::SeqCst)
     }
     pub fn requests(&self) -> Vec<Seen> {
         self.requests.lock().clone()
@@ -114,7 +125,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
 }
 
 pub struct S3Server {
-    pub root: tempfile::TempDir,
+    /// The folder s3s-fs serves (buckets are its subfolders).
+    pub root: PathBuf,
+    _dir: Option<tempfile::TempDir>,
     pub addr: SocketAddr,
     pub wire: Arc<Wire>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -135,12 +148,32 @@ fn object_file(root: &Path, uri_path: &str) -> Option<PathBuf> {
 impl S3Server {
     /// A server with one empty bucket, [`BUCKET`].
     pub fn start() -> S3Server {
-        let root = tempfile::tempdir().unwrap();
-        std::fs::create_dir(root.path().join(BUCKET)).unwrap();
-        let wire = Arc::new(Wire::default());
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(BUCKET)).unwrap();
+        let mut s =
+            S3Server::serve(dir.path(), "127.0.0.1:0".parse().unwrap(), Arc::default()).expect("the S3 server starts");
+        s._dir = Some(dir);
+        s
+    }
+
+    /// A server over `root` at `addr` (a restart: the same folder, address and counters).
+    pub fn restart(root: &Path, addr: SocketAddr, wire: Arc<Wire>) -> S3Server {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match S3Server::serve(root, addr, wire.clone()) {
+                Ok(s) => return s,
+                Err(e) if std::time::Instant::now() > end => panic!("the S3 server restarts on {addr}: {e}"),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+            }
+        }
+    }
+
+    fn serve(root: &Path, at: SocketAddr, wire: Arc<Wire>) -> std::io::Result<S3Server> {
+        let std_listener = std::net::TcpListener::bind(at)?;
+        std_listener.set_nonblocking(true)?;
+        let addr = std_listener.local_addr()?;
         let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let dir = root.path().to_path_buf();
+        let dir = root.to_path_buf();
         let w = wire.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -153,9 +186,9 @@ impl S3Server {
                 let mut b = s3s::service::S3ServiceBuilder::new(fs);
                 b.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
                 let service = b.build();
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
                 let http = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                let mut conns = tokio::task::JoinSet::new();
                 loop {
                     let socket = tokio::select! {
                         r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => continue },
@@ -174,12 +207,15 @@ impl S3Server {
                         let w = w.clone();
                         async move {
                             let method = req.method().to_string();
-                            w.requests.lock().push(Seen {
+                            let seen = Seen {
                                 method: method.clone(),
                                 path: req.uri().path().to_string(),
                                 query: req.uri().query().unwrap_or("").to_string(),
                                 copy: req.headers().contains_key("x-amz-copy-source"),
-                            });
+                            };
+                            let object_get =
+                                method == "GET" && !seen.is_list() && object_file(&dir, &seen.path).is_some();
+                            w.requests.lock().push(seen);
                             let folder = (method == "GET" || method == "HEAD")
                                 && object_file(&dir, req.uri().path()).is_some_and(|p| p.is_dir());
                             if folder {
@@ -196,25 +232,44 @@ impl S3Server {
                                     .unwrap();
                                 return Ok::<_, s3s::HttpError>(resp);
                             }
-                            hyper::service::Service::call(&service, req).await
+                            let now = w.active.fetch_add(1, Ordering::SeqCst) + 1;
+                            w.max_active.fetch_max(now, Ordering::SeqCst);
+                            let resp = hyper::service::Service::call(&service, req).await;
+                            w.active.fetch_sub(1, Ordering::SeqCst);
+                            let resp = resp?;
+                            if !(object_get && resp.status().is_success()) {
+                                return Ok(resp);
+                            }
+                            // Count the object bytes as they leave.
+                            let w = w.clone();
+                            Ok(resp.map(|body| {
+                                s3s::Body::http_body_unsync(http_body_util::BodyExt::map_frame(body, move |f| {
+                                    if let Some(d) = f.data_ref() {
+                                        w.file_sent.fetch_add(d.len() as u64, Ordering::SeqCst);
+                                    }
+                                    f
+                                }))
+                            }))
                         }
                     });
                     let http = http.clone();
-                    tokio::spawn(async move {
+                    conns.spawn(async move {
                         let _ = http.serve_connection(io, svc).await;
                     });
                 }
+                // Stopped: open connections are dropped too (clients see them close).
+                conns.abort_all();
             });
             rt.shutdown_timeout(std::time::Duration::from_secs(1));
         });
-        let addr = addr_rx.recv().unwrap();
-        S3Server {
-            root,
+        Ok(S3Server {
+            root: root.to_path_buf(),
+            _dir: None,
             addr,
             wire,
             stop: Some(stop_tx),
             thread: Some(thread),
-        }
+        })
     }
 
     pub fn endpoint(&self) -> String {
@@ -246,33 +301,38 @@ impl S3Server {
         .unwrap()
     }
 
-    /// The mount flags and environment for this server (credentials from the environment, as
-    /// a user would give them; no profile files or instance metadata are consulted).
+    /// The mount flags and environment for this server.
     pub fn mount_opts(&self) -> super::MountOpts {
-        super::MountOpts {
-            args: vec![
-                "--endpoint-url".into(),
-                self.endpoint(),
-                "--region".into(),
-                REGION.into(),
-            ],
-            env: vec![
-                ("AWS_ACCESS_KEY_ID".into(), ACCESS_KEY.into()),
-                ("AWS_SECRET_ACCESS_KEY".into(), SECRET_KEY.into()),
-                ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
-                ("AWS_CONFIG_FILE".into(), "/nonexistent/aws-config".into()),
-                (
-                    "AWS_SHARED_CREDENTIALS_FILE".into(),
-                    "/nonexistent/aws-credentials".into(),
-                ),
-            ],
-            ..Default::default()
-        }
+        mount_opts(&self.endpoint())
     }
 
     /// The file s3s-fs keeps `key` of the bucket in.
     pub fn file(&self, key: &str) -> PathBuf {
-        self.root.path().join(BUCKET).join(key)
+        self.root.join(BUCKET).join(key)
+    }
+}
+
+/// The mount flags and environment for the S3 server at `endpoint` (credentials from the
+/// environment, as a user would give them; no profile files or instance metadata are consulted).
+pub fn mount_opts(endpoint: &str) -> super::MountOpts {
+    super::MountOpts {
+        args: vec![
+            "--endpoint-url".into(),
+            endpoint.into(),
+            "--region".into(),
+            REGION.into(),
+        ],
+        env: vec![
+            ("AWS_ACCESS_KEY_ID".into(), ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), SECRET_KEY.into()),
+            ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+            ("AWS_CONFIG_FILE".into(), "/nonexistent/aws-config".into()),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE".into(),
+                "/nonexistent/aws-credentials".into(),
+            ),
+        ],
+        ..Default::default()
     }
 }
 

@@ -94,6 +94,8 @@ impl Replicas {
             return;
         }
         let weak = Arc::downgrade(this);
+        // Never a busy loop, whatever the configuration says.
+        let every = every.max(Duration::from_millis(100));
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
