@@ -76,7 +76,10 @@ def main():
         "AWS_CONFIG_FILE": "/nonexistent",
         "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
     }
-    sigv4 = ["--aws-sigv4", "aws:amz:us-east-1:s3", "--user", f"{key}:{secret}"]
+    sigv4 = [
+        "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", f"{key}:{secret}",
+        "-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+    ]
     remotes = {
         "built-in server": dict(url=builtin_url, args=(), env=None, get=f"{builtin_url}/{name}", curl=[]),
         "nginx WebDAV": dict(url=nginx_url, args=(), env=None, get=f"{nginx_url}/{name}", curl=[]),

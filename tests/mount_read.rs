@@ -186,28 +186,25 @@ on_remotes! {
         }
     }
 
-    fn whole_file_answers_and_cut_bodies_never_give_wrong_bytes(r) needs [PlainHttp] {
+    fn whole_file_answers_and_cut_bodies_never_give_wrong_bytes(r) needs [] {
         let a = bytes(24 * MIB + 7, 6);
         let b = bytes(24 * MIB + 9, 7);
         r.write("a.bin", &a);
         r.write("b.bin", &b);
-        let proxy = proxy::Proxy::start(&r.url());
-        let m = Mount::new(&proxy.url());
+        let (m, faults, _proxy) = r.mount_with_faults();
         // Cut the first three file bodies after 1.5 MiB.
-        proxy
-            .faults
+        faults
             .truncate_after
             .store(3 * MIB as u64 / 2, std::sync::atomic::Ordering::Relaxed);
-        proxy.faults.truncate.store(3, std::sync::atomic::Ordering::Relaxed);
+        faults.truncate.store(3, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(hash_file(&m.path("a.bin")).unwrap(), hash(&a));
         assert_eq!(
-            proxy.faults.truncate.load(std::sync::atomic::Ordering::Relaxed),
+            faults.truncate.load(std::sync::atomic::Ordering::Relaxed),
             0,
             "the cuts happened"
         );
         // Answer ranged requests with the whole file: the mount must still read the right bytes.
-        proxy
-            .faults
+        faults
             .strip_range
             .store(1000, std::sync::atomic::Ordering::Relaxed);
         let f = std::fs::File::open(m.path("b.bin")).unwrap();

@@ -59,6 +59,14 @@ fn an_s3_prefix_mounts_reads_and_takes_everyday_writes() {
     let seen = srv.wire.requests();
     assert_eq!(seen.iter().filter(|r| r.method == "HEAD").count(), 0, "{seen:?}");
     assert_eq!(seen.iter().filter(|r| r.is_list()).count(), 1, "{seen:?}");
+    // Reading them: the version of each comes from its first GET, no HEAD first.
+    srv.wire.reset();
+    for i in 0..20 {
+        assert_eq!(std::fs::read(m.path(&format!("many/f{i:02}"))).unwrap(), [i as u8; 100]);
+    }
+    let seen = srv.wire.requests();
+    assert_eq!(seen.iter().filter(|r| r.method == "HEAD").count(), 0, "{seen:?}");
+    assert_eq!(seen.iter().filter(|r| r.method == "GET").count(), 20, "{seen:?}");
 
     // Reads.
     assert_eq!(hash_file(&m.path("a/b.bin")).unwrap(), hash(&a));

@@ -269,6 +269,43 @@ impl Cache {
         (remote_dir, dir.join(format!("{h}.data")), dir.join(format!("{h}.meta")))
     }
 
+    /// The version of `path` this cache last held bytes of (recorded when its cache file was
+    /// made), so a later mount can ask the remote "still this one?" instead of fetching to
+    /// find out.
+    pub fn last_version(&self, remote: &str, path: &str) -> Option<(String, u64)> {
+        let text = fs::read_to_string(self.last_version_path(remote, path)).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        // The file name is a hash of the path: make sure it is this path.
+        (v["path"].as_str()? == path).then_some(())?;
+        Some((v["etag"].as_str()?.to_string(), v["size"].as_u64()?))
+    }
+
+    fn last_version_path(&self, remote: &str, path: &str) -> PathBuf {
+        let rid = hex16(remote.as_bytes());
+        let h = hex16(path.as_bytes());
+        self.shared
+            .root
+            .join("remotes")
+            .join(rid)
+            .join("last")
+            .join(&h[..2])
+            .join(format!("{h}.json"))
+    }
+
+    fn remember_version(&self, key: &VersionKey) {
+        let p = self.last_version_path(&key.remote, &key.path);
+        let body = serde_json::json!({ "path": key.path, "etag": key.etag, "size": key.size }).to_string();
+        let tmp = p.with_extension("tmp");
+        let written = p
+            .parent()
+            .map_or(Ok(()), fs::create_dir_all)
+            .and_then(|_| fs::write(&tmp, body))
+            .and_then(|_| fs::rename(&tmp, &p));
+        if let Err(e) = written {
+            tracing::debug!(path = %key.path, "cannot record the last version: {e}");
+        }
+    }
+
     /// Whether a version has a cache file (open, or on disk from before).
     pub fn has_version(&self, key: &VersionKey) -> bool {
         let (_, data, _) = self.paths(key);
@@ -292,6 +329,9 @@ impl Cache {
             fs::write(&remote_file, body).map_err(|e| CacheError::io(&remote_file, e))?;
         }
         let idle = self.shared.idle.lock().remove(&data);
+        if idle.is_none() && !data.exists() {
+            self.remember_version(&key);
+        }
         let before = idle.as_ref().map(|e| e.bytes).unwrap_or(0);
         let verified = idle.and_then(|e| e.verified);
         let f = Arc::new(CacheFile::open(self.shared.clone(), key, data.clone(), meta, verified)?);

@@ -880,7 +880,40 @@ impl ArtifactFs {
         if let Some(e) = etag {
             return Ok((path, e, size));
         }
-        // The listing did not say which version this is: ask.
+        // The listing did not say which version this is. A file with bytes: the first GET of
+        // its first chunk says it (and brings the bytes); an empty one: a HEAD.
+        if size > 0 {
+            match self.reader.open_current(&path, size).await {
+                Ok(v) => {
+                    let mut t = self.table.lock();
+                    if v.size != size {
+                        // Changed since it was listed: the new size and version are taken, and
+                        // the kernel looks the name up again.
+                        let child = Child {
+                            kind: Kind::File,
+                            size: v.size,
+                            mtime,
+                            etag: Some(v.etag.clone()),
+                        };
+                        if let Ok(n) = ValidName::from_remote(&name) {
+                            self.upsert(&mut t, parent, &n, &child, Instant::now() + self.cfg.metadata_ttl);
+                            mutate::set_child(&mut t, parent, &n, Some(child));
+                        }
+                        return Err(FsError::Stale);
+                    }
+                    if let Some(i) = t.inodes.get_mut(&ino) {
+                        i.etag = Some(v.etag.clone());
+                    }
+                    return Ok((path, v.etag.clone(), size));
+                }
+                Err(crate::read::ReadError::Remote(crate::store::StoreError::NotFound)) => {
+                    let mut t = self.table.lock();
+                    self.supersede(&mut t, ino);
+                    return Err(FsError::Stale);
+                }
+                Err(e) => return Err(FsError::read(&path, e)),
+            }
+        }
         let head = self
             .store
             .head(&path, None)
@@ -907,6 +940,7 @@ impl ArtifactFs {
             };
             if let Ok(n) = ValidName::from_remote(&name) {
                 self.upsert(&mut t, parent, &n, &child, Instant::now() + self.cfg.metadata_ttl);
+                mutate::set_child(&mut t, parent, &n, Some(child));
             }
             return Err(FsError::Stale);
         }

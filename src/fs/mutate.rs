@@ -952,7 +952,7 @@ fn moved(t: &mut Table, ino: u64, from: &str, to: &str, new_parent: u64, new_nam
 }
 
 /// Sets (or, with `None`, removes) `name` in the cached listing of `dir`, if it is listed.
-fn set_child(t: &mut Table, dir: u64, name: &ValidName, child: Option<Child>) {
+pub(super) fn set_child(t: &mut Table, dir: u64, name: &ValidName, child: Option<Child>) {
     if let Some(d) = t.dirs.get_mut(&dir)
         && let Some(entries) = &mut d.entries
     {

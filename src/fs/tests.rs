@@ -346,19 +346,32 @@ async fn an_unreachable_remote_serves_cached_metadata_or_fails_with_eio() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listings_without_etags_learn_the_version_at_open() {
+async fn listings_without_etags_learn_the_version_from_the_first_get() {
     let caps = Capabilities {
         listing_etags: false,
         ..MemoryStore::new().capabilities()
     };
     let e = env_with(MemoryStore::new().with_capabilities(caps), Duration::from_secs(60));
     e.mem.insert("d/f", b"abc".to_vec());
+    e.mem.insert("d/g", b"one".to_vec());
     let d = resolve(&e.fs, "d").await.unwrap();
     let fh = e.fs.opendir(d.attr.ino).await.unwrap();
     e.fs.releasedir(fh);
     let heads = e.mem.stats.heads.load(Ordering::Relaxed);
+    let gets = e.mem.stats.gets.load(Ordering::Relaxed);
     assert_eq!(cat(&e.fs, "d/f").await.unwrap(), b"abc");
-    assert_eq!(e.mem.stats.heads.load(Ordering::Relaxed), heads + 1, "one HEAD at open");
+    assert_eq!(e.mem.stats.heads.load(Ordering::Relaxed), heads, "no HEAD at open");
+    assert_eq!(
+        e.mem.stats.gets.load(Ordering::Relaxed),
+        gets + 1,
+        "one GET: version and bytes"
+    );
+    // Changed (another size) between the listing and the open: ESTALE, then the new bytes.
+    let g = resolve(&e.fs, "d/g").await.unwrap();
+    e.mem.insert("d/g", b"longer".to_vec());
+    let err = e.fs.open(g.attr.ino, false, false).await.unwrap_err();
+    assert_eq!(err.errno(), libc::ESTALE);
+    assert_eq!(cat(&e.fs, "d/g").await.unwrap(), b"longer");
 }
 
 mod write;

@@ -22,7 +22,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{OnceCell, Semaphore, watch};
 
 use crate::cache::{Cache, CacheError, CacheFile, ChunkError, VersionKey};
-use crate::store::{Content, Digests, DynStore, ETag, GetResponse, StoreError};
+use crate::store::{Content, Digests, DynStore, ETag, GetResponse, Head, ObjectMeta, Revalidated, StoreError};
 pub use plan::{Readahead, ReadaheadConfig};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,6 +207,62 @@ impl Reader {
         });
         map.insert(key, Arc::downgrade(&v));
         v
+    }
+
+    /// Opens the current version of `path` when no listing said which it is: one `GET` of the
+    /// first chunk, without a condition, names the version (its ETag and size) and brings its
+    /// first bytes into the cache, so no `HEAD` is needed. `size_hint` is the listed size (not 0).
+    ///
+    /// When the cache holds bytes of a version of `path` from before (another mount), a `HEAD`
+    /// with `If-None-Match` asks whether it is still current instead: its bytes are then read
+    /// from the cache, not fetched again.
+    pub async fn open_current(self: &Arc<Self>, path: &str, size_hint: u64) -> Result<Arc<Version>, ReadError> {
+        let last = self.cache.as_ref().and_then(|c| c.last_version(self.store.id(), path));
+        if let Some((etag, size)) = last.filter(|(_, size)| *size == size_hint) {
+            let etag = ETag::new(&etag);
+            let head = {
+                let _permit = self
+                    .requests
+                    .acquire()
+                    .await
+                    .map_err(|_| ReadError::Integrity("shutting down".into()))?;
+                self.store.head(path, Some(&etag)).await.map_err(ReadError::Remote)?
+            };
+            match head {
+                Revalidated::NotModified => return Ok(self.open_version(path, &etag, size)),
+                Revalidated::Modified(Head::File(ObjectMeta {
+                    etag: Some(t), size, ..
+                })) => return Ok(self.open_version(path, &t, size)),
+                // No tag: the first GET below says which version it is.
+                Revalidated::Modified(Head::File(_)) => {}
+                Revalidated::Modified(Head::Dir { .. }) => return Err(ReadError::Remote(StoreError::NotFound)),
+            }
+        }
+        let chunk = self.cache.as_ref().map(|c| c.chunk_size()).unwrap_or(1 << 20);
+        let asked = 0..size_hint.clamp(1, chunk);
+        let resp = {
+            let _permit = self
+                .requests
+                .acquire()
+                .await
+                .map_err(|_| ReadError::Integrity("shutting down".into()))?;
+            self.store
+                .get(path, Some(asked.clone()), None)
+                .await
+                .map_err(ReadError::Remote)?
+        };
+        let etag = resp
+            .etag
+            .clone()
+            .ok_or_else(|| ReadError::Remote(StoreError::Protocol("no ETag for this file".into())))?;
+        let size = match &resp.content {
+            Content::Partial { total: Some(t), .. } => *t,
+            Content::Whole { size: Some(s) } => *s,
+            _ => size_hint,
+        };
+        let v = self.open_version(path, &etag, size);
+        v.adopt(resp, asked);
+        Ok(v)
     }
 
     /// Records that version `etag` of `path`, which we uploaded, equals an older version on
@@ -488,15 +544,62 @@ impl Version {
         ok
     }
 
+    /// Takes the answer of a `GET` made before this version was known ([`Reader::open_current`])
+    /// as the fetch of the chunks it covers, when they are whole chunks nobody has yet.
+    fn adopt(self: &Arc<Self>, resp: GetResponse, asked: Range<u64>) {
+        let Some(file) = self.file.clone() else { return };
+        if asked.is_empty() || asked.end > self.size {
+            return;
+        }
+        let chunks = file.chunks_of(&asked);
+        if file.chunk_range(chunks.start).start != asked.start || file.chunk_range(chunks.end - 1).end != asked.end {
+            return;
+        }
+        let flight = {
+            let mut flights = self.flights.lock();
+            let taken = |i: u64| file.is_present(i) || flights.iter().any(|f| f.chunks.contains(&i));
+            if chunks.clone().any(taken) {
+                return;
+            }
+            let (tx, _) = watch::channel(Progress {
+                done: chunks.start,
+                finished: false,
+                error: None,
+            });
+            let flight = Arc::new(Flight {
+                chunks: chunks.clone(),
+                progress: tx,
+            });
+            flights.push(flight.clone());
+            flight
+        };
+        let v = self.clone();
+        self.reader.rt.spawn(async move {
+            let result = async {
+                let digests = v.digests().await?;
+                let mut next = flight.chunks.start;
+                v.fill(&file, &flight, &mut next, digests.as_deref(), resp, &asked)
+                    .await
+            }
+            .await;
+            v.land(&flight, result);
+        });
+    }
+
     async fn fly(self: Arc<Self>, flight: Arc<Flight>) {
         let result = self.fly_inner(&flight).await;
+        self.land(&flight, result);
+    }
+
+    /// A flight is over: readers waiting on it see how it ended.
+    fn land(&self, flight: &Arc<Flight>, result: Result<(), ReadError>) {
         if let Err(e) = &result {
             match e {
                 ReadError::Stale => tracing::info!(path = %self.path, "remote version changed while reading"),
                 e => tracing::warn!(path = %self.path, chunks = ?flight.chunks, "fetch failed: {e}"),
             }
         }
-        self.flights.lock().retain(|f| !Arc::ptr_eq(f, &flight));
+        self.flights.lock().retain(|f| !Arc::ptr_eq(f, flight));
         flight.progress.send_modify(|p| {
             p.finished = true;
             p.error = result.err();
@@ -551,7 +654,21 @@ impl Version {
             .get(&self.path, (!whole).then(|| asked.clone()), Some(&self.etag))
             .await
             .map_err(|e| self.store_error(e))?;
-        let mut skip = self.check_response(&resp, &asked)?;
+        self.fill(file, flight, next, digests, resp, &asked).await
+    }
+
+    /// Writes the body of `resp` (asked for `asked`) into chunks `next..flight.chunks.end`.
+    async fn fill(
+        &self,
+        file: &CacheFile,
+        flight: &Flight,
+        next: &mut u64,
+        digests: Option<&Digests>,
+        resp: GetResponse,
+        asked: &Range<u64>,
+    ) -> Result<(), ReadError> {
+        let r = &self.reader;
+        let mut skip = self.check_response(&resp, asked)?;
         let mut body = resp.body;
         let hash = r.cfg.verify;
         let mut writer = file.begin_chunk(*next, hash)?;

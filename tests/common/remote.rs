@@ -30,7 +30,6 @@ impl Kind {
             (Kind::Builtin, _)
                 | (Kind::Apache, Need::PartialUpdates)
                 | (Kind::S3, Need::PartialUpdates | Need::ParallelParts)
-                | (Kind::Nginx | Kind::Apache, Need::PlainHttp)
         )
     }
 
@@ -55,8 +54,6 @@ pub enum Need {
     ParallelParts,
     /// The server says how long metadata stays valid (`Cache-Control: max-age`).
     ServerMaxAge,
-    /// Requests can be altered on their way (no request signing), e.g. by a fault proxy.
-    PlainHttp,
 }
 
 impl Need {
@@ -66,7 +63,6 @@ impl Need {
             Need::ChunkDedup => "no content-defined chunks",
             Need::ParallelParts => "no upload sessions",
             Need::ServerMaxAge => "no server-set max-age",
-            Need::PlainHttp => "signed requests (a proxy that alters them breaks the signature)",
         }
     }
 }
@@ -177,6 +173,19 @@ impl Remote {
 
     pub fn mount_with(&self, o: MountOpts) -> Mount {
         Mount::with(&self.url(), self.opts(o))
+    }
+
+    /// A mount whose object reads can be broken on purpose: through a fault proxy, or on S3
+    /// (signed requests, which a proxy would break) by the server itself after it checked them.
+    pub fn mount_with_faults(&self) -> (Mount, std::sync::Arc<super::proxy::Faults>, Option<super::proxy::Proxy>) {
+        match &self.backend {
+            Backend::S3 { wire, .. } => (self.mount(), wire.faults.clone(), None),
+            _ => {
+                let proxy = super::proxy::Proxy::start(&self.url());
+                let m = Mount::new(&proxy.url());
+                (m, proxy.faults.clone(), Some(proxy))
+            }
+        }
     }
 
     /// The folder the remote serves.

@@ -52,6 +52,9 @@ pub struct Wire {
     pub active: AtomicU64,
     pub max_active: AtomicU64,
     pub requests: Mutex<Vec<Seen>>,
+    /// Faults injected into object reads, after the request was authenticated (a proxy in
+    /// front would break the signature).
+    pub faults: Arc<super::proxy::Faults>,
 }
 
 impl Wire {
@@ -145,6 +148,11 @@ fn object_file(root: &Path, uri_path: &str) -> Option<PathBuf> {
     Some(root.join(bucket).join(key))
 }
 
+fn take(n: &std::sync::atomic::AtomicU32) -> bool {
+    n.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1))
+        .is_ok()
+}
+
 impl S3Server {
     /// A server with one empty bucket, [`BUCKET`].
     pub fn start() -> S3Server {
@@ -215,6 +223,7 @@ impl S3Server {
                             };
                             let object_get =
                                 method == "GET" && !seen.is_list() && object_file(&dir, &seen.path).is_some();
+                            let seen_path = seen.path.clone();
                             w.requests.lock().push(seen);
                             let folder = (method == "GET" || method == "HEAD")
                                 && object_file(&dir, req.uri().path()).is_some_and(|p| p.is_dir());
@@ -236,19 +245,57 @@ impl S3Server {
                             w.max_active.fetch_max(now, Ordering::SeqCst);
                             let resp = hyper::service::Service::call(&service, req).await;
                             w.active.fetch_sub(1, Ordering::SeqCst);
-                            let resp = resp?;
+                            let mut resp = resp?;
                             if !(object_get && resp.status().is_success()) {
                                 return Ok(resp);
                             }
-                            // Count the object bytes as they leave.
-                            let w = w.clone();
-                            Ok(resp.map(|body| {
-                                s3s::Body::http_body_unsync(http_body_util::BodyExt::map_frame(body, move |f| {
-                                    if let Some(d) = f.data_ref() {
-                                        w.file_sent.fetch_add(d.len() as u64, Ordering::SeqCst);
+                            w.faults.requests.fetch_add(1, Ordering::Relaxed);
+                            if resp.status() == http::StatusCode::PARTIAL_CONTENT
+                                && take(&w.faults.strip_range)
+                                && let Some(file) = object_file(&dir, &seen_path)
+                            {
+                                // The whole object, as a server that ignores `Range` sends it.
+                                let data = std::fs::read(&file).unwrap_or_default();
+                                let mut whole = http::Response::builder().status(200);
+                                for (k, v) in resp.headers() {
+                                    if k != http::header::CONTENT_RANGE && k != http::header::CONTENT_LENGTH {
+                                        whole = whole.header(k, v);
                                     }
-                                    f
-                                }))
+                                }
+                                resp = whole
+                                    .header(http::header::CONTENT_LENGTH, data.len())
+                                    .body(s3s::Body::from(data))
+                                    .unwrap();
+                            }
+                            let cut = take(&w.faults.truncate).then(|| w.faults.truncate_after.load(Ordering::Relaxed));
+                            // Count the object bytes as they leave; cut the body short if told.
+                            let w = w.clone();
+                            Ok(resp.map(move |body| {
+                                let mut left = cut.unwrap_or(u64::MAX);
+                                let frames = futures_util::StreamExt::map(
+                                    http_body_util::BodyStream::new(body),
+                                    move |f| -> Result<hyper::body::Frame<bytes::Bytes>, std::io::Error> {
+                                        let f = f.map_err(std::io::Error::other)?;
+                                        let Ok(mut d) = f.into_data() else {
+                                            return Ok(hyper::body::Frame::data(bytes::Bytes::new()));
+                                        };
+                                        if left == 0 {
+                                            return Err(std::io::Error::other("cut by the fault injection"));
+                                        }
+                                        if (d.len() as u64) > left {
+                                            d.truncate(left as usize);
+                                        }
+                                        left -= d.len() as u64;
+                                        w.file_sent.fetch_add(d.len() as u64, Ordering::SeqCst);
+                                        Ok(hyper::body::Frame::data(d))
+                                    },
+                                );
+                                let cut_end = futures_util::stream::iter(
+                                    cut.map(|_| Err(std::io::Error::other("cut by the fault injection"))),
+                                );
+                                s3s::Body::http_body_unsync(http_body_util::StreamBody::new(
+                                    futures_util::StreamExt::chain(frames, cut_end),
+                                ))
                             }))
                         }
                     });
