@@ -221,11 +221,7 @@ impl Reader {
         if let Some((etag, size)) = last.filter(|(_, size)| *size == size_hint) {
             let etag = ETag::new(&etag);
             let head = {
-                let _permit = self
-                    .requests
-                    .acquire()
-                    .await
-                    .map_err(|_| ReadError::Integrity("shutting down".into()))?;
+                let _permit = self.request_permit().await?;
                 self.store.head(path, Some(&etag)).await.map_err(ReadError::Remote)?
             };
             match head {
@@ -241,11 +237,7 @@ impl Reader {
         let chunk = self.cache.as_ref().map(|c| c.chunk_size()).unwrap_or(1 << 20);
         let asked = 0..size_hint.clamp(1, chunk);
         let resp = {
-            let _permit = self
-                .requests
-                .acquire()
-                .await
-                .map_err(|_| ReadError::Integrity("shutting down".into()))?;
+            let _permit = self.request_permit().await?;
             self.store
                 .get(path, Some(asked.clone()), None)
                 .await
@@ -263,6 +255,14 @@ impl Reader {
         let v = self.open_version(path, &etag, size);
         v.adopt(resp, asked);
         Ok(v)
+    }
+
+    /// A place among the requests this remote may have in flight at once.
+    async fn request_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ReadError> {
+        self.requests
+            .acquire()
+            .await
+            .map_err(|_| ReadError::Integrity("shutting down".into()))
     }
 
     /// Records that version `etag` of `path`, which we uploaded, equals an older version on
@@ -615,11 +615,7 @@ impl Version {
             .acquire_many((bytes.min(1 << 20) / UNIT).max(1) as u32)
             .await
             .map_err(|_| ReadError::Integrity("shutting down".into()))?;
-        let _permit = r
-            .requests
-            .acquire()
-            .await
-            .map_err(|_| ReadError::Integrity("shutting down".into()))?;
+        let _permit = r.request_permit().await?;
         let digests = self.digests().await?;
         let mut next = flight.chunks.start;
         let mut backoff = retry_delays(r.cfg.retries);
@@ -815,11 +811,7 @@ impl Version {
 
     async fn fetch_direct(&self, range: &Range<u64>) -> Result<BytesMut, ReadError> {
         let r = &self.reader;
-        let _permit = r
-            .requests
-            .acquire()
-            .await
-            .map_err(|_| ReadError::Integrity("shutting down".into()))?;
+        let _permit = r.request_permit().await?;
         let whole = r.whole_file.load(Ordering::Acquire);
         let resp = r
             .store
