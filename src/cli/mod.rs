@@ -2,11 +2,13 @@
 //! and calls [`run`].
 
 pub mod config;
+pub mod control;
 mod daemon;
 mod logging;
 mod mount;
 mod registry;
 mod unmount;
+mod warm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +40,32 @@ pub enum Command {
     /// Inspect or empty the cache.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Fetch files or folders of a running mount into its cache, in the order given (the
+    /// first first), with a progress bar.
+    Warm(WarmArgs),
+    /// Live figures of a running mount.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WarmArgs {
+    /// Files or folders inside a mount (a folder: every file below it).
+    #[arg(value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// More paths, one per line, highest priority first (after those on the command line).
+    #[arg(long, value_name = "FILE")]
+    pub list: Option<PathBuf>,
+    /// No progress bar (there is none anyway when stdout is not a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    pub mountpoint: PathBuf,
+    /// As JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -171,6 +199,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Unmount(a) => unmount::run(a),
         Command::Serve(a) => serve(a),
         Command::Cache(c) => cache(c),
+        Command::Warm(a) => warm::warm(a),
+        Command::Status(a) => warm::status(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

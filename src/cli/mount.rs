@@ -298,6 +298,14 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
     if let Err(e) = registry::write(&record) {
         tracing::warn!("cannot record the mount (artifactfs unmount will still work by path): {e}");
     }
+    let control = super::control::Control::new(
+        fs.clone(),
+        fs.reader().clone(),
+        cache.clone(),
+        store.id().to_string(),
+        r.mountpoint.clone(),
+    );
+    rt.spawn(control.serve(registry::socket_path(&r.mountpoint)));
     let done = Arc::new(AtomicBool::new(false));
     rt.spawn(on_signal(
         r.mountpoint.clone(),
