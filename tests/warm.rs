@@ -81,6 +81,7 @@ fn warm_fetches_folders_and_files_once_and_reports_what_failed() {
     assert_eq!(st["fetched_bytes"].as_u64().unwrap(), total);
     assert!(st["hit_bytes"].as_u64().unwrap() >= total, "{st}");
     assert_eq!(st["pid"].as_u64().unwrap(), m.pid() as u64);
+    assert_eq!(st["concurrency"], 16, "the built-in server's default");
     let sock = std::path::PathBuf::from(st["socket"].as_str().unwrap());
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{}", sock.display());
@@ -143,4 +144,34 @@ fn warm_outside_a_mount_and_status_of_no_mount_fail_with_the_reason() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn the_concurrency_limit_follows_the_flag_then_the_kinds_setting() {
+    let store = Store::new();
+    store.write("a", b"x");
+    let server = store.serve();
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        "[performance]\nconcurrency = 5\n[performance.artifact]\nconcurrency = 7\n",
+    )
+    .unwrap();
+    let limit = |args: Vec<String>| {
+        let m = Mount::with(
+            &server.url(),
+            MountOpts {
+                args,
+                ..MountOpts::default()
+            },
+        );
+        let out = afs(&["status", s(&m.mnt), "--json"]);
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        st["concurrency"].as_u64().unwrap()
+    };
+    let cfg = vec!["--config".to_string(), config.path().display().to_string()];
+    assert_eq!(limit(cfg.clone()), 7, "the kind's setting wins over the global one");
+    let mut with_flag = cfg;
+    with_flag.extend(["--concurrency".to_string(), "3".to_string()]);
+    assert_eq!(limit(with_flag), 3, "the remote's own setting wins");
 }

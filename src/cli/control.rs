@@ -35,8 +35,9 @@ pub struct Status {
     pub mountpoint: PathBuf,
     pub pid: u32,
     pub uptime_secs: u64,
-    /// Requests to the remote in flight now.
+    /// Requests to the remote in flight now, and the most allowed at once.
     pub requests_in_flight: usize,
+    pub concurrency: usize,
     /// Bytes fetched from the remote per second, over the last second.
     pub fetch_rate: u64,
     pub fetched_bytes: u64,
@@ -96,6 +97,7 @@ impl Control {
             pid: std::process::id(),
             uptime_secs: self.started.elapsed().as_secs(),
             requests_in_flight: self.reader.requests_in_flight(),
+            concurrency: self.reader.config().concurrency,
             fetch_rate: self.rate.load(Ordering::Relaxed),
             fetched_bytes: c.fetched_bytes,
             hit_bytes: c.hit_bytes,

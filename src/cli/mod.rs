@@ -96,6 +96,10 @@ pub struct MountArgs {
     /// How long metadata is trusted before it is revalidated, e.g. 60s.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub metadata_ttl: Option<Duration>,
+    /// Requests to the remote in flight at once [default: by kind of remote, see
+    /// `[performance]`: built-in server 16, S3 8, web servers 4].
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
     /// Let other users use the mount (with kernel permission checks).
     #[arg(long)]
     pub allow_other: bool,

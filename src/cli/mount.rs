@@ -73,6 +73,9 @@ pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
     if let Some(k) = a.kind {
         cfg.web.kind = k;
     }
+    if let Some(n) = a.concurrency {
+        cfg.read.concurrency = Some(n);
+    }
     if !a.mirrors.is_empty() {
         cfg.web.mirrors = a.mirrors.clone();
     }
@@ -208,6 +211,8 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     rt.spawn(cache.clone().run_evictor());
     rt.spawn(cache.clone().run_counter_saver(Duration::from_secs(2)));
+    let (concurrency, from) = cfg.concurrency_for(store.kind());
+    tracing::info!(concurrency, from, "requests to the remote in flight at most");
     let reader = Reader::new(
         store.clone(),
         Some(cache.clone()),
@@ -218,7 +223,7 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
                 max: cfg.read.readahead_max.0,
             },
             sequential_slack: cfg.mount.kernel_readahead.0.max(4 << 20),
-            concurrency: cfg.read.concurrency,
+            concurrency,
             memory_budget: cfg.read.memory_budget.0,
             verify: cfg.read.verify,
             retries: cfg.read.retries,

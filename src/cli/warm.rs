@@ -172,7 +172,7 @@ pub fn status(a: StatusArgs) -> Result<(), String> {
         s.pid,
         humantime::format_duration(Duration::from_secs(s.uptime_secs))
     );
-    println!("requests now      {}", s.requests_in_flight);
+    println!("requests now      {} (at most {})", s.requests_in_flight, s.concurrency);
     println!(
         "fetching          {}/s ({} fetched in all)",
         human(s.fetch_rate),
