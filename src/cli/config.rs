@@ -192,6 +192,12 @@ pub struct CacheSection {
     pub max_size: ByteSize,
     /// Granularity of the cache's chunk bitmap (and of random reads).
     pub chunk_size: ByteSize,
+    /// Percent of the cache's filesystem kept free: the cache shrinks below `max_size` when
+    /// other files fill the disk.
+    pub min_free_percent: u32,
+    /// Versions nobody read for this long are deleted; unset: kept until the size limit.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub expire_after: Option<Duration>,
 }
 
 impl Default for CacheSection {
@@ -200,6 +206,8 @@ impl Default for CacheSection {
             dir: None,
             max_size: ByteSize(10 << 30),
             chunk_size: ByteSize(1 << 20),
+            min_free_percent: 5,
+            expire_after: None,
         }
     }
 }
@@ -322,6 +330,9 @@ impl Config {
         }
         if self.read.max_request.0 < chunk {
             return Err("read.max_request must be at least cache.chunk_size".into());
+        }
+        if self.cache.min_free_percent > 90 {
+            return Err("cache.min_free_percent must be at most 90".into());
         }
         let p = &self.performance;
         let limits = [

@@ -189,10 +189,17 @@ pub enum CacheCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Delete every cached version (refused while a mount uses the directory).
+    /// Delete cached versions: all of them, or those of one remote, or those not read for a
+    /// while (refused while a mount uses the directory).
     Clear {
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,
+        /// Only this remote's versions (its name as `cache stats` shows it).
+        #[arg(long, value_name = "REMOTE")]
+        remote: Option<String>,
+        /// Only versions not read for this long, e.g. 7d.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        older_than: Option<Duration>,
     },
 }
 
@@ -262,10 +269,15 @@ fn cache(c: CacheCommand) -> Result<(), String> {
             }
             Ok(())
         }
-        CacheCommand::Clear { cache_dir } => {
+        CacheCommand::Clear {
+            cache_dir,
+            remote,
+            older_than,
+        } => {
             let dir = cache_dir.unwrap_or_else(config::default_cache_dir);
-            let freed = crate::cache::clear(&dir).map_err(|e| e.to_string())?;
-            println!("cleared {} from {}", human(freed), dir.display());
+            let (freed, versions) =
+                crate::cache::clear_where(&dir, remote.as_deref(), older_than).map_err(|e| e.to_string())?;
+            println!("cleared {} ({versions} versions) from {}", human(freed), dir.display());
             Ok(())
         }
     }

@@ -205,6 +205,8 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
             dir: r.cache_dir.clone(),
             max_size: cfg.cache.max_size.0,
             chunk_size: cfg.cache.chunk_size.0,
+            min_free: f64::from(cfg.cache.min_free_percent) / 100.0,
+            expire_after: cfg.cache.expire_after,
         },
         &owner,
     )
