@@ -8,6 +8,7 @@
 pub mod cache;
 pub mod cli;
 pub mod fs;
+pub mod metrics;
 pub mod protocol;
 pub mod read;
 pub mod server;

@@ -175,3 +175,59 @@ fn the_concurrency_limit_follows_the_flag_then_the_kinds_setting() {
     with_flag.extend(["--concurrency".to_string(), "3".to_string()]);
     assert_eq!(limit(with_flag), 3, "the remote's own setting wins");
 }
+
+#[test]
+fn metrics_are_served_logged_when_slow_and_summarized_at_unmount() {
+    let store = Store::new();
+    let data = bytes(12 * MIB + 5, 3);
+    store.write("d/f.bin", &data);
+    let server = store.serve();
+    let summary = tempfile::NamedTempFile::new().unwrap();
+    let mut m = Mount::with(
+        &server.url(),
+        MountOpts {
+            args: vec![
+                "--metrics-addr".into(),
+                "127.0.0.1:0".into(),
+                "--metrics-file".into(),
+                summary.path().display().to_string(),
+                "--slow-threshold".into(),
+                "1ms".into(),
+            ],
+            ..MountOpts::default()
+        },
+    );
+    assert_eq!(hash_file(&m.path("d/f.bin")).unwrap(), hash(&data));
+    let st: serde_json::Value = serde_json::from_slice(&afs(&["status", s(&m.mnt), "--json"]).stdout).unwrap();
+    let addr = st["metrics_addr"].as_str().expect("the metrics address").to_string();
+    let out = Command::new("curl")
+        .args(["-sf", &format!("http://{addr}/metrics")])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let value = |line_start: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(line_start))
+            .unwrap_or_else(|| panic!("no {line_start} in {text}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse::<f64>()
+            .unwrap() as u64
+    };
+    assert_eq!(value("artifactfs_fetched_bytes_total"), data.len() as u64, "{text}");
+    assert!(value("artifactfs_remote_requests_total{op=\"get\"}") >= 1, "{text}");
+    assert!(value("artifactfs_fuse_calls_total{op=\"read\"}") >= 1, "{text}");
+    let read = value("artifactfs_cache_miss_bytes_total") + value("artifactfs_cache_hit_bytes_total");
+    assert_eq!(read, data.len() as u64, "every byte read is a hit or a miss: {text}");
+    assert!(text.contains("artifactfs_remote_request_seconds_bucket{le="), "{text}");
+    // Reading 12 MiB over the network takes more than 1 ms somewhere.
+    assert!(m.log_text().contains("slow operation"), "{}", m.log_text());
+    assert!(m.unmount().status.success());
+    let sum: serde_json::Value = serde_json::from_slice(&std::fs::read(summary.path()).unwrap()).unwrap();
+    assert_eq!(sum["fetched_bytes"], data.len() as u64, "{sum}");
+    assert!(sum["operations"]["remote.get"]["count"].as_u64().unwrap() >= 1, "{sum}");
+    assert!(sum["operations"]["fuse.read"]["count"].as_u64().unwrap() >= 1, "{sum}");
+    assert_eq!(sum["cache"]["fetched_bytes"], data.len() as u64, "{sum}");
+}

@@ -205,8 +205,8 @@ fn hex16(data: &[u8]) -> String {
 pub struct Cache {
     shared: Arc<Shared>,
     _lock: File,
-    /// Serialises read-modify-writes of `stats.json`.
-    saving: Mutex<()>,
+    /// Serialises read-modify-writes of `stats.json`; holds what this process saved there.
+    saving: Mutex<Counters>,
 }
 
 impl Cache {
@@ -236,7 +236,7 @@ impl Cache {
         let cache = Arc::new(Cache {
             shared,
             _lock: lock,
-            saving: Mutex::new(()),
+            saving: Mutex::new(Counters::default()),
         });
         if used > cfg.max_size {
             cache.evict();
@@ -264,6 +264,19 @@ impl Cache {
     /// Bytes of cached data on disk now.
     pub fn used(&self) -> u64 {
         self.shared.used.load(Ordering::Acquire)
+    }
+
+    /// The counters of this process since it opened the cache.
+    pub fn session_counters(&self) -> Counters {
+        let saved = self.saving.lock();
+        let now = self.shared.counters.snapshot();
+        Counters {
+            hit_bytes: saved.hit_bytes + now.hit_bytes,
+            miss_bytes: saved.miss_bytes + now.miss_bytes,
+            fetched_bytes: saved.fetched_bytes + now.fetched_bytes,
+            evicted_versions: saved.evicted_versions + now.evicted_versions,
+            punched_chunks: saved.punched_chunks + now.punched_chunks,
+        }
     }
 
     pub fn counters(&self) -> &LiveCounters {
@@ -525,10 +538,15 @@ impl Cache {
 
     /// Adds the counters since the last save to `stats.json`.
     fn save_counters(&self) {
-        let _saving = self.saving.lock();
+        let mut saved = self.saving.lock();
         let path = self.shared.root.join("stats.json");
         let mut total = read_counters(&self.shared.root);
         let now = self.shared.counters.snapshot();
+        saved.hit_bytes += now.hit_bytes;
+        saved.miss_bytes += now.miss_bytes;
+        saved.fetched_bytes += now.fetched_bytes;
+        saved.evicted_versions += now.evicted_versions;
+        saved.punched_chunks += now.punched_chunks;
         total.hit_bytes += now.hit_bytes;
         total.miss_bytes += now.miss_bytes;
         total.fetched_bytes += now.fetched_bytes;

@@ -302,6 +302,14 @@ pub struct LogSection {
     pub level: String,
     /// Log file; default: stderr in the foreground, `<cache dir>/artifactfs.log` as a daemon.
     pub file: Option<PathBuf>,
+    /// A kernel call or a request to the remote that takes this long is logged as slow
+    /// (`0s`: never).
+    #[serde(with = "humantime_serde")]
+    pub slow_threshold: Duration,
+    /// Serve Prometheus metrics at `http://ADDR/metrics`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Write a JSON summary of the metrics here at unmount.
+    pub metrics_file: Option<PathBuf>,
 }
 
 impl Default for LogSection {
@@ -309,6 +317,9 @@ impl Default for LogSection {
         LogSection {
             level: "info".into(),
             file: None,
+            slow_threshold: Duration::from_secs(1),
+            metrics_addr: None,
+            metrics_file: None,
         }
     }
 }
@@ -415,6 +426,8 @@ mod tests {
         expect.mount.remote = parsed.mount.remote.clone();
         expect.cache.dir = parsed.cache.dir.clone();
         expect.log.file = parsed.log.file.clone();
+        expect.log.metrics_addr = parsed.log.metrics_addr;
+        expect.log.metrics_file = parsed.log.metrics_file.clone();
         expect.mount.uid = parsed.mount.uid;
         expect.mount.gid = parsed.mount.gid;
         expect.mount.file_mode = parsed.mount.file_mode;

@@ -50,6 +50,8 @@ pub struct Status {
     pub cache_bytes: u64,
     /// This control socket.
     pub socket: PathBuf,
+    /// Where Prometheus metrics are served (`--metrics-addr`), if they are.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// A line of a `warm` answer.
@@ -90,7 +92,7 @@ impl Control {
     }
 
     fn status(&self) -> Status {
-        let c = self.cache.counters().snapshot();
+        let c = self.cache.session_counters();
         Status {
             remote: self.remote.clone(),
             mountpoint: self.mountpoint.clone(),
@@ -106,6 +108,7 @@ impl Control {
             pending_uploads: self.fs.pending_uploads(),
             cache_bytes: self.cache.used(),
             socket: super::registry::socket_path(&self.mountpoint),
+            metrics_addr: crate::metrics::get().endpoint(),
         }
     }
 
@@ -121,10 +124,10 @@ impl Control {
         };
         let me = self.clone();
         tokio::spawn(async move {
-            let mut last = me.cache.counters().snapshot().fetched_bytes;
+            let mut last = me.cache.session_counters().fetched_bytes;
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let now = me.cache.counters().snapshot().fetched_bytes;
+                let now = me.cache.session_counters().fetched_bytes;
                 me.rate.store(now.saturating_sub(last), Ordering::Relaxed);
                 last = now;
             }

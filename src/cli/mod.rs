@@ -109,6 +109,15 @@ pub struct MountArgs {
     /// Log to this file [default: stderr in the foreground, <cache dir>/artifactfs.log as a daemon].
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+    /// Log kernel calls and remote requests that take at least this long [default: 1s; 0s: never].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub slow_threshold: Option<Duration>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9187).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Write a JSON summary of the metrics to FILE at unmount.
+    #[arg(long, value_name = "FILE")]
+    pub metrics_file: Option<PathBuf>,
     /// Threads answering the kernel.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,

@@ -63,6 +63,15 @@ pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
     if let Some(f) = &a.log_file {
         cfg.log.file = Some(f.clone());
     }
+    if let Some(d) = a.slow_threshold {
+        cfg.log.slow_threshold = d;
+    }
+    if let Some(addr) = a.metrics_addr {
+        cfg.log.metrics_addr = Some(addr);
+    }
+    if let Some(f) = &a.metrics_file {
+        cfg.log.metrics_file = Some(f.clone());
+    }
     if let Some(n) = a.threads {
         cfg.mount.threads = n;
     }
@@ -110,6 +119,9 @@ pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
     cfg.cache.dir = Some(cache_dir.clone());
     if let Some(f) = &cfg.log.file {
         cfg.log.file = Some(abs(f)?);
+    }
+    if let Some(f) = &cfg.log.metrics_file {
+        cfg.log.metrics_file = Some(abs(f)?);
     }
     // The daemon changes its directory: a relative CA bundle must still be found.
     if let Some(f) = &cfg.s3.ca_bundle {
@@ -199,6 +211,10 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
         // Never show credentials given in the URL.
         crate::store::http::redact_urls(&format!("cannot use the remote {}: {e}", r.remote))
     })?;
+    // Every request is counted and timed (metrics, slow-operation log).
+    let store: DynStore = Arc::new(crate::store::metered::MeteredStore::new(store));
+    let metrics = crate::metrics::get();
+    metrics.set_slow_threshold(cfg.log.slow_threshold);
     let owner = format!("mount {} of {}", r.mountpoint.display(), store.id());
     let cache = Cache::open(
         &CacheConfig {
@@ -212,6 +228,13 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     rt.spawn(cache.clone().run_evictor());
+    metrics.add_cache(cache.clone());
+    if let Some(addr) = cfg.log.metrics_addr {
+        let bound = rt
+            .block_on(crate::metrics::serve(addr))
+            .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+        tracing::info!(%bound, "metrics at http://{bound}/metrics");
+    }
     rt.spawn(cache.clone().run_counter_saver(Duration::from_secs(2)));
     let (concurrency, from) = cfg.concurrency_for(store.kind());
     tracing::info!(concurrency, from, "requests to the remote in flight at most");
@@ -343,6 +366,21 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
     registry::remove(&r.mountpoint);
     drop(fs);
     cache.persist();
+    if let Some(f) = &cfg.log.metrics_file {
+        let mut summary = metrics.summary();
+        let c = cache.session_counters();
+        summary["cache"] = serde_json::json!({
+            "hit_bytes": c.hit_bytes,
+            "miss_bytes": c.miss_bytes,
+            "fetched_bytes": c.fetched_bytes,
+            "evicted_versions": c.evicted_versions,
+            "bytes": cache.used(),
+        });
+        let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
+        if let Err(e) = std::fs::write(f, text + "\n") {
+            tracing::warn!(file = %f.display(), "cannot write the metrics summary: {e}");
+        }
+    }
     rt.shutdown_timeout(Duration::from_secs(2));
     result.map_err(|e| format!("the FUSE session ended with an error: {e}"))
 }

@@ -36,12 +36,18 @@ impl FuseAdapter {
 
     /// Polls `fut` once here; if it is not done, finishes it on the runtime. `done` gets the
     /// output either way.
-    fn run<F, T>(&self, fut: F, done: impl FnOnce(T) + Send + 'static)
+    /// `op` names the call for the metrics and the slow-operation log.
+    fn run<F, T>(&self, op: &'static str, fut: F, done: impl FnOnce(T) + Send + 'static)
     where
         F: Future<Output = T> + Send + 'static,
         T: Send + 'static,
     {
         let _enter = self.rt.enter();
+        let start = std::time::Instant::now();
+        let done = move |v| {
+            done(v);
+            crate::metrics::get().fuse(op, start.elapsed());
+        };
         let mut fut = Box::pin(fut);
         match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(v) => done(v),
@@ -54,6 +60,7 @@ impl FuseAdapter {
 
 /// Logs what a user must see, and turns the error into the kernel's errno.
 fn errno(op: &str, e: &FsError) -> Errno {
+    crate::metrics::get().fuse_failed(op);
     if e.is_failure() {
         tracing::warn!("{op}: {e}");
     } else {
@@ -113,31 +120,35 @@ impl fuser::Filesystem for FuseAdapter {
         let fs = self.fs.clone();
         let name = name.to_os_string();
         let negative_ttl = self.negative_ttl;
-        self.run(async move { fs.lookup(parent.0, &name).await }, move |r| match r {
-            Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
-            // A negative entry: the kernel remembers the name is absent for a while.
-            Err(FsError::NotFound) if !negative_ttl.is_zero() => {
-                let none = FileAttr {
-                    ino: INodeNo(0),
-                    size: 0,
-                    blocks: 0,
-                    atime: SystemTime::UNIX_EPOCH,
-                    mtime: SystemTime::UNIX_EPOCH,
-                    ctime: SystemTime::UNIX_EPOCH,
-                    crtime: SystemTime::UNIX_EPOCH,
-                    kind: FileType::RegularFile,
-                    perm: 0,
-                    nlink: 0,
-                    uid: 0,
-                    gid: 0,
-                    rdev: 0,
-                    blksize: 0,
-                    flags: 0,
-                };
-                reply.entry(&negative_ttl, &none, Generation(0))
-            }
-            Err(e) => reply.error(errno("lookup", &e)),
-        });
+        self.run(
+            "lookup",
+            async move { fs.lookup(parent.0, &name).await },
+            move |r| match r {
+                Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
+                // A negative entry: the kernel remembers the name is absent for a while.
+                Err(FsError::NotFound) if !negative_ttl.is_zero() => {
+                    let none = FileAttr {
+                        ino: INodeNo(0),
+                        size: 0,
+                        blocks: 0,
+                        atime: SystemTime::UNIX_EPOCH,
+                        mtime: SystemTime::UNIX_EPOCH,
+                        ctime: SystemTime::UNIX_EPOCH,
+                        crtime: SystemTime::UNIX_EPOCH,
+                        kind: FileType::RegularFile,
+                        perm: 0,
+                        nlink: 0,
+                        uid: 0,
+                        gid: 0,
+                        rdev: 0,
+                        blksize: 0,
+                        flags: 0,
+                    };
+                    reply.entry(&negative_ttl, &none, Generation(0))
+                }
+                Err(e) => reply.error(errno("lookup", &e)),
+            },
+        );
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -146,7 +157,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let fs = self.fs.clone();
-        self.run(async move { fs.getattr(ino.0).await }, move |r| match r {
+        self.run("getattr", async move { fs.getattr(ino.0).await }, move |r| match r {
             Ok(e) => reply.attr(&e.ttl, &file_attr(&e.attr)),
             Err(e) => reply.error(errno("getattr", &e)),
         });
@@ -156,16 +167,20 @@ impl fuser::Filesystem for FuseAdapter {
         let fs = self.fs.clone();
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let truncate = flags.0 & libc::O_TRUNC != 0;
-        self.run(async move { fs.open(ino.0, write, truncate).await }, move |r| match r {
-            Ok(o) => {
-                let mut f = FopenFlags::empty();
-                if o.keep_cache {
-                    f |= FopenFlags::FOPEN_KEEP_CACHE;
+        self.run(
+            "open",
+            async move { fs.open(ino.0, write, truncate).await },
+            move |r| match r {
+                Ok(o) => {
+                    let mut f = FopenFlags::empty();
+                    if o.keep_cache {
+                        f |= FopenFlags::FOPEN_KEEP_CACHE;
+                    }
+                    reply.opened(FileHandle(o.fh), f)
                 }
-                reply.opened(FileHandle(o.fh), f)
-            }
-            Err(e) => reply.error(errno("open", &e)),
-        });
+                Err(e) => reply.error(errno("open", &e)),
+            },
+        );
     }
 
     fn read(
@@ -181,6 +196,7 @@ impl fuser::Filesystem for FuseAdapter {
     ) {
         let fs = self.fs.clone();
         self.run(
+            "read",
             async move {
                 fs.read(fh.0, offset, size, move |r| match r {
                     Ok(bytes) => reply.data(bytes),
@@ -194,7 +210,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         let fs = self.fs.clone();
-        self.run(async move { fs.flush(fh.0).await }, move |r| match r {
+        self.run("flush", async move { fs.flush(fh.0).await }, move |r| match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("close", &e)),
         });
@@ -202,7 +218,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         let fs = self.fs.clone();
-        self.run(async move { fs.flush(fh.0).await }, move |r| match r {
+        self.run("fsync", async move { fs.flush(fh.0).await }, move |r| match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("fsync", &e)),
         });
@@ -219,10 +235,14 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
-        self.run(async move { fs.release_handle(fh.0).await }, move |r| match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("release", &e)),
-        });
+        self.run(
+            "release",
+            async move { fs.release_handle(fh.0).await },
+            move |r| match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("release", &e)),
+            },
+        );
     }
 
     fn write(
@@ -249,10 +269,14 @@ impl fuser::Filesystem for FuseAdapter {
         }
         let fs = self.fs.clone();
         let data = data.to_vec();
-        self.run(async move { fs.write(fh.0, offset, &data).await }, move |r| match r {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno("write", &e)),
-        });
+        self.run(
+            "write",
+            async move { fs.write(fh.0, offset, &data).await },
+            move |r| match r {
+                Ok(n) => reply.written(n),
+                Err(e) => reply.error(errno("write", &e)),
+            },
+        );
     }
 
     fn create(
@@ -267,16 +291,20 @@ impl fuser::Filesystem for FuseAdapter {
     ) {
         let fs = self.fs.clone();
         let name = name.to_os_string();
-        self.run(async move { fs.create(parent.0, &name).await }, move |r| match r {
-            Ok((e, o)) => reply.created(
-                &e.ttl,
-                &file_attr(&e.attr),
-                Generation(0),
-                FileHandle(o.fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Err(e) => reply.error(errno("create", &e)),
-        });
+        self.run(
+            "create",
+            async move { fs.create(parent.0, &name).await },
+            move |r| match r {
+                Ok((e, o)) => reply.created(
+                    &e.ttl,
+                    &file_attr(&e.attr),
+                    Generation(0),
+                    FileHandle(o.fh),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                ),
+                Err(e) => reply.error(errno("create", &e)),
+            },
+        );
     }
 
     fn setattr(
@@ -299,6 +327,7 @@ impl fuser::Filesystem for FuseAdapter {
     ) {
         let fs = self.fs.clone();
         self.run(
+            "setattr",
             async move { fs.setattr(ino.0, size, fh.map(|f| f.0)).await },
             move |r| match r {
                 Ok(e) => reply.attr(&e.ttl, &file_attr(&e.attr)),
@@ -310,28 +339,40 @@ impl fuser::Filesystem for FuseAdapter {
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let fs = self.fs.clone();
         let name = name.to_os_string();
-        self.run(async move { fs.unlink(parent.0, &name).await }, move |r| match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("unlink", &e)),
-        });
+        self.run(
+            "unlink",
+            async move { fs.unlink(parent.0, &name).await },
+            move |r| match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("unlink", &e)),
+            },
+        );
     }
 
     fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, _mode: u32, _umask: u32, reply: ReplyEntry) {
         let fs = self.fs.clone();
         let name = name.to_os_string();
-        self.run(async move { fs.mkdir(parent.0, &name).await }, move |r| match r {
-            Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
-            Err(e) => reply.error(errno("mkdir", &e)),
-        });
+        self.run(
+            "mkdir",
+            async move { fs.mkdir(parent.0, &name).await },
+            move |r| match r {
+                Ok(e) => reply.entry(&e.ttl, &file_attr(&e.attr), Generation(0)),
+                Err(e) => reply.error(errno("mkdir", &e)),
+            },
+        );
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let fs = self.fs.clone();
         let name = name.to_os_string();
-        self.run(async move { fs.rmdir(parent.0, &name).await }, move |r| match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno("rmdir", &e)),
-        });
+        self.run(
+            "rmdir",
+            async move { fs.rmdir(parent.0, &name).await },
+            move |r| match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno("rmdir", &e)),
+            },
+        );
     }
 
     fn rename(
@@ -352,6 +393,7 @@ impl fuser::Filesystem for FuseAdapter {
         let fs = self.fs.clone();
         let (name, newname) = (name.to_os_string(), newname.to_os_string());
         self.run(
+            "rename",
             async move { fs.rename(parent.0, &name, newparent.0, &newname, no_replace).await },
             move |r| match r {
                 Ok(()) => reply.ok(),
@@ -384,7 +426,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let fs = self.fs.clone();
-        self.run(async move { fs.opendir(ino.0).await }, move |r| match r {
+        self.run("opendir", async move { fs.opendir(ino.0).await }, move |r| match r {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno("opendir", &e)),
         });

@@ -109,7 +109,10 @@ where
     attempt
         .retry(backoff)
         .when(StoreError::is_transient)
-        .notify(|err, delay| tracing::debug!("retrying in {delay:?}: {err}"))
+        .notify(|err, delay| {
+            crate::metrics::get().retried();
+            tracing::debug!("retrying in {delay:?}: {err}")
+        })
         .await
 }
 

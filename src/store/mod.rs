@@ -14,6 +14,7 @@ pub mod artifact;
 pub mod faulty;
 pub mod http;
 pub mod memory;
+pub mod metered;
 pub mod open;
 pub mod s3;
 pub mod web;
