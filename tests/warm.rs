@@ -231,3 +231,42 @@ fn metrics_are_served_logged_when_slow_and_summarized_at_unmount() {
     assert!(sum["operations"]["fuse.read"]["count"].as_u64().unwrap() >= 1, "{sum}");
     assert_eq!(sum["cache"]["fetched_bytes"], data.len() as u64, "{sum}");
 }
+
+#[test]
+fn bandwidth_limits_hold_each_way() {
+    let store = Store::new();
+    let data = bytes(100 * MIB, 4);
+    store.write("big.bin", &data);
+    let server = store.serve();
+    let m = Mount::with(
+        &server.url(),
+        MountOpts {
+            args: vec![
+                "--download-limit".into(),
+                "20M".into(),
+                "--upload-limit".into(),
+                "10M".into(),
+            ],
+            ..MountOpts::default()
+        },
+    );
+    let start = std::time::Instant::now();
+    assert_eq!(hash_file(&m.path("big.bin")).unwrap(), hash(&data));
+    let secs = start.elapsed().as_secs_f64();
+    let rate = data.len() as f64 / secs / MIB as f64;
+    eprintln!("download: {rate:.2} MiB/s with a limit of 20 MiB/s ({secs:.2} s)");
+    assert!(rate <= 20.0 * 1.05, "downloads at {rate:.2} MiB/s");
+    assert!(
+        rate >= 20.0 * 0.7,
+        "the limit slowed reads far below it: {rate:.2} MiB/s"
+    );
+
+    let up = bytes(40 * MIB, 5);
+    let start = std::time::Instant::now();
+    std::fs::write(m.path("up.bin"), &up).unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    let rate = up.len() as f64 / secs / MIB as f64;
+    eprintln!("upload: {rate:.2} MiB/s with a limit of 10 MiB/s ({secs:.2} s)");
+    assert!(rate <= 10.0 * 1.05, "uploads at {rate:.2} MiB/s");
+    assert_eq!(hash_file(&store.dir.path().join("up.bin")).unwrap(), hash(&up));
+}

@@ -89,6 +89,12 @@ pub struct PerformanceSection {
     /// Requests in flight at once, for remotes of any kind (unless their kind says otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<usize>,
+    /// Bytes per second received from the remote at most (unset: no limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub download_limit: Option<ByteSize>,
+    /// Bytes per second sent to the remote at most (unset: no limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload_limit: Option<ByteSize>,
     /// The built-in server.
     pub artifact: KindLimits,
     pub s3: KindLimits,
@@ -353,6 +359,10 @@ impl Config {
             p.s3.concurrency,
             p.http.concurrency,
         ];
+        let rates = [p.download_limit, p.upload_limit];
+        if rates.iter().flatten().any(|r| r.0 < 1024) {
+            return Err("bandwidth limits must be at least 1KiB (per second)".into());
+        }
         if limits.contains(&Some(0)) || self.mount.threads == 0 {
             return Err("concurrency limits and mount.threads must be at least 1".into());
         }

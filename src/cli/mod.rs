@@ -100,6 +100,15 @@ pub struct MountArgs {
     /// `[performance]`: built-in server 16, S3 8, web servers 4].
     #[arg(long, value_name = "N")]
     pub concurrency: Option<usize>,
+    /// Bytes per second to and from the remote at most, each way, e.g. 50M (binary units).
+    #[arg(long, value_name = "RATE", value_parser = ByteSize::parse)]
+    pub bandwidth_limit: Option<ByteSize>,
+    /// Bytes per second received from the remote at most (overrides --bandwidth-limit).
+    #[arg(long, value_name = "RATE", value_parser = ByteSize::parse)]
+    pub download_limit: Option<ByteSize>,
+    /// Bytes per second sent to the remote at most (overrides --bandwidth-limit).
+    #[arg(long, value_name = "RATE", value_parser = ByteSize::parse)]
+    pub upload_limit: Option<ByteSize>,
     /// Let other users use the mount (with kernel permission checks).
     #[arg(long)]
     pub allow_other: bool,

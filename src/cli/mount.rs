@@ -85,6 +85,16 @@ pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
     if let Some(n) = a.concurrency {
         cfg.read.concurrency = Some(n);
     }
+    if let Some(r) = a.bandwidth_limit {
+        cfg.performance.download_limit = Some(r);
+        cfg.performance.upload_limit = Some(r);
+    }
+    if let Some(r) = a.download_limit {
+        cfg.performance.download_limit = Some(r);
+    }
+    if let Some(r) = a.upload_limit {
+        cfg.performance.upload_limit = Some(r);
+    }
     if !a.mirrors.is_empty() {
         cfg.web.mirrors = a.mirrors.clone();
     }
@@ -211,7 +221,19 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
         // Never show credentials given in the URL.
         crate::store::http::redact_urls(&format!("cannot use the remote {}: {e}", r.remote))
     })?;
-    // Every request is counted and timed (metrics, slow-operation log).
+    // Bandwidth limits, then every request counted and timed (metrics, slow-operation log).
+    let (down, up) = (cfg.performance.download_limit, cfg.performance.upload_limit);
+    let store: DynStore = if down.is_some() || up.is_some() {
+        use crate::store::limited::{Limit, LimitedStore};
+        tracing::info!(download = ?down.map(|r| r.to_string()), upload = ?up.map(|r| r.to_string()), "bandwidth limits (per second)");
+        Arc::new(LimitedStore::new(
+            store,
+            down.map(|r| Limit::new(r.0)),
+            up.map(|r| Limit::new(r.0)),
+        ))
+    } else {
+        store
+    };
     let store: DynStore = Arc::new(crate::store::metered::MeteredStore::new(store));
     let metrics = crate::metrics::get();
     metrics.set_slow_threshold(cfg.log.slow_threshold);

@@ -13,6 +13,7 @@
 pub mod artifact;
 pub mod faulty;
 pub mod http;
+pub mod limited;
 pub mod memory;
 pub mod metered;
 pub mod open;
