@@ -4,6 +4,7 @@
 pub mod config;
 pub mod control;
 mod daemon;
+pub mod helper;
 mod logging;
 mod mount;
 mod registry;
@@ -142,6 +143,10 @@ pub struct MountArgs {
     /// S3: accept any TLS certificate (self-signed test servers only; logged as a warning).
     #[arg(long)]
     pub insecure_skip_tls_verify: bool,
+    /// The mount's source as /proc/mounts, df and mount(8) show it [default:
+    /// artifactfs:REMOTE; the mount helper uses the fstab line's source].
+    #[arg(long, value_name = "NAME")]
+    pub fsname: Option<String>,
     /// Print the resolved configuration and exit.
     #[arg(long)]
     pub print_config: bool,
