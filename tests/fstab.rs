@@ -11,31 +11,38 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const HELPER: &str = "/sbin/mount.fuse.artifactfs";
+/// Where fuse3's generic mount.fuse finds `artifactfs` (mount(8) runs it with a standard PATH).
+const ON_PATH: &str = "/usr/local/bin/artifactfs";
 
-/// The helper link, made only when none exists and removed on drop, even on panic.
-struct HelperLink {
+/// Both tests change what mount(8) finds in /sbin: one at a time.
+static SYSTEM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A link to this build, made only when nothing is at `path`, and removed on drop, even on
+/// panic.
+struct Link {
+    path: &'static str,
     made: bool,
 }
 
-impl HelperLink {
-    /// None when another helper is installed: the test would not test this build.
-    fn place() -> Option<HelperLink> {
-        match std::fs::read_link(HELPER) {
-            Ok(target) if target == Path::new(bin()) => Some(HelperLink { made: false }),
+impl Link {
+    /// None when something else is installed there: the test would not test this build.
+    fn place(path: &'static str) -> Option<Link> {
+        match std::fs::read_link(path) {
+            Ok(target) if target == Path::new(bin()) => Some(Link { path, made: false }),
             Ok(_) => None,
-            Err(_) if Path::new(HELPER).exists() => None,
+            Err(_) if Path::new(path).exists() => None,
             Err(_) => {
-                std::os::unix::fs::symlink(bin(), HELPER).unwrap();
-                Some(HelperLink { made: true })
+                std::os::unix::fs::symlink(bin(), path).unwrap();
+                Some(Link { path, made: true })
             }
         }
     }
 }
 
-impl Drop for HelperLink {
+impl Drop for Link {
     fn drop(&mut self) {
         if self.made {
-            let _ = std::fs::remove_file(HELPER);
+            let _ = std::fs::remove_file(self.path);
         }
     }
 }
@@ -111,7 +118,8 @@ fn mount_t_and_an_fstab_line_mount_through_the_helper_and_umount_ends_them() {
         eprintln!("skipped: mount(8) with a helper in /sbin needs root");
         return;
     }
-    let Some(_link) = HelperLink::place() else {
+    let _one = SYSTEM.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_link) = Link::place(HELPER) else {
         eprintln!("skipped: {HELPER} exists and is not a link to this build");
         return;
     };
@@ -188,4 +196,47 @@ fn mount_t_and_an_fstab_line_mount_through_the_helper_and_umount_ends_them() {
     assert!(!out.status.success());
     assert!(text(&out).contains("unknown option \"metadata_tll\""), "{}", text(&out));
     assert!(!is_mounted(&place.mnt));
+}
+
+#[test]
+fn without_the_helper_link_fuse3s_mount_fuse_runs_artifactfs_from_the_path() {
+    if !is_root() || !Path::new("/sbin/mount.fuse").exists() {
+        eprintln!("skipped: needs root and fuse3's /sbin/mount.fuse");
+        return;
+    }
+    let _one = SYSTEM.lock().unwrap_or_else(|e| e.into_inner());
+    if std::fs::symlink_metadata(HELPER).is_ok() {
+        eprintln!("skipped: {HELPER} is installed, so mount(8) uses it");
+        return;
+    }
+    let Some(_link) = Link::place(ON_PATH) else {
+        eprintln!("skipped: {ON_PATH} exists and is not a link to this build");
+        return;
+    };
+    let store = Store::new();
+    let data = bytes(MIB + 5, 3);
+    store.write("a/b.bin", &data);
+    let server = store.serve();
+    let place = Place::new();
+    // mount.fuse adds dev,suid; the daemon mounts nodev,nosuid all the same.
+    let opts = format!("cache_dir={},read_only", place.cache.display());
+    let out = run(Command::new("mount")
+        .args(["-t", "fuse.artifactfs", &server.url()])
+        .arg(&place.mnt)
+        .args(["-o", &opts]));
+    assert!(out.status.success(), "mount: {}", text(&out));
+    assert_eq!(hash_file(&place.mnt.join("a/b.bin")).unwrap(), hash(&data));
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mountinfo
+        .lines()
+        .find(|l| l.split(' ').nth(4) == place.mnt.to_str())
+        .unwrap();
+    assert!(
+        line.contains("ro,nosuid,nodev") && line.contains(" fuse.artifactfs "),
+        "{line}"
+    );
+    let pid = place.daemon_pid();
+    let out = run(Command::new("umount").arg(&place.mnt));
+    assert!(out.status.success(), "umount: {}", text(&out));
+    assert!(wait_gone(pid), "the daemon outlived umount");
 }

@@ -61,6 +61,17 @@ pub fn invoked_as_helper(argv0: &std::ffi::OsStr) -> bool {
     HELPER_NAMES.iter().any(|h| name == *h)
 }
 
+/// Whether the arguments (after the program name) are fuse3's generic `mount.fuse` calling
+/// `artifactfs SOURCE DIR -o OPTIONS`: with no `/sbin/mount.fuse.artifactfs`, mount(8) runs
+/// `mount.fuse`, which runs the program named by the type from `PATH`. The first argument is
+/// then a URL, which no subcommand or flag looks like.
+pub fn called_by_mount_fuse(args: &[OsString]) -> bool {
+    args.first()
+        .and_then(|a| a.to_str())
+        .is_some_and(|a| !a.starts_with('-') && a.contains("://"))
+        && args.len() >= 2
+}
+
 /// A parsed helper command line.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Invocation {
@@ -434,6 +445,19 @@ mod tests {
             tried += 1;
         }
         assert!(tried >= 20, "only {tried} flags");
+    }
+
+    #[test]
+    fn mount_fuse_calls_are_told_from_subcommands() {
+        assert!(called_by_mount_fuse(&os(&["http://h:8787/", "/mnt", "-o", "dev,suid"])));
+        assert!(called_by_mount_fuse(&os(&["s3://bucket/p", "/mnt"])));
+        assert!(!called_by_mount_fuse(&os(&["mount", "http://h/", "/mnt"])));
+        assert!(!called_by_mount_fuse(&os(&["--help"])));
+        assert!(!called_by_mount_fuse(&os(&["http://h/"])));
+        assert!(!called_by_mount_fuse(&os(&[])));
+        // What mount.fuse3 adds (dev, suid) is accepted.
+        let a = mount_args(&["http://h/", "/mnt", "-o", "dev,suid,cache_dir=/c"]);
+        assert_eq!(a.cache_dir, Some(PathBuf::from("/c")));
     }
 
     #[test]
