@@ -366,3 +366,109 @@ fn flags_override_the_config_file() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("mount point"), "{}", stderr(&o));
 }
+
+/// Every subcommand, nested ones included, as `(path, command)`.
+fn subcommands() -> Vec<(Vec<String>, clap::Command)> {
+    use clap::CommandFactory;
+    fn walk(prefix: &[String], cmd: &clap::Command, out: &mut Vec<(Vec<String>, clap::Command)>) {
+        for sub in cmd.get_subcommands() {
+            let mut path = prefix.to_vec();
+            path.push(sub.get_name().to_string());
+            out.push((path.clone(), sub.clone()));
+            walk(&path, sub, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&[], &artifactfs::cli::Cli::command(), &mut out);
+    out
+}
+
+#[test]
+fn shell_completions_name_every_subcommand_and_load_in_bash() {
+    let subs = subcommands();
+    assert!(
+        subs.iter().any(|(p, _)| p == &["cache", "stats"]),
+        "nested subcommands are walked"
+    );
+    let out = afs(&["completions", "bash"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bash = String::from_utf8(out.stdout).unwrap();
+    for (path, _) in &subs {
+        let name = path.last().unwrap();
+        assert!(
+            bash.contains(name.as_str()),
+            "the bash completion lacks `{}`",
+            path.join(" ")
+        );
+    }
+    assert!(
+        bash.contains("--cache-dir") && bash.contains("--metadata-ttl"),
+        "mount flags"
+    );
+    // Sourced by bash, it registers a completion for artifactfs.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("artifactfs.bash");
+    std::fs::write(&file, &bash).unwrap();
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("source {} && complete -p artifactfs", s(&file)))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("artifactfs"));
+
+    let zsh = afs(&["completions", "zsh"]);
+    assert!(String::from_utf8_lossy(&zsh.stdout).starts_with("#compdef artifactfs"));
+    let fish = String::from_utf8(afs(&["completions", "fish"]).stdout).unwrap();
+    assert!(
+        fish.contains("complete -c artifactfs") && fish.contains("cache-dir"),
+        "{fish}"
+    );
+    let out = afs(&["completions", "tcsh"]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn man_pages_cover_every_subcommand_and_the_mount_flags() {
+    use clap::CommandFactory;
+    let dir = tempfile::tempdir().unwrap();
+    let out = afs(&["man", "--dir", s(&dir.path().join("man1"))]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.path().join("man1").join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    // roff writes a dash as `\-`.
+    let roff = |s: &str| s.replace('-', "\\-");
+    let main = read("artifactfs.1");
+    assert!(main.starts_with(".ie"), "roff: {}", &main[..main.len().min(80)]);
+    for (path, _) in subcommands() {
+        let page = format!("artifactfs-{}.1", path.join("-"));
+        let text = read(&page);
+        assert!(
+            text.contains(&roff(&format!("artifactfs-{}", path.join("-")))),
+            "{page} names itself"
+        );
+        if path.len() == 1 {
+            assert!(main.contains(&roff(&path[0])), "artifactfs.1 lacks `{}`", path[0]);
+        }
+    }
+    let mount = read("artifactfs-mount.1");
+    let cmd = artifactfs::cli::Cli::command();
+    let mut flags = 0;
+    for arg in cmd.find_subcommand("mount").unwrap().get_arguments() {
+        if let Some(long) = arg.get_long() {
+            assert!(
+                mount.contains(&roff(&format!("--{long}"))),
+                "artifactfs-mount.1 lacks --{long}"
+            );
+            flags += 1;
+        }
+    }
+    assert!(flags >= 20, "{flags}");
+    assert!(mount.contains("fuse.artifactfs"), "the fstab note");
+    let listed: Vec<String> = std::fs::read_dir(dir.path().join("man1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(listed.len(), subcommands().len() + 1, "{listed:?}");
+}

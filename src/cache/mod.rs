@@ -460,7 +460,19 @@ impl Cache {
             let used = s.used.load(Ordering::Acquire);
             limit = limit.min((used + avail).saturating_sub(keep_free));
         }
-        s.limit.store(limit, Ordering::Relaxed);
+        let before = s.limit.swap(limit, Ordering::Relaxed);
+        // Said when the disk's free space starts or stops holding the cache back.
+        if (limit < s.max_size) != (before < s.max_size) || (limit < s.max_size && before == s.max_size) {
+            if limit < s.max_size {
+                tracing::warn!(
+                    limit,
+                    max_size = s.max_size,
+                    "the cache's disk is short of free space (cache.min_free_percent): the cache keeps at most {limit} bytes"
+                );
+            } else {
+                tracing::info!("the cache's disk has free space again: the cache may grow to max_size");
+            }
+        }
         limit
     }
 

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod control;
 mod daemon;
+pub mod helper;
 mod logging;
 mod mount;
 mod registry;
@@ -32,6 +33,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Mount REMOTE at MOUNTPOINT; returns once the mount is ready.
+    #[command(after_long_help = MOUNT_AFTER_HELP)]
     Mount(Box<MountArgs>),
     /// Unmount a mount (waits for its daemon to finish; open files do not make it hang).
     Unmount(UnmountArgs),
@@ -45,7 +47,30 @@ pub enum Command {
     Warm(WarmArgs),
     /// Live figures of a running mount.
     Status(StatusArgs),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions(CompletionsArgs),
+    /// Write man pages: artifactfs.1 and one per subcommand (artifactfs-mount.1, ...).
+    Man(ManArgs),
 }
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell, e.g. `artifactfs completions bash > /etc/bash_completion.d/artifactfs`.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Where to write the pages [default: the current directory].
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+}
+
+const MOUNT_AFTER_HELP: &str = "In /etc/fstab, with the type fuse.artifactfs, these flags are \
+mount options written key=value, or a bare key for a yes/no flag, with _ or - \
+(e.g. _netdev,cache_dir=/var/cache/afs,read_only,metadata_ttl=5m); mount(8) runs \
+/sbin/mount.fuse.artifactfs, a link to this binary (docs/SYSTEM.md).";
 
 #[derive(Debug, Args)]
 pub struct WarmArgs {
@@ -164,6 +189,10 @@ pub struct MountArgs {
     /// S3: accept any TLS certificate (self-signed test servers only; logged as a warning).
     #[arg(long)]
     pub insecure_skip_tls_verify: bool,
+    /// The mount's source as /proc/mounts, df and mount(8) show it [default:
+    /// artifactfs:REMOTE; the mount helper uses the fstab line's source].
+    #[arg(long, value_name = "NAME")]
+    pub fsname: Option<String>,
     /// Print the resolved configuration and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -230,6 +259,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Cache(c) => cache(c),
         Command::Warm(a) => warm::warm(a),
         Command::Status(a) => warm::status(a),
+        Command::Completions(a) => completions(a.shell),
+        Command::Man(a) => man(a.dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -238,6 +269,22 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn completions(shell: clap_complete::Shell) -> Result<(), String> {
+    use clap::CommandFactory;
+    let mut out = std::io::stdout().lock();
+    clap_complete::generate(shell, &mut Cli::command(), "artifactfs", &mut out);
+    Ok(())
+}
+
+fn man(dir: Option<PathBuf>) -> Result<(), String> {
+    use clap::CommandFactory;
+    let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    clap_mangen::generate_to(Cli::command(), &dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    println!("man pages written to {}", dir.display());
+    Ok(())
 }
 
 fn serve(a: ServeArgs) -> Result<(), String> {

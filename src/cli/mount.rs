@@ -25,6 +25,8 @@ pub struct Resolved {
     pub remote: String,
     pub mountpoint: PathBuf,
     pub cache_dir: PathBuf,
+    /// The mount's source in the mount table, when not `artifactfs:REMOTE`.
+    pub fsname: Option<String>,
 }
 
 pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
@@ -137,7 +139,13 @@ pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
     if let Some(f) = &cfg.s3.ca_bundle {
         cfg.s3.ca_bundle = Some(abs(f)?);
     }
+    if let Some(n) = &a.fsname
+        && (n.is_empty() || n.contains(','))
+    {
+        return Err(format!("--fsname {n:?} must be non-empty and without commas"));
+    }
     Ok(Resolved {
+        fsname: a.fsname.clone(),
         remote,
         mountpoint: abs(&mountpoint)?,
         cache_dir,
@@ -313,8 +321,11 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
         tracing::info!(sent, left, "write-back journal replayed");
     }
     let mut options = vec![
-        MountOption::FSName(format!("artifactfs:{}", store.id())),
-        MountOption::Subtype("artifactfs".into()),
+        MountOption::FSName(r.fsname.clone().unwrap_or_else(|| format!("artifactfs:{}", store.id()))),
+        // As a kernel option, not fuser's Subtype (which only fusermount3 sees): the mount's
+        // type is then `fuse.artifactfs` also when root mounts directly, as fstab and
+        // mount(8) name it.
+        MountOption::CUSTOM("subtype=artifactfs".into()),
         MountOption::NoDev,
         MountOption::NoSuid,
         MountOption::NoAtime,
