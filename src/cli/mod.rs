@@ -133,12 +133,18 @@ pub struct MountArgs {
     /// S3: `path`, `virtual` or `auto` (path-style with --endpoint-url, else virtual-hosted).
     #[arg(long, value_name = "STYLE")]
     pub addressing_style: Option<crate::store::s3::AddressingStyle>,
-    /// S3: PEM file of CA certificates trusted besides the system roots.
+    /// https remotes (S3, the built-in server, web servers): PEM file of CA certificates
+    /// trusted besides the system roots.
     #[arg(long, value_name = "FILE")]
     pub ca_bundle: Option<PathBuf>,
-    /// S3: accept any TLS certificate (self-signed test servers only; logged as a warning).
+    /// https remotes: accept any TLS certificate (self-signed test servers only; logged as a
+    /// warning).
     #[arg(long)]
     pub insecure_skip_tls_verify: bool,
+    /// The built-in server: a file holding the token to send (mode 0600) [default:
+    /// $ARTIFACTFS_TOKEN, else `token` in [auth]].
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     /// Print the resolved configuration and exit.
     #[arg(long)]
     pub print_config: bool,
