@@ -175,7 +175,8 @@ fn mounts_without_a_valid_token_fail_naming_the_cause() {
     let team = token_create(&private_file(keys.path(), "secret", SECRET), "/team", "read", "1h");
     let team_file = private_file(keys.path(), "team", &team);
     let place = Place::new();
-    let cases: [(&[&str], &[(&str, &str)], &str); 4] = [
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 4] = [
         (
             &["--token-file", s(&expired_file)],
             &[],
@@ -247,6 +248,17 @@ fn serve_cli(args: &[&str]) -> Result<(Child, String), Output> {
     }
 }
 
+/// `artifactfs serve ARGS`, which must refuse to start.
+fn serve_refused(args: &[&str]) -> Output {
+    match serve_cli(args) {
+        Ok((child, url)) => {
+            drop(Killed(child));
+            panic!("serve {args:?} started on {url}");
+        }
+        Err(out) => out,
+    }
+}
+
 struct Killed(Child);
 
 impl Drop for Killed {
@@ -260,9 +272,7 @@ impl Drop for Killed {
 fn serve_refuses_a_public_address_without_tokens_and_a_secret_others_can_read() {
     let dir = tempfile::tempdir().unwrap();
     // Refused before anything is bound.
-    let out = serve_cli(&[s(dir.path()), "--listen", "0.0.0.0:0"])
-        .err()
-        .expect("served");
+    let out = serve_refused(&[s(dir.path()), "--listen", "0.0.0.0:0"]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
@@ -272,15 +282,13 @@ fn serve_refuses_a_public_address_without_tokens_and_a_secret_others_can_read() 
     let secret = dir.path().join("secret");
     std::fs::write(&secret, SECRET).unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = serve_cli(&[
+    let out = serve_refused(&[
         s(dir.path()),
         "--listen",
         "127.0.0.1:0",
         "--token-secret-file",
         s(&secret),
-    ])
-    .err()
-    .expect("served");
+    ]);
     let err = stderr(&out);
     assert!(
         err.contains("accessible to every user") && err.contains("chmod 600"),

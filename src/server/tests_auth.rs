@@ -59,8 +59,8 @@ fn every_request(dir: &str) -> Vec<(Method, String, Vec<u8>, bool)> {
     let commit = serde_json::to_vec(&serde_json::json!({"parts": []})).unwrap();
     let f = format!("/{dir}/f.bin");
     vec![
-        (Method::GET, format!("{f}"), vec![], false),
-        (Method::HEAD, format!("{f}"), vec![], false),
+        (Method::GET, f.clone(), vec![], false),
+        (Method::HEAD, f.clone(), vec![], false),
         (Method::GET, format!("/{dir}/?afs=list"), vec![], false),
         (Method::GET, format!("/{dir}/"), vec![], false),
         (Method::HEAD, format!("/{dir}/"), vec![], false),
@@ -68,7 +68,7 @@ fn every_request(dir: &str) -> Vec<(Method, String, Vec<u8>, bool)> {
         (Method::GET, format!("{f}?afs=chunks"), vec![], false),
         (Method::POST, format!("/{dir}/?afs=has-chunks"), has, true),
         (Method::PUT, format!("/{dir}/new.bin"), b"new".to_vec(), true),
-        (Method::DELETE, format!("{f}"), vec![], true),
+        (Method::DELETE, f.clone(), vec![], true),
         (Method::POST, format!("/{dir}/sub/?afs=mkdir"), vec![], true),
         (Method::POST, format!("{f}?afs=move&to=/{dir}/moved.bin"), vec![], true),
         (Method::POST, format!("{f}?afs=append&offset=0"), b"x".to_vec(), true),

@@ -649,10 +649,8 @@ fn auth_refusal(
         StatusCode::FORBIDDEN => sent_token,
         _ => false,
     };
-    refused.then(|| {
-        move |reason: &str| StoreError::Refused {
-            status: status.as_u16(),
-            message: make(reason),
-        }
+    refused.then_some(move |reason: &str| StoreError::Refused {
+        status: status.as_u16(),
+        message: make(reason),
     })
 }
