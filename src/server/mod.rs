@@ -541,7 +541,8 @@ async fn dispatch(ctx: &Arc<Ctx>, req: Request) -> Result<Response, ServerError>
     let headers = req.headers();
     match (target, query.op) {
         (Target::Dir(dir), Op::List) | (Target::Dir(dir), Op::Plain) if method == Method::GET => {
-            listing::serve_listing(ctx, headers, dir, shown, query.limit, query.after).await
+            let scope = claims.map(Arc::new);
+            listing::serve_listing(ctx, headers, dir, shown, query.limit, query.after, scope).await
         }
         (Target::Dir(_), Op::Digests | Op::Chunks) => {
             Err(ServerError::BadRequest(format!("{shown} is a folder, not a file")))

@@ -210,6 +210,21 @@ async fn parent_listings_symlinks_and_move_targets_stay_in_scope() {
         let r = send(&f, method.clone(), target, body, Some(&rw_a)).await;
         assert_eq!(r.status, StatusCode::FORBIDDEN, "{method} {target}");
     }
+    // The listing of a/ leaves out the symlinks that lead out of it.
+    let r = send(&f, Method::GET, "/a/?afs=list", vec![], Some(&rw_a)).await;
+    let names: Vec<String> = r
+        .json::<crate::protocol::ListPage>()
+        .entries
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, ["f.bin"]);
+    let r = send(&f, Method::GET, "/a/?afs=list", vec![], Some(&token("/", Mode::Read))).await;
+    assert_eq!(
+        r.json::<crate::protocol::ListPage>().entries.len(),
+        3,
+        "a global token sees them"
+    );
     // A move out of the prefix.
     let r = send(
         &f,
