@@ -146,11 +146,9 @@ fn a_read_token_from_the_environment_reads_and_cannot_write() {
         },
     );
     assert_eq!(hash_file(&m.path("pub/data.bin")).unwrap(), hash(&data));
-    // The upload is refused at fsync (a close error would be dropped by `std::fs::write`).
-    let mut f = std::fs::File::create(m.path("pub/new.bin")).unwrap();
-    std::io::Write::write_all(&mut f, b"x").unwrap();
-    assert!(f.sync_all().is_err(), "a read token wrote");
-    drop(f);
+    // The token says it reads only: the mount is read-only, rather than refused at close.
+    let e = std::fs::write(m.path("pub/new.bin"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
     assert!(!store.path("pub/new.bin").exists());
 }
 

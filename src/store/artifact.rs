@@ -81,6 +81,12 @@ impl ArtifactStore {
                 protocol::PROTOCOL
             )));
         }
+        let mut info = info;
+        if token.is_some_and(BearerToken::is_read_only) {
+            tracing::info!("the token allows reads only");
+            let c = &mut info.capabilities;
+            (c.writes, c.partial_writes, c.content_chunks) = (false, false, false);
+        }
         let store = ArtifactStore {
             id,
             base,

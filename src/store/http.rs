@@ -150,6 +150,22 @@ impl BearerToken {
         BearerToken::new(&text).map_err(|e| format!("token file {}: {e}", path.display()))
     }
 
+    /// Whether the token says it allows reads only (an `afs1` token of mode `read`). Read
+    /// without checking the signature, which only the server can: it only spares the mount
+    /// writes the server would refuse.
+    pub fn is_read_only(&self) -> bool {
+        use base64::Engine;
+        let mut parts = self.0.split('.');
+        let (Some("afs1"), Some(payload)) = (parts.next(), parts.next()) else {
+            return false;
+        };
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()
+            .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
+            .is_some_and(|v| v["mode"] == "read")
+    }
+
     /// `Authorization: Bearer TOKEN`, marked sensitive (hidden from reqwest's and hyper's logs).
     pub fn headers(&self) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -475,6 +491,14 @@ mod tests {
         let e = BearerToken::new("afs1.a b").unwrap_err();
         assert!(!e.contains("afs1"), "{e}");
         assert!(BearerToken::new(" \n").is_err());
+        // eyJtb2RlIjoicmVhZCJ9 is {"mode":"read"}, eyJtb2RlIjoicmVhZC13cml0ZSJ9 {"mode":"read-write"}.
+        assert!(BearerToken::new("afs1.eyJtb2RlIjoicmVhZCJ9.x").unwrap().is_read_only());
+        assert!(
+            !BearerToken::new("afs1.eyJtb2RlIjoicmVhZC13cml0ZSJ9.x")
+                .unwrap()
+                .is_read_only()
+        );
+        assert!(!t.is_read_only());
     }
 
     #[test]
