@@ -355,6 +355,23 @@ mod tests {
     }
 
     #[test]
+    fn the_secret_comes_from_the_file_else_the_environment() {
+        // Only this test touches the variable.
+        unsafe { std::env::remove_var(SECRET_ENV) };
+        assert!(Secret::load(None).unwrap().is_none());
+        unsafe { std::env::set_var(SECRET_ENV, "too short") };
+        let e = Secret::load(None).unwrap_err();
+        assert!(e.starts_with(SECRET_ENV) && !e.contains("too short"), "{e}");
+        unsafe { std::env::set_var(SECRET_ENV, "0123456789abcdef0123456789abcdef") };
+        let from_env = Secret::load(None).unwrap().unwrap();
+        unsafe { std::env::remove_var(SECRET_ENV) };
+        let t = token("/", Mode::Read);
+        assert!(verify(&from_env, &t, at(1_000_000)).is_ok(), "same bytes, same key");
+        // A file given wins over the variable, and a missing one is an error.
+        assert!(Secret::load(Some(Path::new("/nonexistent/secret"))).is_err());
+    }
+
+    #[test]
     fn bearer_headers() {
         let h = |s: &str| http::HeaderValue::from_str(s).unwrap();
         assert_eq!(bearer(Some(&h("Bearer abc"))), Ok("abc"));
