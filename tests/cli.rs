@@ -301,6 +301,28 @@ fn cache_stats_and_clear() {
     assert_eq!(c["fetched_bytes"].as_u64().unwrap(), data.len() as u64, "{c}");
     let text = afs(&["cache", "stats", "--cache-dir", s(cache)]);
     assert!(String::from_utf8_lossy(&text.stdout).contains("hit rate"));
+    // Filters: another remote's versions, or versions read within the day, are kept.
+    let o = afs(&[
+        "cache",
+        "clear",
+        "--cache-dir",
+        s(cache),
+        "--remote",
+        "http://elsewhere:1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stats(cache)["versions"], 1);
+    let o = afs(&["cache", "clear", "--cache-dir", s(cache), "--older-than", "1d"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stats(cache)["versions"], 1);
+    let o = afs(&["cache", "clear", "--cache-dir", s(cache), "--remote", &server.url()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("(1 versions)"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert_eq!(stats(cache)["bytes"], 0);
     let o = afs(&["cache", "clear", "--cache-dir", s(cache)]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stats(cache)["bytes"], 0);

@@ -56,6 +56,11 @@ pub struct CacheConfig {
     pub max_size: u64,
     /// Granularity of the chunk bitmap.
     pub chunk_size: u64,
+    /// Part of the cache's filesystem kept free (0.0 to 1.0): when other files fill the disk,
+    /// the cache shrinks below `max_size` to leave this much.
+    pub min_free: f64,
+    /// Versions nobody read for this long are deleted (none: kept until the size limit).
+    pub expire_after: Option<std::time::Duration>,
 }
 
 /// Cumulative counters, persisted in `stats.json`.
@@ -108,6 +113,10 @@ pub(crate) struct Shared {
     root: PathBuf,
     chunk_size: u64,
     max_size: u64,
+    /// The limit in force: `max_size`, or less when the disk is short of free space.
+    limit: AtomicU64,
+    min_free: f64,
+    expire_after: Option<std::time::Duration>,
     used: AtomicU64,
     clock: AtomicU32,
     idle: Mutex<HashMap<PathBuf, IdleEntry>>,
@@ -119,7 +128,7 @@ pub(crate) struct Shared {
 impl Shared {
     fn add_used(&self, n: u64) {
         let now = self.used.fetch_add(n, Ordering::AcqRel) + n;
-        if now > self.max_size {
+        if now > self.limit.load(Ordering::Relaxed) {
             self.pressure.notify_one();
         }
     }
@@ -210,6 +219,9 @@ impl Cache {
             root: root.clone(),
             chunk_size: cfg.chunk_size,
             max_size: cfg.max_size,
+            limit: AtomicU64::new(cfg.max_size),
+            min_free: cfg.min_free.clamp(0.0, 0.95),
+            expire_after: cfg.expire_after,
             used: AtomicU64::new(0),
             clock: AtomicU32::new(1),
             idle: Mutex::new(HashMap::new()),
@@ -371,12 +383,12 @@ impl Cache {
     /// bytes freed.
     pub fn evict(&self) -> u64 {
         let s = &self.shared;
-        let max = s.max_size;
+        let mut freed = self.expire();
+        let max = self.update_limit();
         let target = max / 10 * 9;
         if s.used.load(Ordering::Acquire) <= max {
-            return 0;
+            return freed;
         }
-        let mut freed = 0;
         let mut idle: Vec<(PathBuf, PathBuf, u64, u64)> = s
             .idle
             .lock()
@@ -423,13 +435,66 @@ impl Cache {
         freed
     }
 
-    /// Runs eviction whenever the cache goes over its limit, until the cache is dropped.
+    /// The limit in force now: `max_size`, lowered so that the cache's filesystem keeps
+    /// `min_free` of its size free (the cache's own bytes count as freeable).
+    fn update_limit(&self) -> u64 {
+        let s = &self.shared;
+        let mut limit = s.max_size;
+        if s.min_free > 0.0
+            && let Some((total, avail)) = disk_space(&s.root)
+        {
+            let keep_free = (total as f64 * s.min_free) as u64;
+            let used = s.used.load(Ordering::Acquire);
+            limit = limit.min((used + avail).saturating_sub(keep_free));
+        }
+        s.limit.store(limit, Ordering::Relaxed);
+        limit
+    }
+
+    /// Deletes idle versions nobody read for `expire_after`. Returns the bytes freed.
+    fn expire(&self) -> u64 {
+        let s = &self.shared;
+        let Some(ttl) = s.expire_after else { return 0 };
+        let cutoff = CacheFile::now_secs().saturating_sub(ttl.as_secs());
+        let old: Vec<(PathBuf, PathBuf, u64)> = s
+            .idle
+            .lock()
+            .iter()
+            .filter(|(_, e)| e.last_access < cutoff)
+            .map(|(d, e)| (d.clone(), e.meta_path.clone(), e.bytes))
+            .collect();
+        let mut freed = 0;
+        for (data, meta, bytes) in old {
+            let _open = s.open.lock();
+            if s.idle.lock().remove(&data).is_none() {
+                continue;
+            }
+            remove_entry(&data, &meta);
+            s.sub_used(bytes);
+            freed += bytes;
+            s.counters.evicted_versions.fetch_add(1, Ordering::Relaxed);
+        }
+        if freed > 0 {
+            tracing::info!(
+                freed,
+                "expired cache versions not read for {}",
+                humantime::format_duration(ttl)
+            );
+        }
+        freed
+    }
+
+    /// Runs eviction whenever the cache goes over its limit, and every few seconds for the
+    /// disk's free space and expiry, until the cache is dropped.
     pub async fn run_evictor(self: Arc<Self>) {
         let weak = Arc::downgrade(&self);
         let shared = self.shared.clone();
         drop(self);
         loop {
-            shared.pressure.notified().await;
+            tokio::select! {
+                _ = shared.pressure.notified() => {}
+                _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            }
             let Some(cache) = weak.upgrade() else { return };
             let _ = tokio::task::spawn_blocking(move || cache.evict()).await;
         }
@@ -561,6 +626,18 @@ fn scan(remotes: &Path) -> (HashMap<PathBuf, IdleEntry>, u64) {
     (entries, used)
 }
 
+/// Size and space available to us of the filesystem holding `p`.
+fn disk_space(p: &Path) -> Option<(u64, u64)> {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a zeroed struct to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let frsize = st.f_frsize as u64;
+    Some((st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize))
+}
+
 fn subdirs(p: &Path) -> Vec<PathBuf> {
     fs::read_dir(p)
         .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect())
@@ -679,6 +756,52 @@ pub fn clear(dir: &Path) -> Result<u64, CacheError> {
     Ok(before)
 }
 
+/// Deletes the cached versions of remote `remote` (its id, as `cache stats` names it), or of
+/// every remote, that nobody read for `older_than`, or all of them. Refuses while a daemon
+/// uses `dir`. Returns the bytes and versions deleted.
+pub fn clear_where(
+    dir: &Path,
+    remote: Option<&str>,
+    older_than: Option<std::time::Duration>,
+) -> Result<(u64, u64), CacheError> {
+    if remote.is_none() && older_than.is_none() {
+        let versions = stats(dir).map(|s| s.versions).unwrap_or(0);
+        return clear(dir).map(|bytes| (bytes, versions));
+    }
+    let _lock = lock_dir(dir, "artifactfs cache clear")?;
+    let cutoff = older_than.map(|d| CacheFile::now_secs().saturating_sub(d.as_secs()));
+    let want = remote.map(|r| r.trim_end_matches('/'));
+    let (mut bytes, mut versions) = (0, 0);
+    for rdir in subdirs(&dir.join("remotes")) {
+        let id = fs::read(rdir.join("remote.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["remote"].as_str().map(str::to_string));
+        if want.is_some() && id.as_deref().map(|i| i.trim_end_matches('/')) != want {
+            continue;
+        }
+        for sub in subdirs(&rdir) {
+            let Ok(rd) = fs::read_dir(&sub) else { continue };
+            for e in rd.flatten() {
+                let meta = e.path();
+                if meta.extension().and_then(|x| x.to_str()) != Some("meta") {
+                    continue;
+                }
+                let data = meta.with_extension("data");
+                // The last access is the time the version's metadata was last saved.
+                let accessed = fs::metadata(&meta).map(|m| m.mtime().max(0) as u64).unwrap_or(0);
+                if cutoff.is_some_and(|c| accessed >= c) {
+                    continue;
+                }
+                bytes += fs::metadata(&data).map(|m| m.blocks() * 512).unwrap_or(0);
+                versions += 1;
+                remove_entry(&data, &meta);
+            }
+        }
+    }
+    Ok((bytes, versions))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -698,6 +821,8 @@ mod tests {
                 dir: dir.to_path_buf(),
                 max_size: 1 << 30,
                 chunk_size: 4096,
+                min_free: 0.0,
+                expire_after: None,
             },
             "test",
         )
@@ -738,6 +863,8 @@ mod tests {
                     dir: dir.path().to_path_buf(),
                     max_size: 1 << 30,
                     chunk_size: 4096,
+                    min_free: 0.0,
+                    expire_after: None,
                 },
                 "second",
             )
@@ -775,5 +902,133 @@ mod tests {
         assert!(!orphan.exists() && !tmp.exists());
         assert!(data.exists());
         assert!(c.used() >= 4096);
+    }
+
+    fn cache_with(dir: &Path, min_free: f64, expire_after: Option<std::time::Duration>) -> Arc<Cache> {
+        Cache::open(
+            &CacheConfig {
+                dir: dir.to_path_buf(),
+                max_size: 1 << 30,
+                chunk_size: 4096,
+                min_free,
+                expire_after,
+            },
+            "test",
+        )
+        .unwrap()
+    }
+
+    /// An idle version of `remote` with 2 chunks on disk.
+    fn idle_version(c: &Cache, remote: &str, etag: &str) {
+        let f = c
+            .open_version(VersionKey {
+                remote: remote.into(),
+                path: "f".into(),
+                etag: etag.into(),
+                size: 8192,
+            })
+            .unwrap();
+        fill(&f, 0);
+        fill(&f, 1);
+    }
+
+    #[test]
+    fn clear_takes_one_remote_or_what_was_not_read_for_a_while() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let c = cache(dir.path());
+            idle_version(&c, "http://a", "\"1\"");
+            idle_version(&c, "http://a", "\"2\"");
+            idle_version(&c, "http://b", "\"1\"");
+        }
+        // One of a's versions was last read a day ago.
+        let metas: Vec<PathBuf> = walk_files(&dir.path().join("remotes"))
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|x| x == "meta"))
+            .collect();
+        assert_eq!(metas.len(), 3);
+        let day_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(86_400);
+        let a_dir = metas
+            .iter()
+            .find(|m| {
+                let rdir = m.parent().unwrap().parent().unwrap();
+                fs::read_to_string(rdir.join("remote.json"))
+                    .unwrap()
+                    .contains("http://a")
+            })
+            .unwrap();
+        File::options()
+            .write(true)
+            .open(a_dir)
+            .unwrap()
+            .set_modified(day_ago)
+            .unwrap();
+
+        let (_, n) = clear_where(dir.path(), None, Some(std::time::Duration::from_secs(3600))).unwrap();
+        assert_eq!(n, 1, "only the version not read for an hour");
+        assert_eq!(stats(dir.path()).unwrap().versions, 2);
+        let (bytes, n) = clear_where(dir.path(), Some("http://b/"), None).unwrap();
+        assert_eq!((bytes, n), (8192, 1));
+        let left = stats(dir.path()).unwrap();
+        assert_eq!(left.versions, 1);
+        assert_eq!(left.remotes.iter().find(|r| r.versions > 0).unwrap().remote, "http://a");
+        // Refused while a daemon holds the directory.
+        let _c = cache(dir.path());
+        assert!(clear_where(dir.path(), Some("http://a"), None).is_err());
+    }
+
+    fn walk_files(p: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(p).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk_files(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn versions_not_read_for_the_expiry_time_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cache_with(dir.path(), 0.0, Some(std::time::Duration::from_secs(1)));
+        idle_version(&c, "http://a", "\"old\"");
+        assert_eq!(c.evict(), 0, "read just now: kept");
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        let f = c
+            .open_version(VersionKey {
+                remote: "http://a".into(),
+                path: "g".into(),
+                etag: "\"open\"".into(),
+                size: 4096,
+            })
+            .unwrap();
+        fill(&f, 0);
+        assert_eq!(c.evict(), 8192, "the idle version expired; the open one stays");
+        assert_eq!(c.used(), 4096);
+    }
+
+    #[test]
+    fn the_cache_shrinks_to_keep_the_disks_free_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let (total, avail) = disk_space(dir.path()).unwrap();
+        // Ask for more free space than the disk has: the idle versions must go.
+        let want = ((avail as f64 / total as f64) + 0.02).min(0.95);
+        if avail as f64 / total as f64 > 0.9 {
+            return; // a nearly empty disk: nothing to show
+        }
+        let c = cache_with(dir.path(), want, None);
+        idle_version(&c, "http://a", "\"1\"");
+        idle_version(&c, "http://a", "\"2\"");
+        assert_eq!(c.used(), 16384);
+        assert_eq!(c.evict(), 16384, "short of free space: the cache gives its bytes back");
+        assert!(c.shared.limit.load(Ordering::Relaxed) < (1 << 30));
+        // With room to spare, nothing goes.
+        let dir2 = tempfile::tempdir().unwrap();
+        let c2 = cache_with(dir2.path(), 0.0, None);
+        idle_version(&c2, "http://a", "\"1\"");
+        assert_eq!(c2.evict(), 0);
     }
 }

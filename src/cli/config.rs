@@ -80,6 +80,68 @@ pub struct Config {
     pub s3: S3Config,
     pub auth: AuthSection,
     pub log: LogSection,
+    pub performance: PerformanceSection,
+}
+
+/// Limits by kind of remote (`[performance]`, `[performance.s3]`, …).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PerformanceSection {
+    /// Requests in flight at once, for remotes of any kind (unless their kind says otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
+    /// The built-in server.
+    pub artifact: KindLimits,
+    pub s3: KindLimits,
+    /// Plain web servers (WebDAV, directory indexes).
+    pub http: KindLimits,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KindLimits {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
+}
+
+/// Requests in flight at once when nothing is configured: what each kind of remote takes well
+/// (the built-in server serves in parallel from one disk; S3 spreads; a web server may limit
+/// connections per client).
+pub fn builtin_concurrency(kind: crate::store::StoreKind) -> usize {
+    use crate::store::StoreKind;
+    match kind {
+        StoreKind::Artifact | StoreKind::Other => 16,
+        StoreKind::S3 => 8,
+        StoreKind::Http => 4,
+    }
+}
+
+impl Config {
+    /// Requests in flight at once for a remote of `kind`, and which setting said so: the
+    /// remote's own (`read.concurrency`, `--concurrency`), then its kind's
+    /// (`performance.<kind>.concurrency`), then `performance.concurrency`, then the built-in
+    /// value of the kind.
+    pub fn concurrency_for(&self, kind: crate::store::StoreKind) -> (usize, &'static str) {
+        use crate::store::StoreKind;
+        let by_kind = match kind {
+            StoreKind::Artifact => (
+                self.performance.artifact.concurrency,
+                "performance.artifact.concurrency",
+            ),
+            StoreKind::S3 => (self.performance.s3.concurrency, "performance.s3.concurrency"),
+            StoreKind::Http => (self.performance.http.concurrency, "performance.http.concurrency"),
+            StoreKind::Other => (None, ""),
+        };
+        if let Some(n) = self.read.concurrency {
+            (n, "read.concurrency")
+        } else if let (Some(n), from) = by_kind {
+            (n, from)
+        } else if let Some(n) = self.performance.concurrency {
+            (n, "performance.concurrency")
+        } else {
+            (builtin_concurrency(kind), "the built-in value for this kind of remote")
+        }
+    }
 }
 
 /// The token sent to the built-in server. Taken from, in this order: `--token-file` or
@@ -160,6 +222,12 @@ pub struct CacheSection {
     pub max_size: ByteSize,
     /// Granularity of the cache's chunk bitmap (and of random reads).
     pub chunk_size: ByteSize,
+    /// Percent of the cache's filesystem kept free: the cache shrinks below `max_size` when
+    /// other files fill the disk.
+    pub min_free_percent: u32,
+    /// Versions nobody read for this long are deleted; unset: kept until the size limit.
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub expire_after: Option<Duration>,
 }
 
 impl Default for CacheSection {
@@ -168,6 +236,8 @@ impl Default for CacheSection {
             dir: None,
             max_size: ByteSize(10 << 30),
             chunk_size: ByteSize(1 << 20),
+            min_free_percent: 5,
+            expire_after: None,
         }
     }
 }
@@ -178,7 +248,9 @@ pub struct ReadSection {
     pub max_request: ByteSize,
     pub readahead_initial: ByteSize,
     pub readahead_max: ByteSize,
-    pub concurrency: usize,
+    /// This remote's own limit; unset, `[performance]` decides.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
     pub memory_budget: ByteSize,
     pub verify: bool,
     pub retries: usize,
@@ -191,7 +263,7 @@ impl Default for ReadSection {
             max_request: ByteSize(d.max_request),
             readahead_initial: ByteSize(d.readahead.initial),
             readahead_max: ByteSize(d.readahead.max),
-            concurrency: d.concurrency,
+            concurrency: None,
             memory_budget: ByteSize(d.memory_budget),
             verify: d.verify,
             retries: d.retries,
@@ -289,8 +361,19 @@ impl Config {
         if self.read.max_request.0 < chunk {
             return Err("read.max_request must be at least cache.chunk_size".into());
         }
-        if self.read.concurrency == 0 || self.mount.threads == 0 {
-            return Err("read.concurrency and mount.threads must be at least 1".into());
+        if self.cache.min_free_percent > 90 {
+            return Err("cache.min_free_percent must be at most 90".into());
+        }
+        let p = &self.performance;
+        let limits = [
+            self.read.concurrency,
+            p.concurrency,
+            p.artifact.concurrency,
+            p.s3.concurrency,
+            p.http.concurrency,
+        ];
+        if limits.contains(&Some(0)) || self.mount.threads == 0 {
+            return Err("concurrency limits and mount.threads must be at least 1".into());
         }
         if self.write.part_size.0 == 0 || self.write.parallel_parts == 0 {
             return Err("write.part_size and write.parallel_parts must be at least 1".into());
@@ -331,6 +414,27 @@ mod tests {
         assert!(ByteSize::parse("lots").is_err());
         assert_eq!(ByteSize(8 << 20).to_string(), "8MiB");
         assert_eq!(ByteSize(1000).to_string(), "1000B");
+    }
+
+    #[test]
+    fn concurrency_comes_from_the_remote_then_its_kind_then_the_default_then_the_kind_fallback() {
+        use crate::store::StoreKind;
+        let mut c = Config::default();
+        assert_eq!(c.concurrency_for(StoreKind::Artifact).0, 16);
+        assert_eq!(c.concurrency_for(StoreKind::S3).0, 8);
+        assert_eq!(c.concurrency_for(StoreKind::Http).0, 4);
+        c.performance.concurrency = Some(6);
+        assert_eq!(c.concurrency_for(StoreKind::S3), (6, "performance.concurrency"));
+        c.performance.s3.concurrency = Some(12);
+        assert_eq!(c.concurrency_for(StoreKind::S3), (12, "performance.s3.concurrency"));
+        assert_eq!(c.concurrency_for(StoreKind::Http), (6, "performance.concurrency"));
+        c.read.concurrency = Some(2);
+        assert_eq!(c.concurrency_for(StoreKind::S3), (2, "read.concurrency"));
+        let parsed: Config = toml::from_str("[performance.http]\nconcurrency = 3\n").unwrap();
+        assert_eq!(parsed.concurrency_for(StoreKind::Http).0, 3);
+        assert_eq!(parsed.concurrency_for(StoreKind::Artifact).0, 16);
+        c.performance.http.concurrency = Some(0);
+        assert!(c.validate().is_err());
     }
 
     #[test]

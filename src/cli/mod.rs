@@ -2,11 +2,13 @@
 //! and calls [`run`].
 
 pub mod config;
+pub mod control;
 mod daemon;
 mod logging;
 mod mount;
 mod registry;
 mod unmount;
+mod warm;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,9 +40,35 @@ pub enum Command {
     /// Inspect or empty the cache.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Fetch files or folders of a running mount into its cache, in the order given (the
+    /// first first), with a progress bar.
+    Warm(WarmArgs),
+    /// Live figures of a running mount.
+    Status(StatusArgs),
     /// Make tokens for a server started with a token secret.
     #[command(subcommand)]
     Token(TokenCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct WarmArgs {
+    /// Files or folders inside a mount (a folder: every file below it).
+    #[arg(value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// More paths, one per line, highest priority first (after those on the command line).
+    #[arg(long, value_name = "FILE")]
+    pub list: Option<PathBuf>,
+    /// No progress bar (there is none anyway when stdout is not a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    pub mountpoint: PathBuf,
+    /// As JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,6 +121,10 @@ pub struct MountArgs {
     /// How long metadata is trusted before it is revalidated, e.g. 60s.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub metadata_ttl: Option<Duration>,
+    /// Requests to the remote in flight at once [default: by kind of remote, see
+    /// `[performance]`: built-in server 16, S3 8, web servers 4].
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
     /// Let other users use the mount (with kernel permission checks).
     #[arg(long)]
     pub allow_other: bool,
@@ -201,10 +233,17 @@ pub enum CacheCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Delete every cached version (refused while a mount uses the directory).
+    /// Delete cached versions: all of them, or those of one remote, or those not read for a
+    /// while (refused while a mount uses the directory).
     Clear {
         #[arg(long, value_name = "DIR")]
         cache_dir: Option<PathBuf>,
+        /// Only this remote's versions (its name as `cache stats` shows it).
+        #[arg(long, value_name = "REMOTE")]
+        remote: Option<String>,
+        /// Only versions not read for this long, e.g. 7d.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        older_than: Option<Duration>,
     },
 }
 
@@ -215,6 +254,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Unmount(a) => unmount::run(a),
         Command::Serve(a) => serve(a),
         Command::Cache(c) => cache(c),
+        Command::Warm(a) => warm::warm(a),
+        Command::Status(a) => warm::status(a),
         Command::Token(TokenCommand::Create(a)) => token_create(a),
     };
     match result {
@@ -290,10 +331,15 @@ fn cache(c: CacheCommand) -> Result<(), String> {
             }
             Ok(())
         }
-        CacheCommand::Clear { cache_dir } => {
+        CacheCommand::Clear {
+            cache_dir,
+            remote,
+            older_than,
+        } => {
             let dir = cache_dir.unwrap_or_else(config::default_cache_dir);
-            let freed = crate::cache::clear(&dir).map_err(|e| e.to_string())?;
-            println!("cleared {} from {}", human(freed), dir.display());
+            let (freed, versions) =
+                crate::cache::clear_where(&dir, remote.as_deref(), older_than).map_err(|e| e.to_string())?;
+            println!("cleared {} ({versions} versions) from {}", human(freed), dir.display());
             Ok(())
         }
     }

@@ -76,6 +76,9 @@ pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
     if let Some(k) = a.kind {
         cfg.web.kind = k;
     }
+    if let Some(n) = a.concurrency {
+        cfg.read.concurrency = Some(n);
+    }
     if !a.mirrors.is_empty() {
         cfg.web.mirrors = a.mirrors.clone();
     }
@@ -216,12 +219,16 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
             dir: r.cache_dir.clone(),
             max_size: cfg.cache.max_size.0,
             chunk_size: cfg.cache.chunk_size.0,
+            min_free: f64::from(cfg.cache.min_free_percent) / 100.0,
+            expire_after: cfg.cache.expire_after,
         },
         &owner,
     )
     .map_err(|e| e.to_string())?;
     rt.spawn(cache.clone().run_evictor());
     rt.spawn(cache.clone().run_counter_saver(Duration::from_secs(2)));
+    let (concurrency, from) = cfg.concurrency_for(store.kind());
+    tracing::info!(concurrency, from, "requests to the remote in flight at most");
     let reader = Reader::new(
         store.clone(),
         Some(cache.clone()),
@@ -232,7 +239,7 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
                 max: cfg.read.readahead_max.0,
             },
             sequential_slack: cfg.mount.kernel_readahead.0.max(4 << 20),
-            concurrency: cfg.read.concurrency,
+            concurrency,
             memory_budget: cfg.read.memory_budget.0,
             verify: cfg.read.verify,
             retries: cfg.read.retries,
@@ -312,6 +319,14 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
     if let Err(e) = registry::write(&record) {
         tracing::warn!("cannot record the mount (artifactfs unmount will still work by path): {e}");
     }
+    let control = super::control::Control::new(
+        fs.clone(),
+        fs.reader().clone(),
+        cache.clone(),
+        store.id().to_string(),
+        r.mountpoint.clone(),
+    );
+    rt.spawn(control.serve(registry::socket_path(&r.mountpoint)));
     let done = Arc::new(AtomicBool::new(false));
     rt.spawn(on_signal(
         r.mountpoint.clone(),

@@ -32,6 +32,11 @@ fn record_path(mountpoint: &Path) -> PathBuf {
     runtime_dir().join("mounts").join(format!("{}.json", &h[..24]))
 }
 
+/// The control socket of the mount at `mountpoint` (see `control`).
+pub fn socket_path(mountpoint: &Path) -> PathBuf {
+    record_path(mountpoint).with_extension("sock")
+}
+
 pub fn write(rec: &MountRecord) -> std::io::Result<()> {
     let p = record_path(&rec.mountpoint);
     if let Some(d) = p.parent() {
@@ -50,4 +55,5 @@ pub fn find(mountpoint: &Path) -> Option<MountRecord> {
 
 pub fn remove(mountpoint: &Path) {
     let _ = std::fs::remove_file(record_path(mountpoint));
+    let _ = std::fs::remove_file(socket_path(mountpoint));
 }

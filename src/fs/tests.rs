@@ -41,6 +41,8 @@ fn env_cfg(mem: MemoryStore, ttl: Duration, read_only: bool) -> Env {
             dir: dir.path().to_path_buf(),
             max_size: 1 << 30,
             chunk_size: 1 << 20,
+            min_free: 0.0,
+            expire_after: None,
         },
         "test",
     )

@@ -7,6 +7,7 @@
 //! It owns no FUSE types and no inode logic: `fs/` asks it for versions and bytes.
 
 pub mod plan;
+pub mod warm;
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -255,6 +256,11 @@ impl Reader {
         let v = self.open_version(path, &etag, size);
         v.adopt(resp, asked);
         Ok(v)
+    }
+
+    /// Requests to the remote in flight now.
+    pub fn requests_in_flight(&self) -> usize {
+        self.cfg.concurrency.max(1) - self.requests.available_permits()
     }
 
     /// A place among the requests this remote may have in flight at once.

@@ -26,6 +26,8 @@ fn cache_in(dir: &std::path::Path, max: u64) -> Arc<Cache> {
             dir: dir.to_path_buf(),
             max_size: max,
             chunk_size: MIB,
+            min_free: 0.0,
+            expire_after: None,
         },
         "test",
     )

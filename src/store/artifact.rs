@@ -281,6 +281,10 @@ impl Store for ArtifactStore {
         &self.id
     }
 
+    fn kind(&self) -> crate::store::StoreKind {
+        crate::store::StoreKind::Artifact
+    }
+
     fn capabilities(&self) -> Capabilities {
         let c = self.info.capabilities;
         Capabilities {

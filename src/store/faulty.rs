@@ -145,6 +145,10 @@ impl Store for FaultyStore {
         self.inner.id()
     }
 
+    fn kind(&self) -> crate::store::StoreKind {
+        self.inner.kind()
+    }
+
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
     }

@@ -259,12 +259,29 @@ impl StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// The kinds of remote, for settings that depend on the kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// The built-in server (`artifactfs serve`).
+    Artifact,
+    S3,
+    /// A plain web server (WebDAV or directory indexes).
+    Http,
+    /// In-memory and test stores.
+    Other,
+}
+
 /// A remote artifact store. Paths are relative to the remote's root, `/`-separated, without
 /// a leading slash; `""` is the root.
 #[async_trait]
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// A stable name of this remote (its URL without credentials), used in cache keys and logs.
     fn id(&self) -> &str;
+
+    /// What kind of remote this is (for the settings of its kind).
+    fn kind(&self) -> StoreKind {
+        StoreKind::Other
+    }
 
     fn capabilities(&self) -> Capabilities;
 

@@ -211,6 +211,10 @@ impl Store for S3Store {
         &self.id
     }
 
+    fn kind(&self) -> crate::store::StoreKind {
+        crate::store::StoreKind::S3
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             ranged_reads: true,

@@ -636,6 +636,10 @@ impl Store for WebStore {
         &self.id
     }
 
+    fn kind(&self) -> crate::store::StoreKind {
+        crate::store::StoreKind::Http
+    }
+
     fn capabilities(&self) -> Capabilities {
         let d = &self.detected;
         Capabilities {
