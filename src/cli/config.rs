@@ -78,6 +78,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub web: crate::store::web::WebConfig,
     pub s3: S3Config,
+    pub auth: AuthSection,
     pub log: LogSection,
     pub performance: PerformanceSection,
 }
@@ -146,6 +147,35 @@ impl Config {
         } else {
             (builtin_concurrency(kind), "the built-in value for this kind of remote")
         }
+    }
+}
+
+/// The token sent to the built-in server. Taken from, in this order: `--token-file` or
+/// `token_file`, the environment variable `ARTIFACTFS_TOKEN`, `token`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSection {
+    /// A file holding the token (mode 0600).
+    pub token_file: Option<PathBuf>,
+    /// The token itself (prefer a file; `--print-config` hides it).
+    pub token: Option<crate::store::http::BearerToken>,
+}
+
+/// The environment variable a token is taken from when no token file is given.
+pub const TOKEN_ENV: &str = "ARTIFACTFS_TOKEN";
+
+impl AuthSection {
+    /// The token to send, from the first source that has one (see [`AuthSection`]).
+    pub fn resolve_token(&self) -> Result<Option<crate::store::http::BearerToken>, String> {
+        use crate::store::http::BearerToken;
+        if let Some(f) = &self.token_file {
+            return BearerToken::from_file(f).map(Some);
+        }
+        if let Some(v) = std::env::var_os(TOKEN_ENV).filter(|v| !v.is_empty()) {
+            let v = v.into_string().map_err(|_| format!("{TOKEN_ENV} is not UTF-8"))?;
+            return BearerToken::new(&v).map(Some).map_err(|e| format!("{TOKEN_ENV}: {e}"));
+        }
+        Ok(self.token.clone())
     }
 }
 
@@ -446,6 +476,8 @@ mod tests {
         expect.s3.region = parsed.s3.region.clone();
         expect.s3.profile = parsed.s3.profile.clone();
         expect.s3.ca_bundle = parsed.s3.ca_bundle.clone();
+        expect.http.ca_bundle = parsed.http.ca_bundle.clone();
+        expect.auth = parsed.auth.clone();
         assert_eq!(parsed, expect, "the example's values are the defaults");
         // Every key of the serialized defaults appears in the example.
         let defaults = toml::to_string(&Config::default()).unwrap();
@@ -466,9 +498,41 @@ mod tests {
             "region",
             "profile",
             "ca_bundle",
+            "token_file",
+            "token",
         ] {
             assert!(text.contains(&format!("{key} = ")), "mount.example.toml lacks `{key}`");
         }
+    }
+
+    #[test]
+    fn the_token_comes_from_the_file_then_the_environment_then_the_config() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let parsed: Config = toml::from_str("[auth]\ntoken = \"from-config\"\n").unwrap();
+        let token = |a: &AuthSection| a.resolve_token().unwrap().map(|t| t.headers()["authorization"].clone());
+        // Only this test touches the variable.
+        unsafe { std::env::remove_var(TOKEN_ENV) };
+        assert_eq!(token(&parsed.auth).unwrap(), "Bearer from-config");
+        unsafe { std::env::set_var(TOKEN_ENV, "from-env") };
+        assert_eq!(token(&parsed.auth).unwrap(), "Bearer from-env");
+        let mut with_file = parsed.auth.clone();
+        with_file.token_file = Some(file.clone());
+        assert_eq!(token(&with_file).unwrap(), "Bearer from-file");
+        unsafe { std::env::remove_var(TOKEN_ENV) };
+        // A token file others can read is refused; the message never quotes the token.
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = with_file.resolve_token().unwrap_err();
+        assert!(e.contains("chmod 600") && !e.contains("from-file"), "{e}");
+        // --print-config hides it.
+        let printed = toml::to_string(&parsed).unwrap();
+        assert!(
+            printed.contains("token = \"<hidden>\"") && !printed.contains("from-config"),
+            "{printed}"
+        );
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub enum Command {
     Completions(CompletionsArgs),
     /// Write man pages: artifactfs.1 and one per subcommand (artifactfs-mount.1, ...).
     Man(ManArgs),
+    /// Make tokens for a server started with a token secret.
+    #[command(subcommand)]
+    Token(TokenCommand),
 }
 
 #[derive(Debug, Args)]
@@ -91,6 +94,28 @@ pub struct StatusArgs {
     /// As JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a new token, signed with the server's secret.
+    Create(TokenCreateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    /// The server's secret (mode 0600) [default: $ARTIFACTFS_TOKEN_SECRET].
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// What the token reaches: this path and everything under it (`/` for everything).
+    #[arg(long, value_name = "PATH", default_value = "/")]
+    pub prefix: String,
+    /// `read`, or `read-write`.
+    #[arg(long, value_enum, default_value = "read")]
+    pub mode: crate::server::auth::Mode,
+    /// How long the token is valid, e.g. 7d, 12h.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub expires: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -183,16 +208,22 @@ pub struct MountArgs {
     /// S3: `path`, `virtual` or `auto` (path-style with --endpoint-url, else virtual-hosted).
     #[arg(long, value_name = "STYLE")]
     pub addressing_style: Option<crate::store::s3::AddressingStyle>,
-    /// S3: PEM file of CA certificates trusted besides the system roots.
+    /// https remotes (S3, the built-in server, web servers): PEM file of CA certificates
+    /// trusted besides the system roots.
     #[arg(long, value_name = "FILE")]
     pub ca_bundle: Option<PathBuf>,
-    /// S3: accept any TLS certificate (self-signed test servers only; logged as a warning).
+    /// https remotes: accept any TLS certificate (self-signed test servers only; logged as a
+    /// warning).
     #[arg(long)]
     pub insecure_skip_tls_verify: bool,
     /// The mount's source as /proc/mounts, df and mount(8) show it [default:
     /// artifactfs:REMOTE; the mount helper uses the fstab line's source].
     #[arg(long, value_name = "NAME")]
     pub fsname: Option<String>,
+    /// The built-in server: a file holding the token to send (mode 0600) [default:
+    /// $ARTIFACTFS_TOKEN, else `token` in [auth]].
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     /// Print the resolved configuration and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -224,6 +255,19 @@ pub struct ServeArgs {
     /// Log level or RUST_LOG-style filter [default: info].
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Require tokens signed with the secret in FILE (mode 0600; see `artifactfs token
+    /// create`) [default: $ARTIFACTFS_TOKEN_SECRET when set].
+    #[arg(long, value_name = "FILE")]
+    pub token_secret_file: Option<PathBuf>,
+    /// Serve an address other than loopback without tokens.
+    #[arg(long)]
+    pub allow_anonymous: bool,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -261,6 +305,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Status(a) => warm::status(a),
         Command::Completions(a) => completions(a.shell),
         Command::Man(a) => man(a.dir),
+        Command::Token(TokenCommand::Create(a)) => token_create(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -289,14 +334,31 @@ fn man(dir: Option<PathBuf>) -> Result<(), String> {
 
 fn serve(a: ServeArgs) -> Result<(), String> {
     logging::init_stderr(a.log_level.as_deref().unwrap_or("info"));
+    let secret = crate::server::auth::Secret::load(a.token_secret_file.as_deref())?;
+    let tls = match (a.tls_cert, a.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::server::TlsFiles { cert, key }),
+        _ => None,
+    };
     let cfg = crate::server::ServerConfig {
         root: a.dir,
         listen: a.listen,
         state_dir: a.state_dir,
         max_age: a.max_age.map(Duration::from_secs),
         upload_ttl: crate::server::DEFAULT_UPLOAD_TTL,
+        token_secret: secret.map(std::sync::Arc::new),
+        allow_anonymous: a.allow_anonymous,
+        tls,
     };
     crate::server::serve_blocking(cfg).map_err(|e| e.to_string())
+}
+
+fn token_create(a: TokenCreateArgs) -> Result<(), String> {
+    use crate::server::auth;
+    let secret = auth::Secret::load(a.secret_file.as_deref())?
+        .ok_or_else(|| format!("no secret: give --secret-file FILE or set {}", auth::SECRET_ENV))?;
+    let claims = auth::claims_for(&a.prefix, a.mode, a.expires, std::time::SystemTime::now())?;
+    println!("{}", auth::create(&secret, &claims));
+    Ok(())
 }
 
 fn cache(c: CacheCommand) -> Result<(), String> {

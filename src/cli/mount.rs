@@ -27,6 +27,9 @@ pub struct Resolved {
     pub cache_dir: PathBuf,
     /// The mount's source in the mount table, when not `artifactfs:REMOTE`.
     pub fsname: Option<String>,
+    /// The token sent to the built-in server (resolved now: files are read before the
+    /// daemon changes its directory, and a bad one fails at once).
+    pub token: Option<crate::store::http::BearerToken>,
 }
 
 pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
@@ -120,9 +123,14 @@ pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
     }
     if let Some(f) = &a.ca_bundle {
         cfg.s3.ca_bundle = Some(f.clone());
+        cfg.http.ca_bundle = Some(f.clone());
     }
     if a.insecure_skip_tls_verify {
         cfg.s3.insecure_skip_tls_verify = true;
+        cfg.http.insecure_skip_tls_verify = true;
+    }
+    if let Some(f) = &a.token_file {
+        cfg.auth.token_file = Some(f.clone());
     }
     cfg.mount.remote = Some(remote.clone());
     cfg.validate()?;
@@ -144,12 +152,17 @@ pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
     {
         return Err(format!("--fsname {n:?} must be non-empty and without commas"));
     }
+    if let Some(f) = &cfg.http.ca_bundle {
+        cfg.http.ca_bundle = Some(abs(f)?);
+    }
+    let token = cfg.auth.resolve_token()?;
     Ok(Resolved {
         fsname: a.fsname.clone(),
         remote,
         mountpoint: abs(&mountpoint)?,
         cache_dir,
         cfg,
+        token,
     })
 }
 
@@ -224,6 +237,7 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
         http: cfg.http.clone(),
         web: cfg.web.clone(),
         s3: cfg.s3.clone(),
+        token: r.token.clone(),
     };
     let store: DynStore = rt.block_on(crate::store::open::open(&r.remote, &opts)).map_err(|e| {
         // Never show credentials given in the URL.

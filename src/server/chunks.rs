@@ -19,6 +19,7 @@ use http::{HeaderMap, HeaderValue, header};
 use parking_lot::Mutex;
 
 use super::Ctx;
+use super::auth::{Claims, Reach};
 use super::digests::{Identity, read_full_at};
 use super::error::ServerError;
 use super::paths::{self, HIDDEN_TEMP_PREFIX, Root, STATE_DIR_NAME};
@@ -218,7 +219,9 @@ pub async fn serve_chunks(
 
 /// `POST /?afs=has-chunks`: one answer per hash, true when an indexed location is still the
 /// version it was indexed as (one `stat` per file named, per request).
-pub async fn serve_has_chunks(ctx: &Ctx, body: Bytes) -> Result<Response, ServerError> {
+/// With a token (`scope`), only files the token may read count: a scoped token cannot learn
+/// what lies outside its prefix.
+pub async fn serve_has_chunks(ctx: &Ctx, body: Bytes, scope: Option<Arc<Claims>>) -> Result<Response, ServerError> {
     let req: HasChunksRequest =
         serde_json::from_slice(&body).map_err(|e| ServerError::BadRequest(format!("has-chunks body: {e}")))?;
     if req.chunks.len() > HAS_CHUNKS_MAX {
@@ -241,16 +244,20 @@ pub async fn serve_has_chunks(ctx: &Ctx, body: Bytes) -> Result<Response, Server
         hashes
             .iter()
             .map(|h| {
-                index.locations(h).iter().any(|loc| {
-                    *current.entry(Arc::clone(&loc.rel)).or_insert_with(|| {
-                        let now = std::fs::metadata(root.path().join(&*loc.rel)).map(|m| Identity::of(&m));
-                        let fresh = now.as_ref().is_ok_and(|id| *id == loc.identity);
-                        if !fresh {
-                            index.drop_stale(&loc.rel, loc.identity);
-                        }
-                        fresh
+                index
+                    .locations(h)
+                    .iter()
+                    .filter(|loc| in_scope(scope.as_deref(), &loc.rel))
+                    .any(|loc| {
+                        *current.entry(Arc::clone(&loc.rel)).or_insert_with(|| {
+                            let now = std::fs::metadata(root.path().join(&*loc.rel)).map(|m| Identity::of(&m));
+                            let fresh = now.as_ref().is_ok_and(|id| *id == loc.identity);
+                            if !fresh {
+                                index.drop_stale(&loc.rel, loc.identity);
+                            }
+                            fresh
+                        })
                     })
-                })
             })
             .collect::<Vec<bool>>()
     })
@@ -261,14 +268,24 @@ pub async fn serve_has_chunks(ctx: &Ctx, body: Bytes) -> Result<Response, Server
 
 /// The bytes of the chunk named `hash`, read from a file that still has it and checked against
 /// the hash; `unknown_chunk` when no place does (failed places are dropped). Blocking.
-pub fn read_chunk(root: &Root, index: &ChunkIndex, hash: &[u8; 32]) -> Result<Vec<u8>, ServerError> {
-    for loc in index.locations(hash) {
+/// Only files inside `scope` (a token's prefix) are used.
+pub fn read_chunk(
+    root: &Root,
+    index: &ChunkIndex,
+    hash: &[u8; 32],
+    scope: Option<&Claims>,
+) -> Result<Vec<u8>, ServerError> {
+    for loc in index.locations(hash).into_iter().filter(|l| in_scope(scope, &l.rel)) {
         match read_location(root, &loc, hash) {
             Some(bytes) => return Ok(bytes),
             None => index.drop_stale(&loc.rel, loc.identity),
         }
     }
     Err(ServerError::UnknownChunk(hex::encode(hash)))
+}
+
+fn in_scope(scope: Option<&Claims>, rel: &Path) -> bool {
+    scope.is_none_or(|c| c.reach(rel) == Reach::Inside)
 }
 
 fn read_location(root: &Root, loc: &Location, hash: &[u8; 32]) -> Option<Vec<u8>> {

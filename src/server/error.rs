@@ -23,6 +23,12 @@ pub enum ServerError {
     BadRequest(String),
     #[error("forbidden: {0}")]
     Forbidden(String),
+    /// No valid token (`401`, with `WWW-Authenticate: Bearer`).
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// A valid token that does not allow the request (`403`).
+    #[error("out of scope: {0}")]
+    OutOfScope(String),
     #[error("not found: {0}")]
     NotFound(String),
     #[error("method not allowed")]
@@ -67,12 +73,24 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
+    /// A setting that cannot work (refused at start).
+    #[error("{0}")]
+    Config(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
         #[source]
         source: io::Error,
     },
+}
+
+impl From<super::auth::AuthError> for ServerError {
+    fn from(e: super::auth::AuthError) -> Self {
+        match e {
+            super::auth::AuthError::Unauthorized(m) => ServerError::Unauthorized(m.to_string()),
+            super::auth::AuthError::OutOfScope(m) => ServerError::OutOfScope(m),
+        }
+    }
 }
 
 impl ServerError {
@@ -90,7 +108,8 @@ impl ServerError {
     pub fn status(&self) -> StatusCode {
         match self {
             ServerError::BadPath(_) | ServerError::BadRequest(_) | ServerError::BadPart(_) => StatusCode::BAD_REQUEST,
-            ServerError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ServerError::Forbidden(_) | ServerError::OutOfScope(_) => StatusCode::FORBIDDEN,
+            ServerError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ServerError::NotFound(_) | ServerError::NoSuchUpload(_) | ServerError::UnknownChunk(_) => {
                 StatusCode::NOT_FOUND
             }
@@ -105,9 +124,11 @@ impl ServerError {
             ServerError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             ServerError::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             ServerError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ServerError::Io { .. } | ServerError::Internal(_) | ServerError::Root { .. } | ServerError::Bind { .. } => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            ServerError::Io { .. }
+            | ServerError::Internal(_)
+            | ServerError::Root { .. }
+            | ServerError::Bind { .. }
+            | ServerError::Config(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -116,6 +137,8 @@ impl ServerError {
             ServerError::BadPath(_) => "bad_path",
             ServerError::BadRequest(_) => "bad_request",
             ServerError::Forbidden(_) => "forbidden",
+            ServerError::Unauthorized(_) => "unauthorized",
+            ServerError::OutOfScope(_) => "out_of_scope",
             ServerError::NotFound(_) => "not_found",
             ServerError::MethodNotAllowed => "method_not_allowed",
             ServerError::PreconditionFailed => "precondition_failed",
@@ -131,9 +154,11 @@ impl ServerError {
             ServerError::BadPart(_) => "bad_part",
             ServerError::NoSuchUpload(_) => "no_such_upload",
             ServerError::UnknownChunk(_) => "unknown_chunk",
-            ServerError::Io { .. } | ServerError::Internal(_) | ServerError::Root { .. } | ServerError::Bind { .. } => {
-                "internal"
-            }
+            ServerError::Io { .. }
+            | ServerError::Internal(_)
+            | ServerError::Root { .. }
+            | ServerError::Bind { .. }
+            | ServerError::Config(_) => "internal",
         }
     }
 }
@@ -169,6 +194,12 @@ impl IntoResponse for ServerError {
             }
             ServerError::MethodNotAllowed => {
                 headers.insert(header::ALLOW, HeaderValue::from_static(ALLOW));
+            }
+            ServerError::Unauthorized(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"artifactfs\""),
+                );
             }
             _ => {}
         }

@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
+use super::auth::{Claims, Reach};
 use super::digests::{DigestStore, Identity, SMALL_FILE_MAX};
 use super::error::ServerError;
 use super::paths::{self, Resolved, Root, STATE_DIR_NAME};
@@ -115,7 +116,9 @@ struct Unhashed {
     identity: Identity,
 }
 
-/// One page of the folder `dir`, shown as `shown_path`.
+/// One page of the folder `dir`, shown as `shown_path`. With `scope` (a token's), entries
+/// that lead outside it (symlinks) are left out.
+#[allow(clippy::too_many_arguments)]
 pub async fn list_page(
     root: &Arc<Root>,
     dirs: &Arc<DirCache>,
@@ -124,10 +127,16 @@ pub async fn list_page(
     shown_path: String,
     limit: usize,
     after: Option<String>,
+    scope: Option<Arc<Claims>>,
 ) -> Result<ListPage, ServerError> {
     let (root2, dirs2, store2) = (Arc::clone(root), Arc::clone(dirs), Arc::clone(store));
     let (mut page, unhashed) = tokio::task::spawn_blocking(move || {
-        page_blocking(&root2, &dirs2, &store2, &dir, shown_path, limit, after.as_deref())
+        let window = Window {
+            limit,
+            after: after.as_deref(),
+            scope: scope.as_deref(),
+        };
+        page_blocking(&root2, &dirs2, &store2, &dir, shown_path, window)
     })
     .await
     .map_err(|e| ServerError::Internal(e.to_string()))??;
@@ -158,14 +167,20 @@ pub async fn list_page(
     Ok(page)
 }
 
+/// Which entries a page holds.
+struct Window<'a> {
+    limit: usize,
+    after: Option<&'a str>,
+    scope: Option<&'a Claims>,
+}
+
 fn page_blocking(
     root: &Root,
     dirs: &DirCache,
     store: &DigestStore,
     dir: &Resolved,
     shown_path: String,
-    limit: usize,
-    after: Option<&str>,
+    Window { limit, after, scope }: Window<'_>,
 ) -> Result<(ListPage, Vec<Unhashed>), ServerError> {
     let names = dirs.sorted_names(&dir.canon, dir.canon_rel.as_os_str().is_empty())?;
     let start = after.map_or(0, |a| names.partition_point(|n| n.as_str() <= a));
@@ -176,6 +191,9 @@ fn page_blocking(
         let Some((entry, rel, canon, identity)) = stat_entry(root, dir, name) else {
             continue;
         };
+        if scope.is_some_and(|c| c.reach(&rel) != Reach::Inside) {
+            continue;
+        }
         if entries.len() == limit {
             next = entries.last().map(|e| e.name.clone());
             break;
@@ -245,9 +263,10 @@ pub async fn serve_listing(
     shown_path: String,
     limit: usize,
     after: Option<String>,
+    scope: Option<Arc<Claims>>,
 ) -> Result<Response, ServerError> {
     ctx.stats.bump(Counter::Lists);
-    let page = list_page(&ctx.root, &ctx.dirs, &ctx.store, dir, shown_path, limit, after).await?;
+    let page = list_page(&ctx.root, &ctx.dirs, &ctx.store, dir, shown_path, limit, after, scope).await?;
     let json = serde_json::to_vec(&page).map_err(|e| ServerError::Internal(e.to_string()))?;
     let tag = page_etag(&json);
     let etag = HeaderValue::from_str(&quote_etag(&tag)).map_err(|e| ServerError::Internal(e.to_string()))?;
@@ -311,6 +330,7 @@ mod tests {
             path.trim_matches('/').to_string(),
             limit,
             after.map(str::to_string),
+            None,
         )
         .await
         .unwrap()

@@ -10,8 +10,9 @@
 //! index, `chunks`, `has-chunks`), `writes` (PUT, DELETE, mkdir, move, writes in place),
 //! `uploads` (upload sessions), `durable` (temporary files, fsync, renames), `journal` (redo
 //! records), `locks` (one lock per path), `query`, `stats`, `error` (status and JSON of
-//! failures).
+//! failures), `auth` (tokens: who may do what), `tls` (the TLS listener).
 
+pub mod auth;
 mod body;
 mod chunks;
 mod digests;
@@ -29,7 +30,10 @@ mod stats;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
+mod tests_auth;
+#[cfg(test)]
 mod tests_write;
+mod tls;
 mod uploads;
 mod writes;
 
@@ -87,6 +91,19 @@ pub struct ServerConfig {
     pub max_age: Option<Duration>,
     /// An upload session without a request for this long is dropped with its parts.
     pub upload_ttl: Duration,
+    /// When set, every request needs a token signed with this secret (`auth`).
+    pub token_secret: Option<Arc<auth::Secret>>,
+    /// Serve on a non-loopback address without tokens.
+    pub allow_anonymous: bool,
+    /// Serve HTTPS with this certificate chain and key (PEM files).
+    pub tls: Option<TlsFiles>,
+}
+
+/// The PEM files of `serve --tls-cert --tls-key`.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl ServerConfig {
@@ -98,6 +115,9 @@ impl ServerConfig {
             state_dir: None,
             max_age: None,
             upload_ttl: DEFAULT_UPLOAD_TTL,
+            token_secret: None,
+            allow_anonymous: false,
+            tls: None,
         }
     }
 
@@ -120,6 +140,8 @@ struct Ctx {
     writes: Option<Arc<WriteState>>,
     uploads: Option<Arc<Uploads>>,
     started: SystemTime,
+    /// Tokens are required when set.
+    secret: Option<Arc<auth::Secret>>,
 }
 
 /// A server whose listener is bound, not yet serving.
@@ -127,11 +149,21 @@ pub struct Server {
     listener: TcpListener,
     addr: SocketAddr,
     ctx: Arc<Ctx>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Server {
     /// Checks the served folder, prepares the state folder and binds the listener.
     pub async fn bind(cfg: ServerConfig) -> Result<Server, ServerError> {
+        if cfg.token_secret.is_none() && !cfg.listen.ip().is_loopback() && !cfg.allow_anonymous {
+            return Err(ServerError::Config(format!(
+                "refusing to serve {} without tokens to every host that can reach it: give \
+                 --token-secret-file FILE (or {}), listen on 127.0.0.1, or pass --allow-anonymous",
+                cfg.listen,
+                auth::SECRET_ENV
+            )));
+        }
+        let tls = cfg.tls.as_ref().map(tls::acceptor).transpose()?;
         let root_err = |source| ServerError::Root {
             path: cfg.root.clone(),
             source,
@@ -168,7 +200,13 @@ impl Server {
             addr: cfg.listen,
             source,
         })?;
-        tracing::info!(root = %root.path().display(), %addr, "artifact server bound");
+        tracing::info!(
+            root = %root.path().display(),
+            %addr,
+            tls = tls.is_some(),
+            tokens = cfg.token_secret.is_some(),
+            "artifact server bound"
+        );
         let ctx = Arc::new(Ctx {
             root,
             store,
@@ -178,8 +216,14 @@ impl Server {
             writes,
             uploads,
             started,
+            secret: cfg.token_secret.clone(),
         });
-        Ok(Server { listener, addr, ctx })
+        Ok(Server {
+            listener,
+            addr,
+            ctx,
+            tls,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -188,6 +232,11 @@ impl Server {
 
     pub fn stats(&self) -> Arc<Stats> {
         Arc::clone(&self.ctx.stats)
+    }
+
+    /// `http` or `https`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets answers in progress finish
@@ -201,15 +250,25 @@ impl Server {
             .map(|u| tokio::spawn(uploads::expire_forever(u)));
         let _stop_background = AbortOnDrop(vec![Some(indexing), expiry]);
         let app = Router::new().fallback(handle).with_state(self.ctx);
-        let listener = self.listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
         let stop = shutdown.boxed().shared();
-        let serve = axum::serve(listener, app).with_graceful_shutdown(stop.clone());
+        let serve = async {
+            match self.tls {
+                Some(acceptor) => {
+                    let listener = tls::TlsListener::new(self.listener, acceptor);
+                    axum::serve(listener, app).with_graceful_shutdown(stop.clone()).await
+                }
+                None => {
+                    let listener = self.listener.tap_io(|tcp| {
+                        if let Err(e) = tcp.set_nodelay(true) {
+                            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                        }
+                    });
+                    axum::serve(listener, app).with_graceful_shutdown(stop.clone()).await
+                }
+            }
+        };
         let deadline = async {
-            stop.await;
+            stop.clone().await;
             tokio::time::sleep(SHUTDOWN_GRACE).await;
         };
         tokio::select! {
@@ -276,6 +335,7 @@ async fn blocking<T: Send + 'static>(
 /// A server on its own thread with its own tokio runtime; shuts down and joins on drop.
 pub struct ServerHandle {
     addr: SocketAddr,
+    scheme: &'static str,
     stats: Arc<Stats>,
     #[cfg(test)]
     ctx: Arc<Ctx>,
@@ -310,7 +370,7 @@ impl ServerHandle {
                             return;
                         }
                     };
-                    let _ = ready_tx.send(Ok((server.local_addr(), Arc::clone(&server.ctx))));
+                    let _ = ready_tx.send(Ok((server.local_addr(), server.scheme(), Arc::clone(&server.ctx))));
                     let stop = async {
                         let _ = stop_rx.await;
                     };
@@ -325,8 +385,9 @@ impl ServerHandle {
                 source,
             })?;
         match ready_rx.recv() {
-            Ok(Ok((addr, ctx))) => Ok(ServerHandle {
+            Ok(Ok((addr, scheme, ctx))) => Ok(ServerHandle {
                 addr,
+                scheme,
                 stats: Arc::clone(&ctx.stats),
                 #[cfg(test)]
                 ctx,
@@ -348,13 +409,14 @@ impl ServerHandle {
         self.addr
     }
 
-    /// `http://IP:PORT`, with `127.0.0.1` when the server listens on every address.
+    /// `http://IP:PORT` (`https` with TLS), with `127.0.0.1` when the server listens on every
+    /// address.
     pub fn url(&self) -> String {
         let mut addr = self.addr;
         if addr.ip().is_unspecified() {
             addr.set_ip(Ipv4Addr::LOCALHOST.into());
         }
-        format!("http://{addr}")
+        format!("{}://{addr}", self.scheme)
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -379,7 +441,7 @@ impl Drop for ServerHandle {
     }
 }
 
-/// What `artifactfs serve` runs: binds, prints `listening on http://ADDR` (one line, flushed),
+/// What `artifactfs serve` runs: binds, prints `listening on http(s)://ADDR` (one line, flushed),
 /// serves until SIGINT or SIGTERM, then shuts down gracefully.
 pub fn serve_blocking(cfg: ServerConfig) -> Result<(), ServerError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -392,7 +454,7 @@ pub fn serve_blocking(cfg: ServerConfig) -> Result<(), ServerError> {
     rt.block_on(async move {
         let server = Server::bind(cfg).await?;
         let mut out = std::io::stdout().lock();
-        writeln!(out, "listening on http://{}", server.local_addr())
+        writeln!(out, "listening on {}://{}", server.scheme(), server.local_addr())
             .and_then(|()| out.flush())
             .map_err(|source| ServerError::Io {
                 context: "writing to stdout".into(),
@@ -435,21 +497,32 @@ async fn dispatch(ctx: &Arc<Ctx>, req: Request) -> Result<Response, ServerError>
     if method == Method::HEAD {
         ctx.stats.bump(stats::Counter::Heads);
     }
+    // Before anything else: without a valid token, nothing is looked at.
+    let claims = authenticate(ctx, req.headers())?;
     let query = Query::parse(req.uri().query())?;
     let is_read = method == Method::GET || method == Method::HEAD;
     match query.op {
         Op::Info if is_read => return json_response(&server_info(ctx.writes.is_some())),
         Op::Stats if is_read => return json_response(&ctx.stats.snapshot()),
         Op::HasChunks if method == Method::POST => {
+            if let Some(c) = &claims {
+                c.allows(&parse_request_path(req.uri().path())?.rel, true)?;
+            }
             writes::write_state(ctx)?;
             let body = durable::small_body(req.into_body(), HAS_CHUNKS_BODY_MAX).await?;
-            return chunks::serve_has_chunks(ctx, body).await;
+            return chunks::serve_has_chunks(ctx, body, claims.map(Arc::new)).await;
         }
         _ => {}
     }
     let req_path = parse_request_path(req.uri().path())?;
+    if let Some(c) = &claims {
+        c.allows(&req_path.rel, !is_read)?;
+    }
     if !is_read {
-        return dispatch_write(ctx, method, query, req_path, req).await;
+        if let Some(c) = &claims {
+            check_write_scope(ctx, c, &req_path, &query).await?;
+        }
+        return dispatch_write(ctx, method, query, req_path, claims, req).await;
     }
     if !matches!(query.op, Op::Plain | Op::List | Op::Digests | Op::Chunks) {
         return Err(ServerError::MethodNotAllowed);
@@ -459,11 +532,17 @@ async fn dispatch(ctx: &Arc<Ctx>, req: Request) -> Result<Response, ServerError>
     let target = tokio::task::spawn_blocking(move || open_target(&root, &rp))
         .await
         .map_err(|e| ServerError::Internal(e.to_string()))??;
+    if let Some(c) = &claims {
+        // A symlink inside the scope may lead outside it.
+        let (Target::Dir(res) | Target::File(_, res)) = &target;
+        c.allows(&res.canon_rel, false)?;
+    }
     let shown = req_path.rel.to_string_lossy().into_owned();
     let headers = req.headers();
     match (target, query.op) {
         (Target::Dir(dir), Op::List) | (Target::Dir(dir), Op::Plain) if method == Method::GET => {
-            listing::serve_listing(ctx, headers, dir, shown, query.limit, query.after).await
+            let scope = claims.map(Arc::new);
+            listing::serve_listing(ctx, headers, dir, shown, query.limit, query.after, scope).await
         }
         (Target::Dir(_), Op::Digests | Op::Chunks) => {
             Err(ServerError::BadRequest(format!("{shown} is a folder, not a file")))
@@ -492,6 +571,7 @@ async fn dispatch_write(
     method: Method,
     query: Query,
     path: paths::RequestPath,
+    claims: Option<auth::Claims>,
     req: Request,
 ) -> Result<Response, ServerError> {
     let (parts, body) = req.into_parts();
@@ -527,7 +607,7 @@ async fn dispatch_write(
                     return Err(ServerError::BadRequest("a part is copy= or chunk=, not both".into()));
                 }
                 (Some((a, b)), None) => PartSource::Copy(a, b),
-                (None, Some(hash)) => PartSource::Chunk(hash),
+                (None, Some(hash)) => PartSource::Chunk(hash, claims.map(Arc::new)),
                 (None, None) => PartSource::Body(body),
             };
             uploads::part(ctx, &path, query.upload.as_deref(), query.part, query.offset, source).await
@@ -536,6 +616,49 @@ async fn dispatch_write(
         (Method::DELETE, Op::Upload) => uploads::abort(ctx, &path, query.upload.as_deref()).await,
         _ => Err(ServerError::MethodNotAllowed),
     }
+}
+
+/// The token's claims when the server requires tokens (`None` when it does not); `401` when
+/// the request has no valid token. The token itself is never logged.
+fn authenticate(ctx: &Ctx, headers: &http::HeaderMap) -> Result<Option<auth::Claims>, ServerError> {
+    let Some(secret) = &ctx.secret else {
+        return Ok(None);
+    };
+    auth::bearer(headers.get(header::AUTHORIZATION))
+        .and_then(|token| auth::verify(secret, token, SystemTime::now()))
+        .map(Some)
+        .map_err(ServerError::from)
+}
+
+/// A write's path after following symlinks, and a move's destination, must be in scope too.
+async fn check_write_scope(
+    ctx: &Ctx,
+    claims: &auth::Claims,
+    path: &paths::RequestPath,
+    query: &Query,
+) -> Result<(), ServerError> {
+    let to = match (&query.op, query.to.as_deref()) {
+        (Op::Move, Some(to)) => {
+            let to = paths::parse_decoded_path(to)?;
+            claims.allows(&to.rel, true)?;
+            Some(to)
+        }
+        _ => None,
+    };
+    let root = Arc::clone(&ctx.root);
+    let path = path.clone();
+    let resolved = blocking(move || {
+        let mut rels = vec![root.resolve_existing_prefix(&path.rel)];
+        if let Some(to) = to {
+            rels.push(root.resolve_existing_prefix(&to.rel));
+        }
+        Ok(rels)
+    })
+    .await?;
+    for rel in resolved.into_iter().flatten() {
+        claims.allows(&rel, true)?;
+    }
+    Ok(())
 }
 
 enum Target {

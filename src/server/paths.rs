@@ -170,6 +170,25 @@ impl Root {
         self.check_canonical(canon, &shown())
     }
 
+    /// Where `rel` leads on disk, relative to the root: its longest existing ancestor with
+    /// symlinks followed, then the rest as named. `None` when that leaves the root (the write
+    /// itself refuses it). Blocking.
+    pub fn resolve_existing_prefix(&self, rel: &Path) -> Option<PathBuf> {
+        let mut existing = self.canon.join(rel);
+        let mut rest = Vec::new();
+        loop {
+            if let Ok(canon) = std::fs::canonicalize(&existing) {
+                let mut out = canon.strip_prefix(&self.canon).ok()?.to_path_buf();
+                out.extend(rest.iter().rev());
+                return Some(out);
+            }
+            rest.push(existing.file_name()?.to_os_string());
+            if !existing.pop() {
+                return None;
+            }
+        }
+    }
+
     /// Checks an already canonical path (for listing entries reached through symlinks).
     pub fn check_canonical(&self, canon: PathBuf, shown: &str) -> Result<Resolved, ServerError> {
         let Ok(rel) = canon.strip_prefix(&self.canon) else {

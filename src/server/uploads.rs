@@ -31,6 +31,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
 use parking_lot::Mutex;
 
+use super::auth::Claims;
 use super::chunks::{self, parse_hash};
 use super::digests::{FileDigests, Identity, read_full_at};
 use super::durable::{BodySink, TempFile, body_to_file, body_to_sink, copy_range, small_body, temp_in_or_beside};
@@ -559,7 +560,8 @@ pub async fn start(ctx: &Arc<Ctx>, req: &RequestPath, headers: &HeaderMap) -> Re
 pub enum PartSource {
     Body(Body),
     Copy(u64, u64),
-    Chunk(String),
+    /// A chunk by hash, taken only from files the request's token may read (`None`: any).
+    Chunk(String, Option<Arc<Claims>>),
 }
 
 fn io_err(context: &'static str) -> impl Fn(io::Error) -> ServerError {
@@ -583,7 +585,7 @@ pub async fn part(
     let use_ = ups.use_session(upload, &t.rel)?;
     let session = Arc::clone(&use_.0);
     let part = part.ok_or_else(|| ServerError::BadRequest("part=K is missing".into()))?;
-    if let PartSource::Chunk(hash) = &source
+    if let PartSource::Chunk(hash, _) = &source
         && parse_hash(hash).is_none()
     {
         return Err(ServerError::BadRequest(format!("{hash:?} is not a hex blake3 hash")));
@@ -624,7 +626,7 @@ async fn in_place_part(
             })
             .await
         }
-        PartSource::Chunk(hash) => {
+        PartSource::Chunk(hash, scope) => {
             let h = parse_hash(&hash).ok_or_else(|| ServerError::BadRequest(format!("{hash:?} is not a hash")))?;
             let (root, index, stats) = (
                 Arc::clone(&ctx.root),
@@ -632,7 +634,7 @@ async fn in_place_part(
                 Arc::clone(&ctx.stats),
             );
             blocking(move || {
-                let bytes = chunks::read_chunk(&root, &index, &h)?;
+                let bytes = chunks::read_chunk(&root, &index, &h, scope.as_deref())?;
                 w.put(&bytes).map_err(io_err("writing a part"))?;
                 stats.add_parts_copied(bytes.len() as u64);
                 w.store()
@@ -674,11 +676,11 @@ async fn file_part(
             ctx.stats.add_parts_copied(len);
             (len, tag)
         }
-        PartSource::Chunk(hash) => {
+        PartSource::Chunk(hash, scope) => {
             let h = parse_hash(&hash).ok_or_else(|| ServerError::BadRequest(format!("{hash:?} is not a hash")))?;
             let (root, index) = (Arc::clone(&ctx.root), Arc::clone(ctx.store.index()));
             let len = blocking(move || {
-                let bytes = chunks::read_chunk(&root, &index, &h)?;
+                let bytes = chunks::read_chunk(&root, &index, &h, scope.as_deref())?;
                 tf.write_all_at(&bytes, 0).map_err(io_err("writing a part"))?;
                 Ok(bytes.len() as u64)
             })

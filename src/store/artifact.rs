@@ -9,7 +9,7 @@ use http::StatusCode;
 use reqwest::Url;
 use reqwest::header::{ACCEPT_ENCODING, CONTENT_LENGTH, ETAG, IF_MATCH, IF_NONE_MATCH, RANGE};
 
-use super::http::{self as h, HttpConfig};
+use super::http::{self as h, BearerToken, HttpConfig};
 use super::{
     Capabilities, Digests, DirEntry, ETag, GetResponse, Head, Listing, ObjectMeta, PartReceipt, PartSource,
     Revalidated, Store, StoreError, StoreResult, UploadId, WriteCondition,
@@ -27,10 +27,11 @@ pub struct ArtifactStore {
 }
 
 impl ArtifactStore {
-    /// Connects to the server at `url` and checks that it speaks the protocol.
-    pub async fn connect(url: &str, cfg: HttpConfig) -> StoreResult<Self> {
+    /// Connects to the server at `url` and checks that it speaks the protocol; `token` is sent
+    /// with every request.
+    pub async fn connect(url: &str, cfg: HttpConfig, token: Option<&BearerToken>) -> StoreResult<Self> {
         let id = h::base_url(url)?.1;
-        Self::connect_if_artifact(url, cfg).await?.ok_or_else(|| {
+        Self::connect_if_artifact(url, cfg, token).await?.ok_or_else(|| {
             StoreError::Protocol(format!(
                 "{id} is not an artifactfs server (no answer to ?afs=info; `--kind` names other kinds)"
             ))
@@ -39,15 +40,25 @@ impl ArtifactStore {
 
     /// Connects to the server at `url` when it is an artifactfs server: `None` when it
     /// answers `?afs=info` with anything but the server's description (a plain web server).
-    pub async fn connect_if_artifact(url: &str, cfg: HttpConfig) -> StoreResult<Option<Self>> {
+    /// An artifactfs server that refuses the token (or its absence) is an error naming why.
+    pub async fn connect_if_artifact(
+        url: &str,
+        cfg: HttpConfig,
+        token: Option<&BearerToken>,
+    ) -> StoreResult<Option<Self>> {
         /// An info answer is small; a web server may answer with a large index page instead.
         const INFO_MAX: usize = 64 << 10;
         let (base, id) = h::base_url(url)?;
-        let client = h::build_client(&cfg)?;
+        let headers = token.map(BearerToken::headers).unwrap_or_default();
+        let client = h::build_client_with(&cfg, headers)?;
         let mut info_url = base.clone();
         info_url.set_query(Some("afs=info"));
         let what = format!("GET {id}/?afs=info");
         let resp = h::send(&cfg, &what, || client.get(info_url.clone())).await?;
+        if let Some(refusal) = auth_refusal(&id, token.is_some(), &resp) {
+            let body = resp.bytes().await.unwrap_or_default();
+            return Err(refusal(&h::error_message(&body)));
+        }
         if !resp.status().is_success() {
             tracing::debug!("{what}: HTTP {}: not an artifactfs server", resp.status());
             return Ok(None);
@@ -70,13 +81,30 @@ impl ArtifactStore {
                 protocol::PROTOCOL
             )));
         }
-        Ok(Some(ArtifactStore {
+        let mut info = info;
+        if token.is_some_and(BearerToken::is_read_only) {
+            tracing::info!("the token allows reads only");
+            let c = &mut info.capabilities;
+            (c.writes, c.partial_writes, c.content_chunks) = (false, false, false);
+        }
+        let store = ArtifactStore {
             id,
             base,
             client,
             cfg,
             info,
-        }))
+        };
+        if token.is_some() {
+            // A token is checked for its scope on paths, not on `info`: ask for the mounted
+            // folder now, so a token that does not reach it fails the mount, not the first `ls`.
+            let url = store.url_for("", true);
+            let what = format!("HEAD {url}");
+            let resp = h::send(&store.cfg, &what, || store.client.head(url.clone())).await?;
+            if let Some(refusal) = auth_refusal(&store.id, true, &resp) {
+                return Err(refusal("the token does not reach this folder"));
+            }
+        }
+        Ok(Some(store))
     }
 
     pub fn info(&self) -> &ServerInfo {
@@ -105,6 +133,10 @@ impl ArtifactStore {
             },
             (StatusCode::CONFLICT, code) => StoreError::Conflict(code.to_string()),
             (StatusCode::RANGE_NOT_SATISFIABLE, _) => StoreError::RangeNotSatisfiable { size: None },
+            (StatusCode::UNAUTHORIZED, _) | (StatusCode::FORBIDDEN, "out_of_scope") => StoreError::Refused {
+                status: status.as_u16(),
+                message: format!("{what}: the server refused the token: {}", h::error_message(&body)),
+            },
             _ => StoreError::Refused {
                 status: status.as_u16(),
                 message: format!("{what}: {}", h::error_message(&body)),
@@ -597,4 +629,38 @@ impl Store for ArtifactStore {
         .await
         .map(drop)
     }
+}
+
+/// When `resp` is the built-in server refusing a request for want of a valid token (`401`
+/// with `WWW-Authenticate: Bearer`) or for a token that does not allow it (`403`): the error
+/// to report, given the server's reason. The token itself is never part of it.
+fn auth_refusal(
+    id: &str,
+    sent_token: bool,
+    resp: &reqwest::Response,
+) -> Option<impl FnOnce(&str) -> StoreError + use<>> {
+    let status = resp.status();
+    let bearer = resp
+        .headers()
+        .get(reqwest::header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("bearer"));
+    let hint = "give one with --token-file FILE, ARTIFACTFS_TOKEN or `token` in [auth]";
+    let id = id.to_string();
+    let make = move |reason: &str| -> String {
+        match (status.as_u16(), sent_token) {
+            (401, false) => format!("{id} requires a token ({reason}); {hint}"),
+            (401, true) => format!("{id} refused the token: {reason}"),
+            _ => format!("{id} refused the token (403 forbidden): {reason}"),
+        }
+    };
+    let refused = match status {
+        StatusCode::UNAUTHORIZED => bearer,
+        StatusCode::FORBIDDEN => sent_token,
+        _ => false,
+    };
+    refused.then_some(move |reason: &str| StoreError::Refused {
+        status: status.as_u16(),
+        message: make(reason),
+    })
 }

@@ -3,6 +3,7 @@
 //! headers the engine relies on (`Content-Range`, `Cache-Control`, dates).
 
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use backon::{ExponentialBuilder, Retryable};
@@ -39,6 +40,11 @@ pub struct HttpConfig {
     pub retry_max_delay: Duration,
     /// Idle keep-alive connections kept per host.
     pub pool_max_idle: usize,
+    /// PEM file of CA certificates trusted besides the system roots, for https remotes other
+    /// than S3 (which has its own `[s3] ca_bundle`, falling back to this one).
+    pub ca_bundle: Option<PathBuf>,
+    /// Accept any TLS certificate (self-signed test servers only; logged as a warning).
+    pub insecure_skip_tls_verify: bool,
 }
 
 impl Default for HttpConfig {
@@ -50,15 +56,144 @@ impl Default for HttpConfig {
             retry_min_delay: Duration::from_millis(100),
             retry_max_delay: Duration::from_secs(5),
             pool_max_idle: 32,
+            ca_bundle: None,
+            insecure_skip_tls_verify: false,
         }
     }
 }
 
-/// The one client a remote uses for all its requests (connection pool, keep-alive).
+/// The one client a remote uses for all its requests (connection pool, keep-alive), with the
+/// TLS settings of `cfg`.
 pub fn build_client(cfg: &HttpConfig) -> StoreResult<reqwest::Client> {
-    client_builder(cfg)
-        .build()
-        .map_err(|e| StoreError::Unavailable(format!("cannot build the HTTP client: {e}")))
+    build_client_with(cfg, HeaderMap::new())
+}
+
+/// The same, sending `headers` with every request (an `Authorization` marked sensitive).
+pub fn build_client_with(cfg: &HttpConfig, headers: HeaderMap) -> StoreResult<reqwest::Client> {
+    with_tls(
+        client_builder(cfg),
+        cfg.ca_bundle.as_deref(),
+        cfg.insecure_skip_tls_verify,
+    )?
+    .default_headers(headers)
+    .build()
+    .map_err(|e| StoreError::Refused {
+        status: 0,
+        message: error_chain("cannot build the HTTP client", &e),
+    })
+}
+
+/// Adds the CA certificates of `ca_bundle` to the trusted roots, or turns certificate checks
+/// off (with a warning).
+pub fn with_tls(
+    mut b: reqwest::ClientBuilder,
+    ca_bundle: Option<&Path>,
+    insecure: bool,
+) -> StoreResult<reqwest::ClientBuilder> {
+    let config_error = |message: String| StoreError::Refused { status: 0, message };
+    if let Some(path) = ca_bundle {
+        let pem = std::fs::read(path).map_err(|e| config_error(format!("ca_bundle {}: {e}", path.display())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| config_error(format!("ca_bundle {}: {e}", path.display())))?;
+        if certs.is_empty() {
+            return Err(config_error(format!(
+                "ca_bundle {}: no PEM certificate in it",
+                path.display()
+            )));
+        }
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    if insecure {
+        tracing::warn!(
+            "insecure_skip_tls_verify: the remote's TLS certificate is NOT checked; anyone on the \
+             network path can read and change what this mount reads and writes"
+        );
+        b = b.danger_accept_invalid_certs(true);
+    }
+    Ok(b)
+}
+
+/// A bearer token (`Authorization: Bearer …`, the built-in server's tokens). It is never
+/// shown: `Debug` and `Serialize` (`--print-config`) hide it, and it travels only in a header
+/// marked sensitive, never in a URL.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BearerToken(String);
+
+impl BearerToken {
+    /// A token as written in a file or variable (surrounding whitespace, such as a final
+    /// newline, is not part of it). The error never quotes the token.
+    pub fn new(text: &str) -> Result<BearerToken, String> {
+        let t = text.trim();
+        if t.is_empty() {
+            return Err("the token is empty".into());
+        }
+        if !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the token holds spaces or characters other than printable ASCII".into());
+        }
+        Ok(BearerToken(t.to_string()))
+    }
+
+    /// Reads a token file, refusing one that other users may read.
+    pub fn from_file(path: &Path) -> Result<BearerToken, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
+        if meta.permissions().mode() & 0o007 != 0 {
+            return Err(format!(
+                "token file {} is readable by every user; run `chmod 600 {}`",
+                path.display(),
+                path.display()
+            ));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
+        BearerToken::new(&text).map_err(|e| format!("token file {}: {e}", path.display()))
+    }
+
+    /// Whether the token says it allows reads only (an `afs1` token of mode `read`). Read
+    /// without checking the signature, which only the server can: it only spares the mount
+    /// writes the server would refuse.
+    pub fn is_read_only(&self) -> bool {
+        use base64::Engine;
+        let mut parts = self.0.split('.');
+        let (Some("afs1"), Some(payload)) = (parts.next(), parts.next()) else {
+            return false;
+        };
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()
+            .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
+            .is_some_and(|v| v["mode"] == "read")
+    }
+
+    /// `Authorization: Bearer TOKEN`, marked sensitive (hidden from reqwest's and hyper's logs).
+    pub fn headers(&self) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Ok(mut v) = http::HeaderValue::from_str(&format!("Bearer {}", self.0)) {
+            v.set_sensitive(true);
+            h.insert(http::header::AUTHORIZATION, v);
+        }
+        h
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(<hidden>)")
+    }
+}
+
+impl Serialize for BearerToken {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<hidden>")
+    }
+}
+
+impl<'de> Deserialize<'de> for BearerToken {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        BearerToken::new(&s).map_err(serde::de::Error::custom)
+    }
 }
 
 /// The settings every remote's client starts from (a remote may add TLS settings).
@@ -344,6 +479,29 @@ mod tests {
         assert_eq!(parse_max_age(&h), Some(Duration::from_secs(120)));
         h.insert("cache-control", "no-cache".parse().unwrap());
         assert_eq!(parse_max_age(&h), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn tokens_are_never_shown() {
+        let t = BearerToken::new("afs1.payload.mac\n").unwrap();
+        assert_eq!(format!("{t:?}"), "BearerToken(<hidden>)");
+        assert_eq!(serde_json::to_string(&t).unwrap(), "\"<hidden>\"");
+        let h = t.headers();
+        let v = &h[http::header::AUTHORIZATION];
+        assert!(v.is_sensitive());
+        assert_eq!(v.to_str().unwrap(), "Bearer afs1.payload.mac");
+        assert!(!format!("{h:?}").contains("payload"), "{h:?}");
+        let e = BearerToken::new("afs1.a b").unwrap_err();
+        assert!(!e.contains("afs1"), "{e}");
+        assert!(BearerToken::new(" \n").is_err());
+        // eyJtb2RlIjoicmVhZCJ9 is {"mode":"read"}, eyJtb2RlIjoicmVhZC13cml0ZSJ9 {"mode":"read-write"}.
+        assert!(BearerToken::new("afs1.eyJtb2RlIjoicmVhZCJ9.x").unwrap().is_read_only());
+        assert!(
+            !BearerToken::new("afs1.eyJtb2RlIjoicmVhZC13cml0ZSJ9.x")
+                .unwrap()
+                .is_read_only()
+        );
+        assert!(!t.is_read_only());
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub struct RemoteOptions {
     pub http: HttpConfig,
     pub web: WebConfig,
     pub s3: super::s3::S3Config,
+    /// Sent to the built-in server (`Authorization: Bearer`), never to other kinds.
+    pub token: Option<super::http::BearerToken>,
 }
 
 /// Opens the remote `url` names.
@@ -39,14 +41,18 @@ async fn open_http(url: &str, opts: &RemoteOptions) -> StoreResult<DynStore> {
                     "mirrors are for plain web servers (kind webdav or index)".into(),
                 ));
             }
-            Ok(Arc::new(ArtifactStore::connect(url, opts.http.clone()).await?))
+            Ok(Arc::new(
+                ArtifactStore::connect(url, opts.http.clone(), opts.token.as_ref()).await?,
+            ))
         }
         RemoteKind::Webdav | RemoteKind::Index => web().await,
         // Mirrors only exist for plain web servers.
         RemoteKind::Auto if !opts.web.mirrors.is_empty() => web().await,
-        RemoteKind::Auto => match ArtifactStore::connect_if_artifact(url, opts.http.clone()).await? {
-            Some(s) => Ok(Arc::new(s)),
-            None => web().await,
-        },
+        RemoteKind::Auto => {
+            match ArtifactStore::connect_if_artifact(url, opts.http.clone(), opts.token.as_ref()).await? {
+                Some(s) => Ok(Arc::new(s)),
+                None => web().await,
+            }
+        }
     }
 }

@@ -21,31 +21,12 @@ fn config_error(message: String) -> StoreError {
     StoreError::Refused { status: 0, message }
 }
 
-/// The reqwest client with the TLS settings of `[s3]`.
+/// The reqwest client with the TLS settings of `[s3]` (else those of `[http]`).
 fn http_client(cfg: &S3Config, http: &HttpConfig) -> StoreResult<reqwest::Client> {
-    let mut b = h::client_builder(http);
-    if let Some(path) = &cfg.ca_bundle {
-        let pem = std::fs::read(path).map_err(|e| config_error(format!("ca_bundle {}: {e}", path.display())))?;
-        let certs = reqwest::Certificate::from_pem_bundle(&pem)
-            .map_err(|e| config_error(format!("ca_bundle {}: {e}", path.display())))?;
-        if certs.is_empty() {
-            return Err(config_error(format!(
-                "ca_bundle {}: no PEM certificate in it",
-                path.display()
-            )));
-        }
-        for c in certs {
-            b = b.add_root_certificate(c);
-        }
-    }
-    if cfg.insecure_skip_tls_verify {
-        tracing::warn!(
-            "insecure_skip_tls_verify: the S3 endpoint's TLS certificate is NOT checked; anyone on the \
-             network path can read and change what this mount reads and writes"
-        );
-        b = b.danger_accept_invalid_certs(true);
-    }
-    b.build()
+    let ca = cfg.ca_bundle.as_deref().or(http.ca_bundle.as_deref());
+    let insecure = cfg.insecure_skip_tls_verify || http.insecure_skip_tls_verify;
+    h::with_tls(h::client_builder(http), ca, insecure)?
+        .build()
         .map_err(|e| config_error(h::error_chain("cannot build the HTTP client", &e)))
 }
 
