@@ -270,3 +270,72 @@ fn bandwidth_limits_hold_each_way() {
     assert!(rate <= 10.0 * 1.05, "uploads at {rate:.2} MiB/s");
     assert_eq!(hash_file(&store.dir.path().join("up.bin")).unwrap(), hash(&up));
 }
+
+#[test]
+fn mounts_are_private_unless_allow_other_and_show_the_owner_and_modes_asked() {
+    use std::os::unix::fs::MetadataExt;
+    let store = Store::new();
+    store.write("d/f", b"hello");
+    let server = store.serve();
+    // Another user (nobody) trying to list the mount.
+    let as_nobody = |dir: &std::path::Path| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "ls"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let m = Mount::new(&server.url());
+    let out = as_nobody(&m.mnt);
+    assert!(!out.status.success(), "another user listed a private mount");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(m);
+    let m = Mount::with(
+        &server.url(),
+        MountOpts {
+            args: [
+                "--allow-other",
+                "--uid",
+                "4242",
+                "--gid",
+                "4343",
+                "--file-mode",
+                "0600",
+                "--dir-mode",
+                "0751",
+            ]
+            .map(String::from)
+            .to_vec(),
+            ..MountOpts::default()
+        },
+    );
+    let f = std::fs::metadata(m.path("d/f")).unwrap();
+    assert_eq!((f.uid(), f.gid(), f.mode() & 0o7777), (4242, 4343, 0o600));
+    let d = std::fs::metadata(m.path("d")).unwrap();
+    assert_eq!((d.uid(), d.gid(), d.mode() & 0o7777), (4242, 4343, 0o751));
+    // With --allow-other other users get in, and the kernel checks the modes shown: nobody
+    // may pass through 0751 folders but not list them, nor read a 0600 file.
+    let nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = nobody(&["ls", s(&m.mnt)]);
+    assert!(!out.status.success(), "0751: not listable by others");
+    let out = nobody(&["stat", s(&m.path("d/f"))]);
+    assert!(
+        out.status.success(),
+        "0751: others may pass: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = nobody(&["cat", s(&m.path("d/f"))]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+    assert_eq!(std::fs::read(m.path("d/f")).unwrap(), b"hello", "root reads it");
+}

@@ -162,6 +162,18 @@ pub struct MountArgs {
     /// Let other users use the mount (with kernel permission checks).
     #[arg(long)]
     pub allow_other: bool,
+    /// Owner shown on every file and folder [default: the mounting user].
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<u32>,
+    /// Group shown on every file and folder [default: the mounting user's].
+    #[arg(long, value_name = "GID")]
+    pub gid: Option<u32>,
+    /// Mode shown on files, octal (e.g. 0640) [default: 0644, 0444 read-only].
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    pub file_mode: Option<u16>,
+    /// Mode shown on folders, octal (e.g. 0750) [default: 0755, 0555 read-only].
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    pub dir_mode: Option<u16>,
     /// Log level or RUST_LOG-style filter [default: info].
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
@@ -292,6 +304,14 @@ pub enum CacheCommand {
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         older_than: Option<Duration>,
     },
+}
+
+/// An octal permission mode such as `0640` or `640`.
+fn parse_mode(s: &str) -> Result<u16, String> {
+    u16::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode such as 0640"))
 }
 
 /// Runs a parsed command line.

@@ -80,6 +80,18 @@ pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
     if let Some(n) = a.threads {
         cfg.mount.threads = n;
     }
+    if a.uid.is_some() {
+        cfg.mount.uid = a.uid;
+    }
+    if a.gid.is_some() {
+        cfg.mount.gid = a.gid;
+    }
+    if a.file_mode.is_some() {
+        cfg.mount.file_mode = a.file_mode;
+    }
+    if a.dir_mode.is_some() {
+        cfg.mount.dir_mode = a.dir_mode;
+    }
     if let Some(d) = a.write_back {
         cfg.write.write_back = true;
         cfg.write.write_back_delay = d;

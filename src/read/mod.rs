@@ -107,6 +107,8 @@ pub struct Reader {
     cfg: ReadConfig,
     rt: Handle,
     requests: Semaphore,
+    /// Slots background fetches (readahead, warm-up) may hold: half of `requests`.
+    background: Semaphore,
     budget: Semaphore,
     /// Set once the remote answered a ranged GET with the whole file.
     whole_file: AtomicBool,
@@ -146,6 +148,7 @@ impl Reader {
         let units = (cfg.memory_budget / UNIT).max(1) as usize;
         Arc::new(Reader {
             requests: Semaphore::new(cfg.concurrency.max(1)),
+            background: Semaphore::new((cfg.concurrency / 2).max(1)),
             budget: Semaphore::new(units.min(Semaphore::MAX_PERMITS)),
             store,
             cache,
@@ -333,6 +336,10 @@ struct Progress {
 struct Flight {
     chunks: Range<u64>,
     progress: watch::Sender<Progress>,
+    /// Readahead or warm-up: no reader waits on it yet, so it yields to those that do.
+    background: bool,
+    /// A reader came to wait on it: it stops yielding.
+    promote: tokio::sync::Notify,
 }
 
 /// One version of one artifact, as long as someone reads it.
@@ -408,9 +415,9 @@ impl Version {
         // Fetch what the read needs and what readahead wants in one plan, so the first
         // request covers both.
         let union = range.start..prefetch.end.max(range.end);
-        self.start_flights(file.chunks_of(&union));
+        self.start_flights(file.chunks_of(&union), file.chunks_of(&range));
         loop {
-            match self.ensure(&file, range.clone()).await {
+            match self.ensure(&file, range.clone(), true).await {
                 Ok(()) => {
                     if let Some(r) = file.read_with(range.clone(), |b| (reply.take().expect("reply unused"))(Ok(b))) {
                         return r;
@@ -438,11 +445,13 @@ impl Version {
         if let Some(check) = verifier(file, chunks.clone()) {
             self.reader.rt.spawn_blocking(check);
         }
-        self.start_flights(chunks);
+        self.start_flights(chunks, 0..0);
     }
 
     /// Waits until every chunk under `bytes` is ready, fetching what is missing.
-    async fn ensure(self: &Arc<Self>, file: &Arc<CacheFile>, bytes: Range<u64>) -> Result<(), ReadError> {
+    /// `reader`: a reader waits (the flights it waits on stop yielding to others); false for
+    /// background work (warm-up).
+    async fn ensure(self: &Arc<Self>, file: &Arc<CacheFile>, bytes: Range<u64>, reader: bool) -> Result<(), ReadError> {
         let chunks = file.chunks_of(&bytes);
         if let Some(check) = verifier(file, chunks.clone()) {
             let _ = tokio::task::spawn_blocking(check).await;
@@ -461,9 +470,14 @@ impl Version {
                 if restarts > chunks.end - chunks.start + 2 {
                     return Err(ReadError::Integrity(format!("chunk {i} keeps disappearing")));
                 }
-                self.start_flights(i..chunks.end);
+                let urgent = if reader { i..chunks.end } else { 0..0 };
+                self.start_flights(i..chunks.end, urgent);
                 continue;
             };
+            if reader && flight.background {
+                // A reader waits on it now: no more yielding.
+                flight.promote.notify_one();
+            }
             let mut rx = flight.progress.subscribe();
             let p = rx
                 .wait_for(|p| p.done > i || p.finished)
@@ -480,7 +494,9 @@ impl Version {
     }
 
     /// Starts flights for the missing chunks of `chunks` that nobody fetches yet.
-    fn start_flights(self: &Arc<Self>, chunks: Range<u64>) {
+    /// Runs that reach into `urgent` have a reader waiting; the others are background work,
+    /// which never takes more than half of the remote's request slots.
+    fn start_flights(self: &Arc<Self>, chunks: Range<u64>, urgent: Range<u64>) {
         let Some(file) = &self.file else { return };
         let r = &self.reader;
         let max_chunks = if r.whole_file.load(Ordering::Acquire) {
@@ -500,9 +516,12 @@ impl Version {
                 finished: false,
                 error: None,
             });
+            let background = run.end <= urgent.start || run.start >= urgent.end;
             let flight = Arc::new(Flight {
                 chunks: run,
                 progress: tx,
+                background,
+                promote: tokio::sync::Notify::new(),
             });
             flights.push(flight.clone());
             r.rt.spawn(self.clone().fly(flight));
@@ -575,6 +594,8 @@ impl Version {
             let flight = Arc::new(Flight {
                 chunks: chunks.clone(),
                 progress: tx,
+                background: false,
+                promote: tokio::sync::Notify::new(),
             });
             flights.push(flight.clone());
             flight
@@ -621,6 +642,15 @@ impl Version {
             .acquire_many((bytes.min(1 << 20) / UNIT).max(1) as u32)
             .await
             .map_err(|_| ReadError::Integrity("shutting down".into()))?;
+        // Background work first waits for one of its own slots (half the remote's), so
+        // readers always find the other half.
+        let _background = match flight.background {
+            true => tokio::select! {
+                p = r.background.acquire() => Some(p.map_err(|_| ReadError::Integrity("shutting down".into()))?),
+                _ = flight.promote.notified() => None,
+            },
+            false => None,
+        };
         let _permit = r.request_permit().await?;
         let digests = self.digests().await?;
         let mut next = flight.chunks.start;

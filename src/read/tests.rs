@@ -445,3 +445,46 @@ async fn a_version_we_wrote_takes_its_unchanged_bytes_from_the_cache_of_the_one_
     assert!(fetched <= 3 * MIB, "fetched {fetched} bytes");
     assert!(new.is_complete());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_are_served_before_background_fetches() {
+    // 4 request slots: background work (warm-up) may hold 2 of them.
+    let e = env_with(
+        1 << 40,
+        ReadConfig {
+            concurrency: 4,
+            max_request: MIB,
+            ..fast_retries()
+        },
+    );
+    e.faulty.inject_always(Fault::Delay(Duration::from_millis(300)));
+    let big = data(40 * MIB as usize, 30);
+    let t = e.mem.insert("big", big.clone());
+    let warm = open(&e, "big", &t, big.len());
+    let w = warm.clone();
+    let warming = tokio::spawn(async move { w.warm(|_| {}).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        e.reader.requests_in_flight() <= 2,
+        "background work holds at most half the slots"
+    );
+    // A reader of another file gets a free slot at once: one slow GET, not a queue of them.
+    let small = data(MIB as usize, 31);
+    let ts = e.mem.insert("small", small.clone());
+    let v = open(&e, "small", &ts, small.len());
+    let ra = Mutex::new(Readahead::default());
+    let start = std::time::Instant::now();
+    assert_eq!(read(&v, &ra, 0, 4096).await.unwrap(), &small[..4096]);
+    let waited = start.elapsed();
+    assert!(waited < Duration::from_millis(550), "the reader waited {waited:?}");
+    // A reader of the file being warmed is not held back behind the warm-up's queue either.
+    let start = std::time::Instant::now();
+    let off = 39 * MIB;
+    assert_eq!(read(&warm, &ra, off, 4096).await.unwrap(), &big[off as usize..][..4096]);
+    assert!(
+        start.elapsed() < Duration::from_millis(1200),
+        "waited {:?}",
+        start.elapsed()
+    );
+    warming.await.unwrap().unwrap();
+}

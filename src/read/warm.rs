@@ -200,8 +200,8 @@ impl Version {
             let end = (pos + WINDOW).min(self.size);
             let chunks = file.chunks_of(&(pos..end));
             if !chunks.clone().all(|i| file.is_present(i)) {
-                self.start_flights(chunks);
-                self.ensure(&file, pos..end).await?;
+                self.start_flights(chunks, 0..0);
+                self.ensure(&file, pos..end, false).await?;
             }
             progress(present());
             pos = end;

@@ -45,6 +45,8 @@ pub enum Fault {
     FlipEtag,
     /// A `GET` body has its first byte flipped (bit rot on the way).
     CorruptBody,
+    /// A `GET` is answered this much later (a slow remote).
+    Delay(std::time::Duration),
 }
 
 impl Fault {
@@ -179,6 +181,9 @@ impl Store for FaultyStore {
             Some(by) => r.start + by..r.end + by,
             None => r,
         });
+        if let Some(Fault::Delay(d)) = self.take(Op::Get, |f| matches!(f, Fault::Delay(_))) {
+            tokio::time::sleep(d).await;
+        }
         let mut resp = self.inner.get(path, asked, if_match).await?;
         if self.take(Op::Get, |f| matches!(f, Fault::FlipEtag)).is_some() {
             resp.etag = Some(ETag::new("\"flipped-by-fault-injection\""));
