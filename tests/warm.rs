@@ -339,3 +339,58 @@ fn mounts_are_private_unless_allow_other_and_show_the_owner_and_modes_asked() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
     assert_eq!(std::fs::read(m.path("d/f")).unwrap(), b"hello", "root reads it");
 }
+
+#[test]
+fn warm_without_a_mount_fills_the_cache_a_later_mount_reads_from() {
+    let store = Store::new();
+    let mut total = 0;
+    for i in 0..6u64 {
+        let d = bytes(3 * MIB + i as usize * 777, 60 + i);
+        total += d.len() as u64;
+        store.write(&format!("set/f{i}"), &d);
+    }
+    store.write("elsewhere.bin", &bytes(MIB, 70));
+    let server = store.serve();
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().join("c");
+    let out = afs(&[
+        "warm",
+        "--remote",
+        &server.url(),
+        "--cache-dir",
+        s(&cache_dir),
+        "set",
+        "--no-progress",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("warmed 6 files"));
+    assert_eq!(server.stats().file_bytes_sent, total);
+    // A mount of the same remote on that cache reads the set without fetching it.
+    let m = Mount::with(
+        &server.url(),
+        MountOpts {
+            cache: Some(cache_dir.clone()),
+            ..MountOpts::default()
+        },
+    );
+    for i in 0..6u64 {
+        let want = bytes(3 * MIB + i as usize * 777, 60 + i);
+        assert_eq!(hash_file(&m.path(&format!("set/f{i}"))).unwrap(), hash(&want));
+    }
+    assert_eq!(server.stats().file_bytes_sent, total, "the mount fetched nothing");
+    // The cache of a running mount is warmed through the mount, not beside it.
+    let out = afs(&[
+        "warm",
+        "--remote",
+        &server.url(),
+        "--cache-dir",
+        s(&cache_dir),
+        "elsewhere.bin",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("give paths inside the mount"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

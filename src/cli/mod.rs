@@ -86,6 +86,16 @@ pub struct WarmArgs {
     /// No progress bar (there is none anyway when stdout is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
+    /// Warm without a mount: PATHs are paths on this remote (e.g. `models/big.bin`, or `/`
+    /// for all of it), fetched into --cache-dir for a later mount of the same remote.
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+    /// With --remote: the cache directory [default: the mount's default].
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// With --remote: settings of the remote (TOML, as for mount: [http], [s3], [auth], …).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -32,6 +32,16 @@ pub fn warm(a: WarmArgs) -> Result<(), String> {
     if paths.is_empty() {
         return Err("nothing to warm: give paths, or --list FILE".into());
     }
+    let show = !a.no_progress && std::io::stdout().is_terminal();
+    if let Some(remote) = &a.remote {
+        let rels: Vec<String> = paths
+            .iter()
+            .map(|p| p.to_string_lossy().trim_matches('/').to_string())
+            .collect();
+        let start = Instant::now();
+        let last = warm_remote(remote, &a, rels, show)?;
+        return summarize(&last, start);
+    }
     // Paths grouped by mount, each group in the order given (the priority order).
     let mut groups: Vec<(PathBuf, Vec<String>)> = Vec::new();
     for p in &paths {
@@ -41,12 +51,16 @@ pub fn warm(a: WarmArgs) -> Result<(), String> {
             None => groups.push((mnt, vec![rel])),
         }
     }
-    let show = !a.no_progress && std::io::stdout().is_terminal();
     let start = Instant::now();
     let mut last = Vec::new();
     for (mnt, rels) in groups {
         last.extend(warm_mount(&mnt, rels, show)?);
     }
+    summarize(&last, start)
+}
+
+/// Prints what was warmed and what failed.
+fn summarize(last: &[FileProgress], start: Instant) -> Result<(), String> {
     let failed: Vec<_> = last.iter().filter(|f| f.error.is_some()).collect();
     let bytes: u64 = last.iter().filter(|f| f.error.is_none()).map(|f| f.size).sum();
     let secs = start.elapsed().as_secs_f64();
@@ -65,6 +79,73 @@ pub fn warm(a: WarmArgs) -> Result<(), String> {
     } else {
         Err(format!("{} of {} could not be warmed", failed.len(), last.len()))
     }
+}
+
+/// Warms `rels` of `remote` into a cache directory no mount is using, in this process.
+fn warm_remote(remote: &str, a: &WarmArgs, rels: Vec<String>, show: bool) -> Result<Vec<FileProgress>, String> {
+    use std::sync::Arc;
+    let cfg = match &a.config {
+        Some(f) => super::config::Config::load(f)?,
+        None => super::config::Config::default(),
+    };
+    cfg.validate()?;
+    let dir = a
+        .cache_dir
+        .clone()
+        .or_else(|| cfg.cache.dir.clone())
+        .unwrap_or_else(super::config::default_cache_dir);
+    let token = cfg.auth.resolve_token()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let opts = crate::store::open::RemoteOptions {
+        http: cfg.http.clone(),
+        web: cfg.web.clone(),
+        s3: cfg.s3.clone(),
+        token,
+    };
+    let store = rt
+        .block_on(crate::store::open::open(remote, &opts))
+        .map_err(|e| crate::store::http::redact_urls(&format!("cannot use the remote {remote}: {e}")))?;
+    let cache = crate::cache::Cache::open(
+        &crate::cache::CacheConfig {
+            dir: dir.clone(),
+            max_size: cfg.cache.max_size.0,
+            chunk_size: cfg.cache.chunk_size.0,
+            min_free: f64::from(cfg.cache.min_free_percent) / 100.0,
+            expire_after: None,
+        },
+        &format!("artifactfs warm of {}", store.id()),
+    )
+    .map_err(|e| format!("{e} (to warm the cache of a running mount, give paths inside the mount)"))?;
+    let (concurrency, _) = cfg.concurrency_for(store.kind());
+    let reader = crate::read::Reader::new(
+        store,
+        Some(cache.clone()),
+        crate::read::ReadConfig {
+            concurrency,
+            ..crate::read::ReadConfig::default()
+        },
+        rt.handle().clone(),
+    );
+    let warm = Arc::new(rt.block_on(crate::read::warm::resolve(&reader, &rels)));
+    let task = rt.spawn(crate::read::warm::run(reader, warm.clone()));
+    let bars = show.then(Bars::new);
+    while !task.is_finished() {
+        if let Some(b) = &bars {
+            b.update(&warm.progress());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let files = warm.progress();
+    if let Some(b) = bars {
+        b.update(&files);
+        b.finish();
+    }
+    cache.persist();
+    Ok(files)
 }
 
 /// Warms `rels` in the mount at `mnt`, showing progress; returns the files' final state.
