@@ -96,6 +96,22 @@ impl From<ChunkError> for ReadError {
     }
 }
 
+/// Counts a fetch a reader waits on while it runs.
+struct Foreground<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Foreground<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Foreground(n)
+    }
+}
+
+impl Drop for Foreground<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Memory budget units (64 KiB).
 const UNIT: u64 = 64 << 10;
 
@@ -109,6 +125,8 @@ pub struct Reader {
     requests: Semaphore,
     /// Slots background fetches (readahead, warm-up) may hold: half of `requests`.
     background: Semaphore,
+    /// Fetches readers wait on, in flight now: background transfers pause while there are.
+    foreground: std::sync::atomic::AtomicUsize,
     budget: Semaphore,
     /// Set once the remote answered a ranged GET with the whole file.
     whole_file: AtomicBool,
@@ -149,6 +167,7 @@ impl Reader {
         Arc::new(Reader {
             requests: Semaphore::new(cfg.concurrency.max(1)),
             background: Semaphore::new((cfg.concurrency / 2).max(1)),
+            foreground: std::sync::atomic::AtomicUsize::new(0),
             budget: Semaphore::new(units.min(Semaphore::MAX_PERMITS)),
             store,
             cache,
@@ -340,6 +359,7 @@ struct Flight {
     background: bool,
     /// A reader came to wait on it: it stops yielding.
     promote: tokio::sync::Notify,
+    promoted: AtomicBool,
 }
 
 /// One version of one artifact, as long as someone reads it.
@@ -476,6 +496,7 @@ impl Version {
             };
             if reader && flight.background {
                 // A reader waits on it now: no more yielding.
+                flight.promoted.store(true, Ordering::Release);
                 flight.promote.notify_one();
             }
             let mut rx = flight.progress.subscribe();
@@ -522,6 +543,7 @@ impl Version {
                 progress: tx,
                 background,
                 promote: tokio::sync::Notify::new(),
+                promoted: AtomicBool::new(false),
             });
             flights.push(flight.clone());
             r.rt.spawn(self.clone().fly(flight));
@@ -596,6 +618,7 @@ impl Version {
                 progress: tx,
                 background: false,
                 promote: tokio::sync::Notify::new(),
+                promoted: AtomicBool::new(false),
             });
             flights.push(flight.clone());
             flight
@@ -652,6 +675,7 @@ impl Version {
             false => None,
         };
         let _permit = r.request_permit().await?;
+        let _foreground = (!flight.background).then(|| Foreground::new(&r.foreground));
         let digests = self.digests().await?;
         let mut next = flight.chunks.start;
         let mut backoff = retry_delays(r.cfg.retries);
@@ -705,6 +729,15 @@ impl Version {
         let hash = r.cfg.verify;
         let mut writer = file.begin_chunk(*next, hash)?;
         while let Some(piece) = body.next().await {
+            // Background transfers hold back while a reader waits on another fetch (the
+            // remote's and this machine's bandwidth go to the reader first).
+            if flight.background && !flight.promoted.load(Ordering::Acquire) {
+                let mut waited = 0;
+                while r.foreground.load(Ordering::Acquire) > 0 && waited < 100 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    waited += 1;
+                }
+            }
             let mut piece = piece.map_err(|e| self.store_error(e))?;
             let n = skip.min(piece.len() as u64);
             piece.advance(n as usize);
