@@ -33,6 +33,9 @@ pub enum FsError {
     Conflict { path: String, kept: String },
     #[error("{path}: the upload failed: {err}")]
     Upload { path: String, err: String },
+    /// The remote refuses the change for good (a `4xx` such as 401, 403 or 413): not retried.
+    #[error("{path}: the remote refused the change ({err}); your version is kept at {kept}")]
+    Refused { path: String, err: String, kept: String },
     #[error("local write area: {0}")]
     Local(String),
     #[error("{path}: {err}")]
@@ -91,6 +94,7 @@ impl FsError {
             FsError::NotSupported(_) => libc::EPERM,
             FsError::Invalid(_) => libc::EINVAL,
             FsError::Conflict { .. } => libc::ESTALE,
+            FsError::Refused { .. } => libc::EACCES,
             FsError::Remote { .. } | FsError::Read { .. } | FsError::Upload { .. } | FsError::Local(_) => libc::EIO,
         }
     }
@@ -105,6 +109,7 @@ impl FsError {
                 | FsError::Upload { .. }
                 | FsError::Local(_)
                 | FsError::Conflict { .. }
+                | FsError::Refused { .. }
         )
     }
 }

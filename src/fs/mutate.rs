@@ -564,6 +564,24 @@ impl ArtifactFs {
                 self.supersede(&mut t, ino);
                 Err(err)
             }
+            Err(UploadError::Store(e @ crate::store::StoreError::Refused { .. })) => {
+                // Trying again would be refused again (and a journaled change would be retried
+                // for ever): the local version is kept where the log says, as for a conflict.
+                let kept = self.keep_conflicting(&st).await;
+                tracing::error!(
+                    path,
+                    kept = %kept,
+                    "the remote refused the change: {e}; not retried; the local version is kept"
+                );
+                let err = FsError::Refused {
+                    path,
+                    err: e.to_string(),
+                    kept,
+                };
+                st.conflict = Some(err.clone());
+                self.journal.done(&st.staged);
+                Err(err)
+            }
             Err(e) => Err(FsError::Upload {
                 path,
                 err: e.to_string(),

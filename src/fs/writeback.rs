@@ -143,7 +143,7 @@ impl ArtifactFs {
                     self.journal.done(&staged);
                     sent += 1;
                 }
-                Err(UploadError::Conflict) => {
+                Err(e @ (UploadError::Conflict | UploadError::Store(crate::store::StoreError::Refused { .. }))) => {
                     let kept = self.cfg.staging_dir.join("conflicts");
                     let dest = kept.join(format!("{}-{}", std::process::id(), rec.path.replace('/', "%2F")));
                     let moved = std::fs::create_dir_all(&kept).and_then(|_| std::fs::copy(staged.path(), &dest));
@@ -151,7 +151,7 @@ impl ArtifactFs {
                         path = rec.path,
                         kept = %dest.display(),
                         ok = moved.is_ok(),
-                        "a journaled change conflicts with the remote's version: not sent; the local bytes are kept"
+                        "a journaled change was not sent ({e}); the local bytes are kept"
                     );
                     self.journal.done(&staged);
                 }

@@ -339,3 +339,29 @@ async fn an_upload_that_fails_at_close_is_retried_in_the_background() {
     assert_eq!(remote(&e, "late.txt").unwrap(), b"eventually");
     assert_eq!(e.fs.drain(Duration::from_secs(5)).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_the_remote_refuses_is_kept_and_not_retried() {
+    let e = env(Duration::from_secs(60));
+    let no = StoreError::Refused {
+        status: 403,
+        message: "token out of scope".into(),
+    };
+    e.faulty.inject_always(Fault::Fail(Op::Write, no));
+    let (_, o) = e.fs.create(ROOT, OsStr::new("denied.txt")).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"mine").await;
+    let err = e.fs.flush(o.fh).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EACCES, "{err}");
+    assert!(err.to_string().contains("token out of scope"), "{err}");
+    // Said again at the last close, and not journaled for retries.
+    let err = e.fs.release_handle(o.fh).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EACCES);
+    assert_eq!(e.fs.pending_uploads(), 0);
+    e.faulty.clear();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(remote(&e, "denied.txt").is_none(), "nothing was sent later");
+    // The bytes are kept where the error said.
+    let kept = err.to_string();
+    let path = kept.rsplit("kept at ").next().unwrap();
+    assert_eq!(std::fs::read(path).unwrap(), b"mine");
+}
