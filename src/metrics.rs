@@ -22,7 +22,7 @@ use serde::Serialize;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Op {
-    op: String,
+    op: &'static str,
 }
 
 fn latency_histogram() -> Histogram {
@@ -53,7 +53,7 @@ pub struct Metrics {
     retries: Counter,
     /// Longer than this is logged as slow (milliseconds; 0: never).
     slow_ms: AtomicU64,
-    totals: Mutex<BTreeMap<String, OpTotals>>,
+    totals: Mutex<BTreeMap<(&'static str, &'static str), OpTotals>>,
     registry: Mutex<Option<Registry>>,
     /// Where `/metrics` is served, once it is.
     endpoint: Mutex<Option<std::net::SocketAddr>>,
@@ -138,8 +138,8 @@ impl Metrics {
         }
     }
 
-    fn record(&self, kind: &str, op: &str, elapsed: Duration, ok: bool, what: &str) {
-        let label = Op { op: op.to_string() };
+    fn record(&self, kind: &'static str, op: &'static str, elapsed: Duration, ok: bool, what: &str) {
+        let label = Op { op };
         let secs = elapsed.as_secs_f64();
         let (calls, errors, latency) = if kind == "remote" {
             (&self.requests, &self.request_errors, &self.request_latency)
@@ -153,7 +153,7 @@ impl Metrics {
         latency.get_or_create(&label).observe(secs);
         {
             let mut t = self.totals.lock();
-            let e = t.entry(format!("{kind}.{op}")).or_default();
+            let e = t.entry((kind, op)).or_default();
             e.count += 1;
             e.errors += u64::from(!ok);
             e.seconds += secs;
@@ -166,19 +166,19 @@ impl Metrics {
     }
 
     /// A request to the remote ended (`what`: the path, for the slow-operation log).
-    pub fn remote(&self, op: &str, elapsed: Duration, ok: bool, what: &str) {
+    pub fn remote(&self, op: &'static str, elapsed: Duration, ok: bool, what: &str) {
         self.record("remote", op, elapsed, ok, what);
     }
 
     /// A kernel call was answered (errors are counted by [`Metrics::fuse_failed`]).
-    pub fn fuse(&self, op: &str, elapsed: Duration) {
+    pub fn fuse(&self, op: &'static str, elapsed: Duration) {
         self.record("fuse", op, elapsed, true, "");
     }
 
     /// A kernel call is answered with an error.
-    pub fn fuse_failed(&self, op: &str) {
-        self.fuse_errors.get_or_create(&Op { op: op.to_string() }).inc();
-        self.totals.lock().entry(format!("fuse.{op}")).or_default().errors += 1;
+    pub fn fuse_failed(&self, op: &'static str) {
+        self.fuse_errors.get_or_create(&Op { op }).inc();
+        self.totals.lock().entry(("fuse", op)).or_default().errors += 1;
     }
 
     pub fn fetched(&self, n: u64) {
@@ -213,7 +213,12 @@ impl Metrics {
             "fetched_bytes": self.fetched.get(),
             "sent_bytes": self.sent.get(),
             "retries": self.retries.get(),
-            "operations": *self.totals.lock(),
+            "operations": self
+                .totals
+                .lock()
+                .iter()
+                .map(|((kind, op), t)| (format!("{kind}.{op}"), t.clone()))
+                .collect::<BTreeMap<_, _>>(),
         })
     }
 }

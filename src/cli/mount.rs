@@ -257,18 +257,11 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
     })?;
     // Bandwidth limits, then every request counted and timed (metrics, slow-operation log).
     let (down, up) = (cfg.performance.download_limit, cfg.performance.upload_limit);
-    let store: DynStore = if down.is_some() || up.is_some() {
-        use crate::store::limited::{Limit, LimitedStore};
+    if down.is_some() || up.is_some() {
         tracing::info!(download = ?down.map(|r| r.to_string()), upload = ?up.map(|r| r.to_string()), "bandwidth limits (per second)");
-        Arc::new(LimitedStore::new(
-            store,
-            down.map(|r| Limit::new(r.0)),
-            up.map(|r| Limit::new(r.0)),
-        ))
-    } else {
-        store
-    };
-    let store: DynStore = Arc::new(crate::store::metered::MeteredStore::new(store));
+    }
+    let limit = |r: Option<super::config::ByteSize>| r.map(|r| crate::store::limited::Limit::new(r.0));
+    let store: DynStore = Arc::new(crate::store::metered::MeteredStore::new(store, limit(down), limit(up)));
     let metrics = crate::metrics::get();
     metrics.set_slow_threshold(cfg.log.slow_threshold);
     let owner = format!("mount {} of {}", r.mountpoint.display(), store.id());

@@ -59,7 +59,7 @@ impl FuseAdapter {
 }
 
 /// Logs what a user must see, and turns the error into the kernel's errno.
-fn errno(op: &str, e: &FsError) -> Errno {
+fn errno(op: &'static str, e: &FsError) -> Errno {
     crate::metrics::get().fuse_failed(op);
     if e.is_failure() {
         tracing::warn!("{op}: {e}");

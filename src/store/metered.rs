@@ -1,6 +1,7 @@
-//! A store that counts what goes to the remote ([`crate::metrics`]): each request by operation,
-//! its time and whether it failed, the bytes of bodies each way; a request slower than the
-//! threshold is logged. The daemon wraps its remote in it; the engine does not know.
+//! What crosses the wire to the remote, in one wrapper the daemon puts around its store (the
+//! engine does not know): every request counted and timed by operation ([`crate::metrics`]; a
+//! slow one is logged), the bytes of bodies each way counted, and, with bandwidth limits,
+//! paced ([`super::limited::Limit`]).
 
 use std::ops::Range;
 use std::time::Instant;
@@ -9,6 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
+use super::limited::Limit;
 use super::{
     Capabilities, Digests, DynStore, ETag, GetResponse, Head, Listing, ObjectMeta, PartReceipt, PartSource,
     Revalidated, Store, StoreKind, StoreResult, UploadId, WriteCondition,
@@ -18,16 +20,27 @@ use crate::metrics;
 #[derive(Debug)]
 pub struct MeteredStore {
     inner: DynStore,
+    /// Bytes per second each way, when limited.
+    down: Option<Limit>,
+    up: Option<Limit>,
 }
 
 impl MeteredStore {
-    pub fn new(inner: DynStore) -> Self {
-        MeteredStore { inner }
+    pub fn new(inner: DynStore, down: Option<Limit>, up: Option<Limit>) -> Self {
+        MeteredStore { inner, down, up }
+    }
+
+    /// `n` bytes are about to go out: counted, and held back to the upload limit.
+    async fn sending(&self, n: u64) {
+        if let Some(l) = &self.up {
+            l.take(n).await;
+        }
+        metrics::get().sent(n);
     }
 }
 
 /// Runs `f`, recording it as operation `op` on `what`.
-async fn timed<T>(op: &str, what: &str, f: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
+async fn timed<T>(op: &'static str, what: &str, f: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
     let start = Instant::now();
     let r = f.await;
     // "Not found" and "changed" are answers, not failures of the remote.
@@ -64,11 +77,19 @@ impl Store for MeteredStore {
     /// Timed until the answer's headers; the body's bytes are counted as they arrive.
     async fn get(&self, path: &str, range: Option<Range<u64>>, if_match: Option<&ETag>) -> StoreResult<GetResponse> {
         let mut resp = timed("get", path, self.inner.get(path, range, if_match)).await?;
+        let down = self.down.clone();
         resp.body = resp
             .body
-            .inspect(|piece| {
-                if let Ok(b) = piece {
-                    metrics::get().fetched(b.len() as u64);
+            .then(move |piece| {
+                let down = down.clone();
+                async move {
+                    if let Ok(b) = &piece {
+                        if let Some(l) = &down {
+                            l.take(b.len() as u64).await;
+                        }
+                        metrics::get().fetched(b.len() as u64);
+                    }
+                    piece
                 }
             })
             .boxed();
@@ -80,10 +101,8 @@ impl Store for MeteredStore {
     }
 
     async fn put(&self, path: &str, body: Bytes, cond: WriteCondition) -> StoreResult<ObjectMeta> {
-        let n = body.len() as u64;
-        let r = timed("put", path, self.inner.put(path, body, cond)).await;
-        metrics::get().sent(n);
-        r
+        self.sending(body.len() as u64).await;
+        timed("put", path, self.inner.put(path, body, cond)).await
     }
 
     async fn delete(&self, path: &str, cond: WriteCondition) -> StoreResult<()> {
@@ -103,17 +122,13 @@ impl Store for MeteredStore {
     }
 
     async fn append(&self, path: &str, offset: u64, body: Bytes, cond: WriteCondition) -> StoreResult<ObjectMeta> {
-        let n = body.len() as u64;
-        let r = timed("append", path, self.inner.append(path, offset, body, cond)).await;
-        metrics::get().sent(n);
-        r
+        self.sending(body.len() as u64).await;
+        timed("append", path, self.inner.append(path, offset, body, cond)).await
     }
 
     async fn write_range(&self, path: &str, offset: u64, body: Bytes, cond: WriteCondition) -> StoreResult<ObjectMeta> {
-        let n = body.len() as u64;
-        let r = timed("write_range", path, self.inner.write_range(path, offset, body, cond)).await;
-        metrics::get().sent(n);
-        r
+        self.sending(body.len() as u64).await;
+        timed("write_range", path, self.inner.write_range(path, offset, body, cond)).await
     }
 
     async fn truncate(&self, path: &str, size: u64, cond: WriteCondition) -> StoreResult<ObjectMeta> {
@@ -139,13 +154,10 @@ impl Store for MeteredStore {
         src: PartSource,
         at: Option<u64>,
     ) -> StoreResult<PartReceipt> {
-        let n = match &src {
-            PartSource::Bytes(b) => b.len() as u64,
-            _ => 0,
-        };
-        let r = timed("upload_part", "", self.inner.upload_part(id, number, src, at)).await;
-        metrics::get().sent(n);
-        r
+        if let PartSource::Bytes(b) = &src {
+            self.sending(b.len() as u64).await;
+        }
+        timed("upload_part", "", self.inner.upload_part(id, number, src, at)).await
     }
 
     async fn commit_upload(
