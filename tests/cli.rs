@@ -4,76 +4,11 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-fn afs(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).output().unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
-/// A temp dir with a mount point and a cache dir. Whatever gets mounted there is unmounted
-/// when this is dropped, whatever happens.
-struct Place {
-    _tmp: tempfile::TempDir,
-    mnt: PathBuf,
-    cache: PathBuf,
-}
-
-impl Place {
-    fn new() -> Place {
-        let tmp = tempfile::tempdir().unwrap();
-        let (mnt, cache) = (tmp.path().join("mnt"), tmp.path().join("cache"));
-        std::fs::create_dir(&mnt).unwrap();
-        Place { _tmp: tmp, mnt, cache }
-    }
-
-    /// `artifactfs mount URL MNT --cache-dir CACHE` (daemon mode).
-    fn mount(&self, url: &str) -> Output {
-        self.mount_with_cache(url, &self.cache)
-    }
-
-    fn mount_with_cache(&self, url: &str, cache: &Path) -> Output {
-        afs(&["mount", url, s(&self.mnt), "--cache-dir", s(cache)])
-    }
-
-    fn mount_with(&self, url: &str, extra: &[&str]) -> Output {
-        let mut args = vec!["mount", url, s(&self.mnt), "--cache-dir", s(&self.cache)];
-        args.extend_from_slice(extra);
-        afs(&args)
-    }
-}
-
-impl Drop for Place {
-    fn drop(&mut self) {
-        if is_mounted(&self.mnt) {
-            let _ = afs(&["unmount", s(&self.mnt)]);
-            if is_mounted(&self.mnt) {
-                force_unmount(&self.mnt);
-            }
-        }
-    }
-}
-
-fn lock_pid(cache: &Path) -> u32 {
-    let text = std::fs::read_to_string(cache.join("lock")).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("pid "))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
 
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -161,7 +96,7 @@ fn a_plain_web_server_mounts_by_its_index_and_kind_artifact_names_it() {
     let url = format!("http://127.0.0.1:{port}");
     let place = Place::new();
     // Told it is the built-in server, the mount names what it found instead.
-    let out = place.mount_with(&url, &["--kind", "artifact"]);
+    let out = place.mount_with(&url, &["--kind", "artifact"], &[]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("is not an artifactfs server"), "{}", stderr(&out));
     assert!(!is_mounted(&place.mnt));

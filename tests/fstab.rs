@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
@@ -43,43 +43,6 @@ impl Drop for Link {
     fn drop(&mut self) {
         if self.made {
             let _ = std::fs::remove_file(self.path);
-        }
-    }
-}
-
-/// A mount point and a cache dir; unmounted on drop whatever happens.
-struct Place {
-    tmp: tempfile::TempDir,
-    mnt: PathBuf,
-    cache: PathBuf,
-}
-
-impl Place {
-    fn new() -> Place {
-        let tmp = tempfile::tempdir().unwrap();
-        let (mnt, cache) = (tmp.path().join("mnt"), tmp.path().join("cache"));
-        std::fs::create_dir(&mnt).unwrap();
-        Place { tmp, mnt, cache }
-    }
-
-    fn daemon_pid(&self) -> u32 {
-        let text = std::fs::read_to_string(self.cache.join("lock")).unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("pid "))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    }
-}
-
-impl Drop for Place {
-    fn drop(&mut self) {
-        if is_mounted(&self.mnt) {
-            let _ = Command::new("umount").arg(&self.mnt).output();
-            if is_mounted(&self.mnt) {
-                force_unmount(&self.mnt);
-            }
         }
     }
 }

@@ -16,18 +16,6 @@ use common::*;
 
 const SECRET: &str = "an end-to-end test secret, longer than 32 bytes";
 
-fn afs(args: &[&str]) -> Output {
-    Command::new(bin()).args(args).output().unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).to_string()
-}
-
 /// A file only its owner may read, holding `text`.
 fn private_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
@@ -58,45 +46,6 @@ fn token_create(secret_file: &Path, prefix: &str, mode: &str, expires: &str) -> 
 
 fn serve_with_tokens(store: &Store) -> Server {
     store.serve_with(|c| c.token_secret = Some(Arc::new(Secret::new(SECRET.as_bytes()).unwrap())))
-}
-
-/// `artifactfs mount URL MNT` (daemon mode) with `extra` flags, in a place that is unmounted
-/// on drop.
-struct Place {
-    tmp: tempfile::TempDir,
-    mnt: PathBuf,
-}
-
-impl Place {
-    fn new() -> Place {
-        let tmp = tempfile::tempdir().unwrap();
-        let mnt = tmp.path().join("mnt");
-        std::fs::create_dir(&mnt).unwrap();
-        Place { tmp, mnt }
-    }
-
-    fn mount(&self, url: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
-        let cache = self.tmp.path().join("cache");
-        let mut args = vec!["mount", url, s(&self.mnt), "--cache-dir", s(&cache)];
-        args.extend_from_slice(extra);
-        Command::new(bin())
-            .args(&args)
-            .env_remove("ARTIFACTFS_TOKEN")
-            .envs(env.iter().copied())
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for Place {
-    fn drop(&mut self) {
-        if is_mounted(&self.mnt) {
-            let _ = afs(&["unmount", s(&self.mnt)]);
-            if is_mounted(&self.mnt) {
-                force_unmount(&self.mnt);
-            }
-        }
-    }
 }
 
 #[test]
@@ -195,7 +144,7 @@ fn mounts_without_a_valid_token_fail_naming_the_cause() {
     ];
     for (args, env, why) in cases {
         let start = Instant::now();
-        let out = place.mount(&url, args, env);
+        let out = place.mount_with(&url, args, env);
         let err = stderr(&out);
         assert!(!out.status.success(), "{args:?}: mounted");
         assert!(err.contains(why), "{args:?}: {err}");
@@ -205,12 +154,12 @@ fn mounts_without_a_valid_token_fail_naming_the_cause() {
     }
     // A token file others can read is refused before anything is sent.
     std::fs::set_permissions(&team_file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = place.mount(&format!("{url}/team"), &["--token-file", s(&team_file)], &[]);
+    let out = place.mount_with(&format!("{url}/team"), &["--token-file", s(&team_file)], &[]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("chmod 600"), "{}", stderr(&out));
     // The same token, private again, mounts /team.
     std::fs::set_permissions(&team_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let out = place.mount(&format!("{url}/team"), &["--token-file", s(&team_file)], &[]);
+    let out = place.mount_with(&format!("{url}/team"), &["--token-file", s(&team_file)], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(std::fs::read(place.mnt.join("a.bin")).unwrap(), b"a");
 }
@@ -342,7 +291,7 @@ fn a_tls_server_is_mounted_with_its_ca_and_refused_without_it() {
     let token_file = private_file(keys.path(), "token", &token_create(&secret, "/", "read", "1h"));
     // Without the CA: the certificate is not trusted, and the mount says so.
     let place = Place::new();
-    let out = place.mount(&url, &["--token-file", s(&token_file)], &[]);
+    let out = place.mount_with(&url, &["--token-file", s(&token_file)], &[]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.to_lowercase().contains("certificate"), "{err}");

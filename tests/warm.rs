@@ -9,14 +9,6 @@ use std::process::Command;
 
 use common::*;
 
-fn afs(args: &[&str]) -> std::process::Output {
-    Command::new(bin()).args(args).output().unwrap()
-}
-
-fn s(p: &std::path::Path) -> &str {
-    p.to_str().unwrap()
-}
-
 #[test]
 fn warm_fetches_folders_and_files_once_and_reports_what_failed() {
     let store = Store::new();

@@ -267,3 +267,82 @@ pub fn tree(root: &Path) -> Vec<(String, bool, u64)> {
     walk(root, root, &mut out);
     out
 }
+
+/// `artifactfs ARGS…`, waited for.
+pub fn afs(args: &[&str]) -> Output {
+    Command::new(bin()).args(args).output().unwrap()
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// The pid a cache directory's lock file names (the daemon using it).
+pub fn lock_pid(cache: &Path) -> u32 {
+    let text = std::fs::read_to_string(cache.join("lock")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("pid "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A temp dir with a mount point and a cache dir, for mounts made the way a user makes them
+/// (`artifactfs mount` as a daemon, mount(8)). Whatever gets mounted there is unmounted when
+/// this is dropped, whatever happens.
+pub struct Place {
+    pub tmp: tempfile::TempDir,
+    pub mnt: PathBuf,
+    pub cache: PathBuf,
+}
+
+impl Place {
+    pub fn new() -> Place {
+        let tmp = tempfile::tempdir().unwrap();
+        let (mnt, cache) = (tmp.path().join("mnt"), tmp.path().join("cache"));
+        std::fs::create_dir(&mnt).unwrap();
+        Place { tmp, mnt, cache }
+    }
+
+    /// `artifactfs mount URL MNT --cache-dir CACHE` (daemon mode).
+    pub fn mount(&self, url: &str) -> Output {
+        self.mount_with_cache(url, &self.cache)
+    }
+
+    pub fn mount_with_cache(&self, url: &str, cache: &Path) -> Output {
+        afs(&["mount", url, s(&self.mnt), "--cache-dir", s(cache)])
+    }
+
+    /// The same with `extra` flags and environment (`ARTIFACTFS_TOKEN` only from `env`).
+    pub fn mount_with(&self, url: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut args = vec!["mount", url, s(&self.mnt), "--cache-dir", s(&self.cache)];
+        args.extend_from_slice(extra);
+        Command::new(bin())
+            .args(&args)
+            .env_remove("ARTIFACTFS_TOKEN")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    }
+
+    /// The daemon holding this place's cache.
+    pub fn daemon_pid(&self) -> u32 {
+        lock_pid(&self.cache)
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if is_mounted(&self.mnt) {
+            let _ = afs(&["unmount", s(&self.mnt)]);
+            if is_mounted(&self.mnt) {
+                force_unmount(&self.mnt);
+            }
+        }
+    }
+}
