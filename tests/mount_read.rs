@@ -456,3 +456,135 @@ fn an_nginx_html_index_mounts_and_reads() {
         "an index-only server is mounted read-only"
     );
 }
+
+/// The daemon's count of FUSE `READ` requests, from its metrics endpoint.
+fn fuse_reads(m: &Mount) -> u64 {
+    let st: serde_json::Value = serde_json::from_slice(&afs(&["status", s(&m.mnt), "--json"]).stdout).unwrap();
+    let addr = st["metrics_addr"].as_str().expect("the metrics address").to_string();
+    let out = Command::new("curl")
+        .args(["-sf", &format!("http://{addr}/metrics")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("artifactfs_fuse_calls_total{op=\"read\"} "))
+        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+}
+
+fn status(m: &Mount) -> serde_json::Value {
+    serde_json::from_slice(&afs(&["status", s(&m.mnt), "--json"]).stdout).unwrap()
+}
+
+fn drop_page_cache() {
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+}
+
+/// Passthrough: once a file is complete in the cache, the kernel reads it straight from the
+/// cache file (the daemon sees no `READ`), also after the page cache is dropped and through
+/// `mmap`; writers wait for those readers (`ETXTBSY`); the cache never punches holes in a file
+/// read that way; `--passthrough=false` reads through the daemon.
+#[test]
+fn a_complete_file_is_read_by_the_kernel_straight_from_the_cache() {
+    use std::io::Write;
+    let store = Store::new();
+    let a = bytes(24 * MIB + 321, 61);
+    let b = bytes(24 * MIB, 62);
+    store.write("a.bin", &a);
+    store.write("b.bin", &b);
+    let server = store.serve();
+    let cache = tempfile::tempdir().unwrap();
+    let opts = |extra: &[&str]| MountOpts {
+        cache: Some(cache.path().join("c")),
+        args: ["--metrics-addr", "127.0.0.1:0", "--max-cache-size", "40M"]
+            .iter()
+            .chain(extra)
+            .map(|a| a.to_string())
+            .collect(),
+        ..MountOpts::default()
+    };
+    let mut m = Mount::with(&server.url(), opts(&[]));
+    assert_eq!(
+        status(&m)["passthrough"],
+        true,
+        "root on this kernel: passthrough is on"
+    );
+    // Cold: through the daemon.
+    assert_eq!(hash_file(&m.path("a.bin")).unwrap(), hash(&a));
+    let cold_reads = fuse_reads(&m);
+    assert!(cold_reads > 0);
+
+    // Complete now: the next open is passthrough.
+    let mut held = std::fs::File::open(m.path("a.bin")).unwrap();
+    assert_eq!(status(&m)["passthrough_files"], 1);
+    drop_page_cache();
+    let mut got = Vec::new();
+    held.read_to_end(&mut got).unwrap();
+    assert!(got == a, "passthrough bytes differ");
+    // SAFETY: read-only mapping of a file nobody truncates meanwhile.
+    let map = unsafe { memmap2::Mmap::map(&held) }.unwrap();
+    assert!(map[..] == a[..], "mapped bytes differ");
+    drop(map);
+    assert_eq!(fuse_reads(&m), cold_reads, "the daemon saw reads of a passthrough file");
+
+    // Writers wait for passthrough readers.
+    let w = std::fs::OpenOptions::new().append(true).open(m.path("a.bin"));
+    assert_eq!(w.unwrap_err().raw_os_error(), Some(libc::ETXTBSY));
+    let t = Command::new("truncate")
+        .args(["-s", "5"])
+        .arg(m.path("a.bin"))
+        .output()
+        .unwrap();
+    assert!(!t.status.success(), "truncate of a passthrough file");
+
+    // The cache (40 MiB) fills while the passthrough file is held: b's chunks go, a's stay.
+    assert_eq!(hash_file(&m.path("b.bin")).unwrap(), hash(&b));
+    drop_page_cache();
+    let mut again = Vec::new();
+    held.read_exact_at_all(&mut again);
+    assert!(again == a, "a chunk of a passthrough file was punched out");
+    drop(held);
+
+    // Closed: a writer may open it again, and what it writes reads back.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(m.path("a.bin"))
+        .unwrap()
+        .write_all(b"tail")
+        .unwrap();
+    let mut a2 = a.clone();
+    a2.extend_from_slice(b"tail");
+    assert_eq!(hash_file(&m.path("a.bin")).unwrap(), hash(&a2));
+    assert_eq!(hash_file(&store.path("a.bin")).unwrap(), hash(&a2));
+    assert!(m.unmount().status.success());
+    let st = afs(&["cache", "stats", "--json", "--cache-dir", s(&m.cache)]);
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert!(
+        st["counters"]["punched_chunks"].as_u64().unwrap() > 0,
+        "the cache was not under pressure while the passthrough file was held: {st}"
+    );
+
+    // Passthrough off: a complete file is read through the daemon.
+    let m = Mount::with(&server.url(), opts(&["--passthrough=false"]));
+    assert_eq!(status(&m)["passthrough"], false);
+    assert_eq!(hash_file(&m.path("b.bin")).unwrap(), hash(&b));
+    let first = fuse_reads(&m);
+    drop_page_cache();
+    assert_eq!(hash_file(&m.path("b.bin")).unwrap(), hash(&b));
+    assert!(
+        fuse_reads(&m) > first,
+        "reads went around the daemon with passthrough off"
+    );
+}
+
+trait ReadAll {
+    fn read_exact_at_all(&self, out: &mut Vec<u8>);
+}
+
+impl ReadAll for std::fs::File {
+    /// Reads the whole file with `pread` (the handle's offset is at its end).
+    fn read_exact_at_all(&self, out: &mut Vec<u8>) {
+        let len = self.metadata().unwrap().len() as usize;
+        out.resize(len, 0);
+        self.read_exact_at(out, 0).unwrap();
+    }
+}

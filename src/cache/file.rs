@@ -92,7 +92,28 @@ pub struct CacheFile {
     /// reports a full disk as an error just as well.
     mmap_writes: bool,
     pub(super) retired: AtomicBool,
+    /// Holders of the whole file (passthrough readers, whom the kernel serves straight from
+    /// it): while any, no chunk is punched out.
+    pins: AtomicU32,
+    /// A [`CacheFile::verify_all`] is running.
+    checking: AtomicBool,
     pub(super) shared: Arc<Shared>,
+}
+
+/// Holds a complete cache file whole: no chunk of it is punched out while this lives.
+#[derive(Debug)]
+pub struct WholePin(Arc<CacheFile>);
+
+impl WholePin {
+    pub fn file(&self) -> &Arc<CacheFile> {
+        &self.0
+    }
+}
+
+impl Drop for WholePin {
+    fn drop(&mut self) {
+        self.0.pins.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Writes one chunk; becomes visible to readers only through [`ChunkWriter::finish`].
@@ -224,6 +245,8 @@ impl CacheFile {
             last_persist: Mutex::new(Instant::now()),
             mmap_writes,
             retired: AtomicBool::new(false),
+            pins: AtomicU32::new(0),
+            checking: AtomicBool::new(false),
             shared,
         })
     }
@@ -285,6 +308,39 @@ impl CacheFile {
         self.present.count() == self.present.len()
     }
 
+    /// Pins the file whole if every chunk is present and checked in this process (so the
+    /// kernel may read it directly, with no check of ours in between); `None` otherwise.
+    pub fn pin_whole(self: &Arc<Self>) -> Option<WholePin> {
+        // Under the punch lock: a punch either ran before (the file is then incomplete) or
+        // sees the pin and leaves the chunk alone.
+        let _g = self.punch.read();
+        if !(self.is_complete() && self.verified.count() == self.verified.len()) {
+            return None;
+        }
+        self.pins.fetch_add(1, Ordering::AcqRel);
+        Some(WholePin(self.clone()))
+    }
+
+    /// Whether someone holds the file whole.
+    pub fn is_pinned(&self) -> bool {
+        self.pins.load(Ordering::Acquire) > 0
+    }
+
+    /// Checks every present chunk not yet checked in this process (after a restart), so that
+    /// [`CacheFile::pin_whole`] can succeed. Returns whether the file is complete and checked.
+    pub fn verify_all(&self) -> bool {
+        // One check at a time (every open of such a file asks for one).
+        if self.checking.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let mut ok = true;
+        for i in 0..self.chunks() {
+            ok &= self.verify(i);
+        }
+        self.checking.store(false, Ordering::Release);
+        ok
+    }
+
     /// Checks a chunk found on disk against its recorded checksum; a chunk that fails is
     /// dropped (and fetched again by the caller). Returns whether the chunk is ready.
     pub fn verify(&self, i: u64) -> bool {
@@ -319,6 +375,14 @@ impl CacheFile {
             self.dirty.store(true, Ordering::Release);
         }
         ok
+    }
+
+    /// Reserves the disk blocks of `range` in one call, ahead of its chunks' writes (which
+    /// reserve their own again, a no-op then, and report a full disk). Best effort.
+    pub fn reserve(&self, range: &Range<u64>) {
+        if self.mmap_writes && range.end > range.start {
+            let _ = fallocate(&self.file, range.start, range.end - range.start);
+        }
     }
 
     /// Prepares chunk `i` for writing: reserves its disk blocks.
@@ -400,7 +464,7 @@ impl CacheFile {
     /// Turns a present chunk back into a hole, freeing its disk space. Returns the bytes freed.
     pub(super) fn punch(&self, i: u64) -> u64 {
         let _g = self.punch.write();
-        if !self.present.clear(i) {
+        if self.is_pinned() || !self.present.clear(i) {
             return 0;
         }
         self.verified.clear(i);

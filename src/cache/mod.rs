@@ -28,7 +28,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-pub use file::{CacheFile, ChunkError, ChunkWriter, VersionKey};
+pub use file::{CacheFile, ChunkError, ChunkWriter, VersionKey, WholePin};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -426,7 +426,8 @@ impl Cache {
         if s.used.load(Ordering::Acquire) > max {
             let open: Vec<Arc<CacheFile>> = s.open.lock().values().filter_map(Weak::upgrade).collect();
             let mut chunks: Vec<(u32, usize, u64)> = Vec::new();
-            for (fi, f) in open.iter().enumerate() {
+            // Files held whole (read by the kernel directly) keep all their chunks.
+            for (fi, f) in open.iter().enumerate().filter(|(_, f)| !f.is_pinned()) {
                 for i in (0..f.chunks()).filter(|&i| f.is_present(i)) {
                     chunks.push((f.tick_of(i), fi, i));
                 }

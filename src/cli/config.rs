@@ -260,6 +260,8 @@ pub struct ReadSection {
     pub memory_budget: ByteSize,
     pub verify: bool,
     pub retries: usize,
+    /// Let the kernel read files complete in the cache straight from the cache file.
+    pub passthrough: bool,
 }
 
 impl Default for ReadSection {
@@ -273,6 +275,7 @@ impl Default for ReadSection {
             memory_budget: ByteSize(d.memory_budget),
             verify: d.verify,
             retries: d.retries,
+            passthrough: true,
         }
     }
 }

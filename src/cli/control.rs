@@ -45,6 +45,12 @@ pub struct Status {
     pub hit_bytes: u64,
     pub miss_bytes: u64,
     pub open_files: usize,
+    /// Whether files complete in the cache are read by the kernel directly, and how many
+    /// open handles are read that way now.
+    #[serde(default)]
+    pub passthrough: bool,
+    #[serde(default)]
+    pub passthrough_files: usize,
     /// Files whose changes are waiting to be sent (write-back).
     pub pending_uploads: usize,
     pub cache_bytes: u64,
@@ -105,6 +111,8 @@ impl Control {
             hit_bytes: c.hit_bytes,
             miss_bytes: c.miss_bytes,
             open_files: self.fs.open_files(),
+            passthrough: self.fs.passthrough_enabled(),
+            passthrough_files: self.fs.passthrough_handles(),
             pending_uploads: self.fs.pending_uploads(),
             cache_bytes: self.cache.used(),
             socket: super::registry::socket_path(&self.mountpoint),

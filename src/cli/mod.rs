@@ -206,6 +206,11 @@ pub struct MountArgs {
     /// background after DELAY [default: 1s].
     #[arg(long, value_name = "DELAY", num_args = 0..=1, default_missing_value = "1s", value_parser = humantime::parse_duration)]
     pub write_back: Option<Duration>,
+    /// Let the kernel read files complete in the cache straight from the cache file (default,
+    /// when the daemon runs as root on Linux 6.9+); `--passthrough=false` reads every byte
+    /// through the daemon.
+    #[arg(long, value_name = "BOOL")]
+    pub passthrough: Option<bool>,
     /// Send only what changed (default); `--incremental=false` uploads whole files.
     #[arg(long, value_name = "BOOL")]
     pub incremental: Option<bool>,

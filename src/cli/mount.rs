@@ -118,6 +118,9 @@ pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
     if let Some(p) = a.partial_put {
         cfg.web.partial_put = Some(p);
     }
+    if let Some(p) = a.passthrough {
+        cfg.read.passthrough = p;
+    }
     if let Some(i) = a.incremental {
         cfg.write.incremental = i;
     }
@@ -332,6 +335,7 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
             },
             upload_parallel: cfg.write.parallel_parts,
             write_back: cfg.write.write_back.then_some(cfg.write.write_back_delay),
+            passthrough: cfg.read.passthrough,
         },
     );
     // What a previous run journaled goes first.

@@ -270,6 +270,14 @@ pub fn status(a: StatusArgs) -> Result<(), String> {
     }
     println!("cache size        {}", human(s.cache_bytes));
     println!("open files        {}", s.open_files);
+    if s.passthrough {
+        println!(
+            "passthrough       on ({} open files read by the kernel directly)",
+            s.passthrough_files
+        );
+    } else {
+        println!("passthrough       off (every read goes through the daemon)");
+    }
     println!("pending uploads   {}", s.pending_uploads);
     Ok(())
 }

@@ -25,6 +25,11 @@ pub enum FsError {
     Exists,
     #[error("directory not empty")]
     NotEmpty,
+    /// Opened for reading in passthrough mode: no writer may open it meanwhile.
+    #[error(
+        "the file is being read straight from the cache (passthrough): it cannot be changed until those readers close it"
+    )]
+    Busy,
     #[error("not supported: {0}")]
     NotSupported(&'static str),
     #[error("invalid argument: {0}")]
@@ -91,6 +96,7 @@ impl FsError {
             FsError::BadHandle => libc::EBADF,
             FsError::Exists => libc::EEXIST,
             FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::Busy => libc::ETXTBSY,
             FsError::NotSupported(_) => libc::EPERM,
             FsError::Invalid(_) => libc::EINVAL,
             FsError::Conflict { .. } => libc::ESTALE,

@@ -6,6 +6,7 @@
 //! must wait (for the network, say) is moved onto the tokio runtime and replied to from there,
 //! so fuser threads never wait for the network and tokio threads never block on the kernel.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::future::Future;
 use std::sync::Arc;
@@ -14,9 +15,9 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
-    Notifier, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyOpen, ReplyStatfs, Request,
+    BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig,
+    LockOwner, Notifier, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, Request,
 };
 use tokio::runtime::Handle;
 
@@ -26,12 +27,81 @@ pub struct FuseAdapter {
     fs: Arc<ArtifactFs>,
     rt: Handle,
     negative_ttl: Duration,
+    backings: Arc<Backings>,
+}
+
+/// The kernel's backing-file ids of inodes open in passthrough mode: one per inode, shared by
+/// all its passthrough handles (the kernel requires that), closed with the last of them.
+#[derive(Default)]
+struct Backings {
+    by_ino: parking_lot::Mutex<HashMap<u64, (BackingId, u32)>>,
+    /// Passthrough handles, with their inode.
+    handles: parking_lot::Mutex<HashMap<u64, u64>>,
+}
+
+impl Backings {
+    /// Replies to `open` in passthrough mode on `file`, registering it with the kernel if the
+    /// inode has no backing file yet. Gives the reply back when the kernel refuses.
+    fn reply(
+        &self,
+        ino: u64,
+        fh: u64,
+        file: &std::fs::File,
+        reply: ReplyOpen,
+    ) -> Result<(), (ReplyOpen, std::io::Error)> {
+        let mut by_ino = self.by_ino.lock();
+        let (id, n) = match by_ino.entry(ino) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => match reply.open_backing(file) {
+                Ok(id) => e.insert((id, 0)),
+                Err(err) => return Err((reply, err)),
+            },
+        };
+        *n += 1;
+        self.handles.lock().insert(fh, ino);
+        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+        Ok(())
+    }
+
+    /// A handle closed: its inode's backing file goes with the last passthrough handle.
+    fn release(&self, fh: u64) {
+        let Some(ino) = self.handles.lock().remove(&fh) else {
+            return;
+        };
+        let mut by_ino = self.by_ino.lock();
+        if let Some((_, n)) = by_ino.get_mut(&ino) {
+            *n -= 1;
+            if *n == 0 {
+                by_ino.remove(&ino);
+            }
+        }
+    }
+}
+
+/// The capability's bit (`linux/capability.h`).
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Whether this process may register backing files with the kernel (`CAP_SYS_ADMIN`).
+fn may_passthrough() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
 }
 
 impl FuseAdapter {
     pub fn new(fs: Arc<ArtifactFs>, rt: Handle) -> Self {
         let negative_ttl = fs.config().negative_ttl;
-        FuseAdapter { fs, rt, negative_ttl }
+        FuseAdapter {
+            fs,
+            rt,
+            negative_ttl,
+            backings: Arc::default(),
+        }
     }
 
     /// Polls `fut` once here; if it is not done, finishes it on the runtime. `done` gets the
@@ -110,6 +180,27 @@ impl fuser::Filesystem for FuseAdapter {
                 tracing::debug!("kernel lacks {missing:?}");
             }
         }
+        // Passthrough: files complete in the cache are read by the kernel straight from the
+        // cache file. Needs the kernel's support and CAP_SYS_ADMIN; otherwise every read goes
+        // through the daemon, as before.
+        if self.fs.passthrough_enabled() {
+            let why_not = if !may_passthrough() {
+                Some("the daemon lacks CAP_SYS_ADMIN (run it as root)".to_string())
+            } else if let Err(missing) = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+                Some(format!("the kernel lacks {missing:?} (Linux 6.9 or later has it)"))
+            } else if config.set_max_stack_depth(1).is_err() {
+                Some("the kernel refused the stack depth".to_string())
+            } else {
+                None
+            };
+            match why_not {
+                Some(why) => {
+                    tracing::info!("passthrough off: {why}; complete files are read through the daemon");
+                    self.fs.disable_passthrough();
+                }
+                None => tracing::debug!("passthrough on: complete files are read by the kernel directly"),
+            }
+        }
         // Let the kernel keep many readahead requests in flight.
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
@@ -165,15 +256,29 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let fs = self.fs.clone();
+        let backings = self.backings.clone();
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let truncate = flags.0 & libc::O_TRUNC != 0;
         self.run(
             "open",
-            async move { fs.open(ino.0, write, truncate).await },
+            async move { fs.open(ino.0, write, truncate).await.map(|o| (o, fs)) },
             move |r| match r {
-                Ok(o) => {
+                Ok((o, fs)) => {
+                    let reply = match &o.passthrough {
+                        None => reply,
+                        Some(file) => match backings.reply(ino.0, o.fh, file, reply) {
+                            Ok(()) => return,
+                            Err((reply, e)) => {
+                                tracing::warn!(
+                                    "passthrough off: the kernel refused a backing file ({e}); complete files are read through the daemon"
+                                );
+                                fs.passthrough_refused(o.fh, true);
+                                reply
+                            }
+                        },
+                    };
                     let mut f = FopenFlags::empty();
-                    if o.keep_cache {
+                    if o.keep_cache || o.passthrough.is_some() {
                         f |= FopenFlags::FOPEN_KEEP_CACHE;
                     }
                     reply.opened(FileHandle(o.fh), f)
@@ -234,6 +339,7 @@ impl fuser::Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.backings.release(fh.0);
         let fs = self.fs.clone();
         self.run(
             "release",

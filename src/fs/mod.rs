@@ -11,6 +11,7 @@
 
 pub mod error;
 pub mod fuse;
+pub mod iomode;
 mod mutate;
 pub mod name;
 #[cfg(test)]
@@ -62,6 +63,9 @@ pub struct FsConfig {
     /// `--write-back`: `close`/`fsync` return once changes are in the journal; uploads follow
     /// after this delay.
     pub write_back: Option<Duration>,
+    /// Offer passthrough opens of files complete in the cache (the adapter turns it off when
+    /// the kernel does not allow it).
+    pub passthrough: bool,
 }
 
 impl Default for FsConfig {
@@ -81,6 +85,7 @@ impl Default for FsConfig {
             upload: crate::write::plan::PlanConfig::default(),
             upload_parallel: 4,
             write_back: None,
+            passthrough: true,
         }
     }
 }
@@ -122,12 +127,26 @@ pub struct DirItem {
 }
 
 /// How an open file is served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct OpenReply {
     pub fh: u64,
-    /// The kernel may keep the inode's page cache: always true, since an inode never changes
-    /// content (a new version is a new inode).
+    /// The kernel may keep the inode's page cache: true for every ordinary open, since an
+    /// inode never changes content behind the kernel's back (a new version is a new inode).
     pub keep_cache: bool,
+    /// Passthrough: the kernel reads this file (the version's complete cache file) directly.
+    /// If it cannot, the adapter calls [`ArtifactFs::passthrough_refused`] and opens the
+    /// handle the ordinary way.
+    pub passthrough: Option<std::fs::File>,
+}
+
+impl OpenReply {
+    fn ordinary(fh: u64) -> Self {
+        OpenReply {
+            fh,
+            keep_cache: true,
+            passthrough: None,
+        }
+    }
 }
 
 /// Sends invalidations to the kernel. Implementations must not block the caller (the FUSE
@@ -243,6 +262,8 @@ struct FileHandle {
     /// (they may be sent and gone by then).
     version: OnceLock<Arc<Version>>,
     readahead: Mutex<Readahead>,
+    /// Passthrough: the cache file, held whole while the kernel reads it.
+    passthrough: Mutex<Option<crate::cache::WholePin>>,
 }
 
 /// A snapshot of a listing for one `opendir`. Inodes are made only for the entries handed
@@ -273,6 +294,8 @@ pub struct ArtifactFs {
     journal: crate::write::journal::Journal,
     /// Background uploads: the write-back mode's, and retries of failed uploads.
     write_back: writeback::WriteBack,
+    /// Which inodes are open in passthrough mode, which the ordinary way.
+    io: iomode::IoModes,
     /// This filesystem, for tasks that outlive a request.
     me: std::sync::Weak<ArtifactFs>,
 }
@@ -338,6 +361,7 @@ impl ArtifactFs {
             me: me.clone(),
             journal: crate::write::journal::Journal::new(cfg.staging_dir.clone()),
             write_back: writeback::WriteBack::new(cfg.write_back),
+            io: iomode::IoModes::new(cfg.passthrough),
             store: reader.store().clone(),
             uploader: crate::write::upload::Uploader::new(
                 reader.store().clone(),
@@ -370,6 +394,15 @@ impl ArtifactFs {
     /// Open file handles (for a clean unmount).
     pub fn open_files(&self) -> usize {
         self.files.lock().len()
+    }
+
+    /// Open file handles the kernel reads straight from the cache (passthrough).
+    pub fn passthrough_handles(&self) -> usize {
+        self.files
+            .lock()
+            .values()
+            .filter(|h| h.passthrough.lock().is_some())
+            .count()
     }
 
     fn invalidate_entry(&self, parent: u64, name: &str) {
@@ -967,20 +1000,84 @@ impl ArtifactFs {
             }
             i.local.clone()
         };
-        let version = if local.is_some() || write || truncate {
-            if write || truncate {
-                self.ensure_local(ino).await?;
+        if local.is_some() || write || truncate {
+            self.io.open_ordinary(ino)?;
+            let prepared = async {
+                if write || truncate {
+                    self.ensure_local(ino).await?;
+                }
+                if truncate {
+                    self.truncate_on_open(ino).await?;
+                }
+                Ok(())
             }
-            if truncate {
-                self.truncate_on_open(ino).await?;
+            .await;
+            if let Err(e) = prepared {
+                self.io.close(ino, iomode::Mode::Ordinary);
+                return Err(e);
             }
-            None
-        } else {
-            let (path, etag, size) = self.file_version(ino).await?;
-            Some(self.reader.open_version(&path, &etag, size))
+            return Ok(OpenReply::ordinary(self.add_handle(ino, None, None)));
+        }
+        let (path, etag, size) = self.file_version(ino).await?;
+        let version = self.reader.open_version(&path, &etag, size);
+        if let Some((pin, file)) = self.passthrough_for(ino, &version) {
+            return Ok(OpenReply {
+                fh: self.add_handle(ino, Some(version), Some(pin)),
+                keep_cache: false,
+                passthrough: Some(file),
+            });
+        }
+        self.io.open_ordinary(ino)?;
+        Ok(OpenReply::ordinary(self.add_handle(ino, Some(version), None)))
+    }
+
+    /// Whether a read-only open of `version` may be passthrough: the version complete and
+    /// checked in the cache, passthrough on, and no ordinary open of the inode. Claims the
+    /// passthrough mode for the inode when it says yes.
+    fn passthrough_for(&self, ino: u64, version: &Arc<Version>) -> Option<(crate::cache::WholePin, std::fs::File)> {
+        if !self.io.enabled() {
+            return None;
+        }
+        let Some(pin) = version.pin_whole() else {
+            if let Some(f) = version.cache_file().filter(|f| f.is_complete()) {
+                // Complete but not checked by this process (cached by an earlier one): check it
+                // in the background, so that the next open can be passthrough.
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || f.verify_all());
+            }
+            return None;
         };
-        let fh = self.add_handle(ino, version);
-        Ok(OpenReply { fh, keep_cache: true })
+        let file = match std::fs::File::open(pin.file().data_path()) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(path = %version.path, "no passthrough: {e}");
+                return None;
+            }
+        };
+        self.io.open_passthrough(ino).then_some((pin, file))
+    }
+
+    /// The kernel could not take the passthrough open `fh`: it becomes an ordinary one. With
+    /// `for_good`, passthrough is turned off for the rest of the mount.
+    pub fn passthrough_refused(&self, fh: u64, for_good: bool) {
+        if for_good {
+            self.io.disable();
+        }
+        if let Some(h) = self.files.lock().get(&fh)
+            && h.passthrough.lock().take().is_some()
+        {
+            self.io.downgrade(h.ino);
+        }
+    }
+
+    /// Whether passthrough opens may be offered.
+    pub fn passthrough_enabled(&self) -> bool {
+        self.io.enabled()
+    }
+
+    /// No passthrough for this mount (the kernel or the daemon's privileges do not allow it).
+    pub fn disable_passthrough(&self) {
+        self.io.disable();
     }
 
     /// `read`: hands the bytes (or the error) to `reply`, possibly on the calling thread.

@@ -258,11 +258,18 @@ impl ArtifactFs {
         );
         let entry = self.entry_of(&t, ino)?;
         drop(t);
-        let fh = self.add_handle(ino, None);
-        Ok((entry, OpenReply { fh, keep_cache: true }))
+        self.io.open_ordinary(ino)?;
+        let fh = self.add_handle(ino, None, None);
+        Ok((entry, OpenReply::ordinary(fh)))
     }
 
-    pub(super) fn add_handle(&self, ino: u64, version: Option<Arc<Version>>) -> u64 {
+    /// A new handle of `ino`, whose I/O mode the caller has claimed (`passthrough` or not).
+    pub(super) fn add_handle(
+        &self,
+        ino: u64,
+        version: Option<Arc<Version>>,
+        passthrough: Option<crate::cache::WholePin>,
+    ) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.files.lock().insert(
             fh,
@@ -270,6 +277,7 @@ impl ArtifactFs {
                 ino,
                 version: version.map(OnceLock::from).unwrap_or_default(),
                 readahead: Mutex::new(Readahead::default()),
+                passthrough: Mutex::new(passthrough),
             }),
         );
         fh
@@ -661,6 +669,11 @@ impl ArtifactFs {
         let Some(h) = self.files.lock().remove(&fh) else {
             return Ok(());
         };
+        let mode = match h.passthrough.lock().take() {
+            Some(_) => super::iomode::Mode::Passthrough,
+            None => super::iomode::Mode::Ordinary,
+        };
+        self.io.close(h.ino, mode);
         let result = self.sync_inode(h.ino).await;
         if let Err(e) = &result {
             tracing::error!("release: {e}");
@@ -707,17 +720,26 @@ impl ArtifactFs {
             if kind == Kind::Dir {
                 return Err(FsError::IsDir);
             }
-            let l = self.ensure_local(ino).await?;
-            let mut st = l.state.lock().await;
-            if st.stream.as_ref().is_some_and(|s| size < s.sent_upto()) {
-                st.stop_stream().await;
+            // Held for the change: refused while the kernel reads the file straight from the
+            // cache, and no such reader starts meanwhile.
+            self.io.open_ordinary(ino)?;
+            let truncated = async {
+                let l = self.ensure_local(ino).await?;
+                let mut st = l.state.lock().await;
+                if st.stream.as_ref().is_some_and(|s| size < s.sent_upto()) {
+                    st.stop_stream().await;
+                }
+                st.staged.truncate(size).map_err(|e| FsError::Local(e.to_string()))?;
+                drop(st);
+                self.touch(ino, size);
+                if fh.is_none() {
+                    self.sync_inode(ino).await?;
+                }
+                Ok::<(), FsError>(())
             }
-            st.staged.truncate(size).map_err(|e| FsError::Local(e.to_string()))?;
-            drop(st);
-            self.touch(ino, size);
-            if fh.is_none() {
-                self.sync_inode(ino).await?;
-            }
+            .await;
+            self.io.close(ino, super::iomode::Mode::Ordinary);
+            truncated?;
         }
         let t = self.table.lock();
         let mut e = self.entry_of(&t, ino)?;

@@ -399,6 +399,12 @@ impl Version {
         self.file.as_ref()
     }
 
+    /// Holds the cache file whole when every byte is in it and checked (see
+    /// [`CacheFile::pin_whole`]).
+    pub fn pin_whole(&self) -> Option<crate::cache::WholePin> {
+        self.file.as_ref()?.pin_whole()
+    }
+
     /// Reads up to `len` bytes at `offset` and hands them to `reply` (which may run on the
     /// calling thread, with the bytes borrowed straight from the cache mapping). `ra` is the
     /// reader's readahead state.
@@ -520,11 +526,16 @@ impl Version {
     fn start_flights(self: &Arc<Self>, chunks: Range<u64>, urgent: Range<u64>) {
         let Some(file) = &self.file else { return };
         let r = &self.reader;
-        let max_chunks = if r.whole_file.load(Ordering::Acquire) {
+        let whole = r.whole_file.load(Ordering::Acquire);
+        let max_chunks = if whole {
             u64::MAX
         } else {
             (r.cfg.max_request / file.chunk_size()).max(1)
         };
+        // A remote that ignores ranges sends the whole file to every GET: one GET then fills
+        // everything missing from here to the end, instead of one GET (of the whole file) per
+        // readahead step.
+        let chunks = if whole { chunks.start..file.chunks() } else { chunks };
         let mut flights = self.flights.lock();
         // Missing chunks nobody fetches: copied from an older version of ours when it holds
         // the same bytes (under the lock, so no flight starts for them meanwhile), else fetched.
@@ -704,6 +715,9 @@ impl Version {
     ) -> Result<(), ReadError> {
         let r = &self.reader;
         let asked = file.chunk_range(*next).start..file.chunk_range(flight.chunks.end - 1).end;
+        // Disk blocks for the whole run at once: one extent, not one per chunk (a file read
+        // later straight from the cache then reads as fast as a file written in one go).
+        file.reserve(&asked);
         let whole = r.whole_file.load(Ordering::Acquire);
         let resp = r
             .store

@@ -251,6 +251,23 @@ async fn whole_file_answers_to_ranged_requests_are_used_only_as_the_whole_file()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_without_ranges_sends_a_file_about_once_not_once_per_chunk() {
+    let e = env();
+    let d = data(32 * MIB as usize + 5, 17);
+    let t = e.mem.insert("f", d.clone());
+    e.faulty.inject_always(Fault::IgnoreRange);
+    let v = open(&e, "f", &t, d.len());
+    assert_eq!(read_all(&v, 128 << 10).await, d);
+    let served = e.mem.bytes_served();
+    println!("{served} bytes served for a file of {}", d.len());
+    assert!(
+        served <= 3 * d.len() as u64,
+        "{served} bytes served for a file of {}",
+        d.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_with_another_range_is_never_taken_as_the_asked_one() {
     let e = env();
     let d = data(4 * MIB as usize, 8);
