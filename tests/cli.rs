@@ -197,7 +197,13 @@ fn cache_stats_and_clear() {
     let server = store.serve();
     let place = Place::new();
     let (mnt, cache) = (&place.mnt, &place.cache);
-    assert!(place.mount(&server.url()).status.success());
+    // Without passthrough, so that the second read reaches the daemon and counts as a hit.
+    assert!(
+        place
+            .mount_with(&server.url(), &["--passthrough=false"], &[])
+            .status
+            .success()
+    );
     assert_eq!(hash_file(&mnt.join("f.bin")).unwrap(), hash(&data));
     // Drop the kernel's copy, so the second read reaches the daemon and its disk cache.
     let f = std::fs::File::open(mnt.join("f.bin")).unwrap();
@@ -229,7 +235,7 @@ fn cache_stats_and_clear() {
     assert!(stderr(&o).contains("in use"), "{}", stderr(&o));
     assert!(afs(&["unmount", s(mnt)]).status.success());
     let st = stats(cache);
-    assert_eq!(st["complete_versions"], 1);
+    assert_eq!(st["complete_versions"], 1, "{st}");
     assert!(st["in_use_by"].is_null());
     let c = &st["counters"];
     assert!(c["hit_bytes"].as_u64().unwrap() > 0, "the second read was a hit: {c}");

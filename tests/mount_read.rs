@@ -26,10 +26,16 @@ on_remotes! {
         let cache = tempfile::tempdir().unwrap();
         let opts = || MountOpts {
             cache: Some(cache.path().join("c")),
+            args: vec!["--concurrency".into(), "6".into()],
             ..MountOpts::default()
         };
         let mut m = r.mount_with(opts());
         assert_eq!(hash_file(&m.path("models/big.bin")).unwrap(), hash(&big));
+        // Ranged GETs went in parallel, and never more than allowed (plus the odd lookup).
+        if let Some(max) = r.max_active() {
+            assert!(max >= 3, "at most {max} requests at once: fetches are not parallel");
+            assert!(max <= 6 + 2, "{max} requests at once with --concurrency 6");
+        }
         for (rel, h) in &expect {
             assert_eq!(&hash_file(&m.path(rel)).unwrap(), h, "{rel}");
         }
@@ -587,4 +593,81 @@ impl ReadAll for std::fs::File {
         out.resize(len, 0);
         self.read_exact_at(out, 0).unwrap();
     }
+}
+
+/// A cache on a disk that fills up: reads still return the right bytes (served without the
+/// cache when a chunk's blocks cannot be had), with an error from `fallocate`, never a SIGBUS.
+#[test]
+fn a_full_cache_disk_never_gives_wrong_bytes_nor_kills_the_daemon() {
+    let store = Store::new();
+    let data = bytes(40 * MIB + 17, 71);
+    store.write("big.bin", &data);
+    let server = store.serve();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "cannot mount a tmpfs");
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _disk = Umount(disk.clone());
+    let config = dir.path().join("c.toml");
+    // The cache believes it may grow to 1 GiB and keeps no free space: the disk fills.
+    std::fs::write(&config, "[cache]\nmax_size = \"1GiB\"\nmin_free_percent = 0\n").unwrap();
+    let m = Mount::with(
+        &server.url(),
+        MountOpts {
+            cache: Some(disk.join("cache")),
+            args: vec!["--config".into(), config.display().to_string()],
+            ..MountOpts::default()
+        },
+    );
+    for _ in 0..2 {
+        assert_eq!(hash_file(&m.path("big.bin")).unwrap(), hash(&data));
+    }
+    let f = std::fs::File::open(m.path("big.bin")).unwrap();
+    let mut buf = vec![0u8; 3 * MIB];
+    f.read_exact_at(&mut buf, 33 * MIB as u64).unwrap();
+    assert!(buf[..] == data[33 * MIB..36 * MIB]);
+    drop(f);
+    assert!(is_mounted(&m.mnt), "the daemon died: {}", m.log_text());
+    let log = m.log_text();
+    assert!(
+        log.contains("cache disk full") || log.contains("short of free space"),
+        "the disk never filled: {log}"
+    );
+    println!(
+        "{}",
+        log.lines()
+            .filter(|l| l.contains("full") || l.contains("free space"))
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let used = nix_df_used(&disk);
+    assert!(used <= 12 * MIB as u64, "{used}");
+}
+
+/// Bytes used on the filesystem holding `p`.
+fn nix_df_used(p: &std::path::Path) -> u64 {
+    let out = Command::new("df")
+        .args(["-B1", "--output=used"])
+        .arg(p)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }

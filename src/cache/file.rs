@@ -378,11 +378,17 @@ impl CacheFile {
     }
 
     /// Reserves the disk blocks of `range` in one call, ahead of its chunks' writes (which
-    /// reserve their own again, a no-op then, and report a full disk). Best effort.
-    pub fn reserve(&self, range: &Range<u64>) {
-        if self.mmap_writes && range.end > range.start {
-            let _ = fallocate(&self.file, range.start, range.end - range.start);
+    /// reserve their own again, a no-op then). A full disk is said before anything is
+    /// fetched for it; other failures are left to the chunks' writes.
+    pub fn reserve(&self, range: &Range<u64>) -> Result<(), CacheError> {
+        if self.mmap_writes
+            && range.end > range.start
+            && let Err(e) = fallocate(&self.file, range.start, range.end - range.start)
+            && e.raw_os_error() == Some(libc::ENOSPC)
+        {
+            return Err(CacheError::Full);
         }
+        Ok(())
     }
 
     /// Prepares chunk `i` for writing: reserves its disk blocks.

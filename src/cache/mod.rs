@@ -174,6 +174,16 @@ impl Shared {
         if let Err(e) = f.persist(true) {
             tracing::warn!("cannot save cache metadata: {e}");
         }
+        // The metadata file's time is the version's last access for the next daemon (its LRU
+        // order, `expire_after`, `cache clear --older-than`): a version read but not changed
+        // was not rewritten above.
+        if let Err(e) = File::options()
+            .write(true)
+            .open(&f.meta_path)
+            .and_then(|m| m.set_modified(std::time::SystemTime::now()))
+        {
+            tracing::debug!("cannot record the last access of {}: {e}", f.meta_path.display());
+        }
         self.idle.lock().insert(
             f.data_path.clone(),
             IdleEntry {
@@ -961,6 +971,41 @@ mod tests {
             .unwrap();
         fill(&f, 0);
         fill(&f, 1);
+    }
+
+    #[test]
+    fn reading_a_complete_version_counts_as_an_access_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = VersionKey {
+            remote: "http://a".into(),
+            path: "f".into(),
+            etag: "\"1\"".into(),
+            size: 8192,
+        };
+        {
+            let c = cache(dir.path());
+            idle_version(&c, "http://a", "\"1\"");
+        }
+        let meta = walk_files(&dir.path().join("remotes"))
+            .into_iter()
+            .find(|p| p.extension().is_some_and(|x| x == "meta"))
+            .unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(10 * 86_400);
+        File::options()
+            .write(true)
+            .open(&meta)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        {
+            // Another daemon reads the complete version (nothing in it changes) and closes it.
+            let c = cache(dir.path());
+            let f = c.open_version(k).unwrap();
+            assert!(f.is_complete());
+            drop(f);
+        }
+        let (_, n) = clear_where(dir.path(), None, Some(std::time::Duration::from_secs(86_400))).unwrap();
+        assert_eq!(n, 0, "read just now, yet cleared as not read for a day");
     }
 
     #[test]

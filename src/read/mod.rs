@@ -164,6 +164,7 @@ impl Reader {
             cfg.max_request = cfg.max_request.min((cap / 2).max(c.chunk_size()));
         }
         let units = (cfg.memory_budget / UNIT).max(1) as usize;
+        let ranged = store.capabilities().ranged_reads;
         Arc::new(Reader {
             requests: Semaphore::new(cfg.concurrency.max(1)),
             background: Semaphore::new((cfg.concurrency / 2).max(1)),
@@ -173,7 +174,8 @@ impl Reader {
             cache,
             cfg,
             rt,
-            whole_file: AtomicBool::new(false),
+            // A remote that says it serves no ranges is read whole from the start.
+            whole_file: AtomicBool::new(!ranged),
             versions: Mutex::new(HashMap::new()),
             lineage: Mutex::new(HashMap::new()),
         })
@@ -717,7 +719,7 @@ impl Version {
         let asked = file.chunk_range(*next).start..file.chunk_range(flight.chunks.end - 1).end;
         // Disk blocks for the whole run at once: one extent, not one per chunk (a file read
         // later straight from the cache then reads as fast as a file written in one go).
-        file.reserve(&asked);
+        file.reserve(&asked)?;
         let whole = r.whole_file.load(Ordering::Acquire);
         let resp = r
             .store
@@ -805,6 +807,13 @@ impl Version {
         }
         match &resp.content {
             Content::Partial { range, total } => {
+                // Every version has a tag (a file without one is versioned by the tag of its
+                // first GET), so a part without one cannot be shown to belong to it.
+                if resp.etag.is_none() {
+                    return Err(ReadError::Integrity(
+                        "a partial answer without an ETag cannot be matched to the version".into(),
+                    ));
+                }
                 if total.is_some_and(|t| t != self.size) {
                     self.stale.store(true, Ordering::Release);
                     return Err(ReadError::Stale);

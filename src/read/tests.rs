@@ -7,7 +7,7 @@ use super::*;
 use crate::cache::CacheConfig;
 use crate::store::faulty::{Fault, FaultyStore, Op};
 use crate::store::memory::MemoryStore;
-use crate::store::{ETag, StoreError};
+use crate::store::{Capabilities, ETag, StoreError};
 use crate::testing::noise as data;
 
 const MIB: u64 = 1 << 20;
@@ -248,6 +248,38 @@ async fn whole_file_answers_to_ranged_requests_are_used_only_as_the_whole_file()
     assert_eq!(read(&v, &ra, o, 5000).await.unwrap(), &d[o as usize..][..5000]);
     assert_eq!(read_all(&v, 1 << 20).await, d);
     assert!(e.reader.whole_file.load(Ordering::Relaxed));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_answer_without_an_etag_is_not_taken() {
+    let e = env();
+    let d = data(3 * MIB as usize, 18);
+    let t = e.mem.insert("f", d.clone());
+    // Every time: the read fails rather than take bytes nobody vouches for.
+    e.faulty.inject_always(Fault::DropEtag);
+    let v = open(&e, "f", &t, d.len());
+    let ra = Mutex::new(Readahead::default());
+    assert!(matches!(read(&v, &ra, 0, 5000).await, Err(ReadError::Integrity(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_that_declares_no_ranges_is_read_whole_from_the_first_get() {
+    let mem = Arc::new(MemoryStore::new().with_capabilities(Capabilities {
+        ranged_reads: false,
+        ..Capabilities::read_only()
+    }));
+    let d = data(16 * MIB as usize + 3, 19);
+    let t = mem.insert("f", d.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let reader = Reader::new(
+        mem.clone(),
+        Some(cache_in(dir.path(), 1 << 40)),
+        fast_retries(),
+        Handle::current(),
+    );
+    let v = reader.open_version("f", &t, d.len() as u64);
+    assert_eq!(read_all(&v, 128 << 10).await, d);
+    assert_eq!(mem.bytes_served(), d.len() as u64, "one whole GET, no ranged one first");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,6 +43,8 @@ pub enum Fault {
     ShiftRange(u64),
     /// A `GET` answer carries another ETag than the object's.
     FlipEtag,
+    /// A `GET` answer carries no ETag at all.
+    DropEtag,
     /// A `GET` body has its first byte flipped (bit rot on the way).
     CorruptBody,
     /// A `GET` is answered this much later (a slow remote).
@@ -187,6 +189,9 @@ impl Store for FaultyStore {
         let mut resp = self.inner.get(path, asked, if_match).await?;
         if self.take(Op::Get, |f| matches!(f, Fault::FlipEtag)).is_some() {
             resp.etag = Some(ETag::new("\"flipped-by-fault-injection\""));
+        }
+        if self.take(Op::Get, |f| matches!(f, Fault::DropEtag)).is_some() {
+            resp.etag = None;
         }
         if let Some(Fault::CutBody { after, error }) = self.take(Op::Get, |f| matches!(f, Fault::CutBody { .. })) {
             resp.body = cut(resp.body, after, error);
