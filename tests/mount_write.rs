@@ -236,6 +236,7 @@ on_remotes! {
     fn a_new_large_file_goes_up_in_parallel_parts_before_close_returns(r) needs [ParallelParts] {
         let m = r.mount();
         let data = bytes(1024 * MIB, 5);
+        r.restart_max_active();
         let start = r.wire();
         let mut f = std::fs::File::create(m.path("new.bin")).unwrap();
         for piece in data.chunks(1 << 20) {
@@ -247,6 +248,9 @@ on_remotes! {
             before_close >= 8 << 20,
             "only {before_close} bytes arrived before close"
         );
+        // Only part uploads went while the file was written: two or more at once.
+        let active = r.max_active().expect("the server counts requests in flight");
+        assert!(active >= 2, "at most {active} part uploads at once while writing");
         close(f).unwrap();
         let received = r.wire().received - start.received;
         assert_eq!(
@@ -254,9 +258,11 @@ on_remotes! {
             hash(&data),
             "on the remote when close returned"
         );
-        let active = r.max_active().expect("the server counts requests in flight");
-        assert!(active >= 2, "at most {active} requests at once");
-        assert!(received >= data.len() as u64);
+        assert!(
+            received <= data.len() as u64 * 21 / 20,
+            "{received} bytes received for a file of {}: parts sent twice",
+            data.len()
+        );
     }
 
     fn a_file_changed_on_the_server_meanwhile_is_not_overwritten(r) needs [] {
@@ -352,6 +358,89 @@ on_remotes! {
             .filter(|n| n.starts_with('.'))
             .collect();
         assert!(leftovers.is_empty(), "rsync temp files left: {leftovers:?}");
+    }
+
+    fn writes_through_a_mapping_after_the_last_close_reach_the_remote_at_release(r) needs [] {
+        r.write("late.bin", &[0u8; 8192]);
+        let m = r.mount();
+        // The descriptor is closed (its flush has nothing to send) before the mapping is
+        // written; the bytes reach the daemon when the mapping goes, and the upload happens
+        // at the release that follows, with no close left to report it.
+        let py = Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import mmap,sys\n\
+                 f=open(sys.argv[1],'r+b')\n\
+                 mm=mmap.mmap(f.fileno(),0)\n\
+                 f.close()\n\
+                 mm[4000:4004]=b'LATE'\n\
+                 mm.close()",
+            )
+            .arg(m.path("late.bin"))
+            .output()
+            .unwrap();
+        assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while r.stored("late.bin")[4000..4004] != *b"LATE" {
+            assert!(std::time::Instant::now() < end, "the release never uploaded: {}", m.log_text());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert_eq!(r.stored("late.bin").len(), 8192);
+    }
+
+    fn a_save_through_a_temp_file_replaces_the_original(r) needs [] {
+        let old = bytes(3 * MIB + 11, 31);
+        r.write("doc/report.bin", &old);
+        let m = r.mount();
+        assert_eq!(hash_file(&m.path("doc/report.bin")).unwrap(), hash(&old));
+        // What editors, rsync and pip do: write a temporary file, fsync, rename it over.
+        let mut new = old.clone();
+        new[MIB..MIB + 100].fill(7);
+        new.extend_from_slice(b"appended");
+        let tmp = m.path("doc/.report.bin.tmp");
+        let mut f = std::fs::File::create(&tmp).unwrap();
+        f.write_all(&new).unwrap();
+        f.sync_all().unwrap();
+        close(f).unwrap();
+        std::fs::rename(&tmp, m.path("doc/report.bin")).unwrap();
+        assert_eq!(hash_file(&m.path("doc/report.bin")).unwrap(), hash(&new));
+        assert_eq!(hash(&r.stored("doc/report.bin")), hash(&new), "on the remote");
+        assert!(!r.path("doc/.report.bin.tmp").exists(), "the temporary name is gone");
+        assert!(!tmp.exists());
+    }
+
+    fn metadata_changes_follow_the_documented_policy(r) needs [] {
+        r.write("meta.txt", b"kept");
+        let m = r.mount();
+        let p = m.path("meta.txt");
+        let before = std::fs::metadata(&p).unwrap();
+        // chmod, chown and times: accepted, not kept.
+        sh(&format!("chmod 0600 '{}'", p.display()));
+        sh(&format!("chown 1234:1234 '{}'", p.display()));
+        sh(&format!("touch -d 2001-02-03 '{}'", p.display()));
+        use std::os::unix::fs::MetadataExt;
+        let after = std::fs::metadata(&p).unwrap();
+        assert_eq!(after.mode() & 0o777, 0o644, "the configured mode stays");
+        assert_eq!((after.uid(), after.gid()), (before.uid(), before.gid()));
+        assert_ne!(after.mtime(), 981_158_400, "times are the remote's");
+        // Extended attributes, links, device nodes: refused, never half-made.
+        let x = Command::new("python3")
+            .args(["-c", "import os,sys\ntry:\n os.setxattr(sys.argv[1],'user.k',b'v')\nexcept OSError as e:\n print(e.errno)"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&x.stdout).trim(), libc::ENOTSUP.to_string());
+        let link = std::fs::hard_link(&p, m.path("hard"));
+        assert_eq!(link.unwrap_err().raw_os_error(), Some(libc::EPERM));
+        let sym = std::os::unix::fs::symlink("meta.txt", m.path("soft"));
+        assert_eq!(sym.unwrap_err().raw_os_error(), Some(libc::EPERM));
+        let fifo = Command::new("mkfifo").arg(m.path("fifo")).status().unwrap();
+        assert!(!fifo.success());
+        for name in ["hard", "soft", "fifo"] {
+            assert!(!r.path(name).exists(), "{name} reached the remote");
+            assert!(std::fs::symlink_metadata(m.path(name)).is_err(), "{name} shows in the mount");
+        }
+        assert_eq!(r.stored("meta.txt"), b"kept");
     }
 
     fn a_read_only_mount_refuses_writes(r) needs [] {

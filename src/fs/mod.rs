@@ -678,8 +678,10 @@ impl ArtifactFs {
                 return self.referenced(&mut t, ino);
             }
         }
-        if let Some(entries) = self.listing(parent, true).await? {
-            let child = entries.get(&name).ok_or(FsError::NotFound)?;
+        let listed = self.listing(parent, true).await?;
+        if let Some(entries) = &listed
+            && let Some(child) = entries.get(&name)
+        {
             let mut t = self.table.lock();
             let until = t
                 .dirs
@@ -689,7 +691,11 @@ impl ArtifactFs {
             let ino = self.upsert(&mut t, parent, &name, child, until);
             return self.referenced(&mut t, ino);
         }
-        // Not listed yet: ask about this one path.
+        // Listed without it: absent, unless the remote's listings leave out dot names.
+        if listed.is_some() && (self.store.capabilities().complete_listings || !name.as_str().starts_with('.')) {
+            return Err(FsError::NotFound);
+        }
+        // Not listed yet (or a dot name a listing may hide): ask about this one path.
         {
             let mut t = self.table.lock();
             if let Some(&until) = t.negative.get(&path) {

@@ -60,6 +60,11 @@ impl Stats {
         }
     }
 
+    /// Counts the most requests at once afresh, from those in flight now.
+    pub fn restart_max_active(&self) {
+        self.max_active.store(self.active.load(Relaxed), Relaxed);
+    }
+
     /// Zeroes every counter; `active` stays live and `max_active` restarts from it.
     pub fn reset(&self) {
         for c in [

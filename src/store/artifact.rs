@@ -298,6 +298,7 @@ impl Store for ArtifactStore {
             content_chunks: c.content_chunks,
             min_part_size: 0,
             max_parts: 10_000,
+            complete_listings: true,
         }
     }
 

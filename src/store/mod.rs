@@ -88,6 +88,9 @@ pub struct Capabilities {
     pub min_part_size: u64,
     /// Most parts in one upload session (S3: 10,000).
     pub max_parts: u32,
+    /// Listings show every name. When false (some WebDAV servers leave out names starting
+    /// with a dot), a dot name missing from a listing is asked about on its own.
+    pub complete_listings: bool,
 }
 
 impl Capabilities {
@@ -104,6 +107,7 @@ impl Capabilities {
             content_chunks: false,
             min_part_size: 5 << 20,
             max_parts: 10_000,
+            complete_listings: true,
         }
     }
 }

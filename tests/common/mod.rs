@@ -90,6 +90,10 @@ impl Server {
     pub fn stats(&self) -> ServerStats {
         self.handle.stats().snapshot()
     }
+
+    pub fn restart_max_active(&self) {
+        self.handle.stats().restart_max_active();
+    }
 }
 
 /// A real mount of `url` in a temp dir, run in the foreground as a child process so the test

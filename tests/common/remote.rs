@@ -291,6 +291,22 @@ impl Remote {
         }
     }
 
+    /// Starts counting the most requests at once afresh (from those in flight now).
+    pub fn restart_max_active(&self) {
+        match &self.backend {
+            Backend::Builtin { server, .. } => {
+                if let Some(s) = server.as_ref() {
+                    s.restart_max_active();
+                }
+            }
+            Backend::Web(_) => {}
+            Backend::S3 { wire, .. } => wire.max_active.store(
+                wire.active.load(std::sync::atomic::Ordering::SeqCst),
+                std::sync::atomic::Ordering::SeqCst,
+            ),
+        }
+    }
+
     /// Most requests the server handled at once, where it counts them.
     pub fn max_active(&self) -> Option<u64> {
         match &self.backend {

@@ -227,6 +227,7 @@ impl Store for S3Store {
             content_chunks: false,
             min_part_size: MIN_PART,
             max_parts: MAX_PARTS,
+            complete_listings: true,
         }
     }
 

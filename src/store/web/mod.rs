@@ -653,6 +653,8 @@ impl Store for WebStore {
             content_chunks: false,
             min_part_size: 0,
             max_parts: 10_000,
+            // nginx's WebDAV module lists no dot names (see WEB.md).
+            complete_listings: false,
         }
     }
 
