@@ -429,6 +429,10 @@ pub fn error_message(body: &[u8]) -> String {
 }
 
 #[cfg(test)]
+#[path = "http_tests.rs"]
+mod client_tests;
+
+#[cfg(test)]
 mod tests {
     #[test]
     fn credentials_in_quoted_urls_are_removed() {

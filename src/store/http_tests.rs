@@ -1,0 +1,194 @@
+//! The HTTP client's behaviour against a scripted server on 127.0.0.1: what is retried and
+//! what is not, redirects, the idle-read timeout, and the headers of ranged reads.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+
+use super::*;
+
+/// A server that answers each request with the next of `script` (the last one repeats), and
+/// counts the requests and remembers their headers.
+struct Scripted {
+    hits: AtomicUsize,
+    seen: parking_lot::Mutex<Vec<(String, HeaderMap)>>,
+    script: Vec<fn(&Uri) -> Response>,
+}
+
+async fn handle(State(s): State<Arc<Scripted>>, uri: Uri, headers: HeaderMap) -> Response {
+    let n = s.hits.fetch_add(1, Ordering::SeqCst);
+    s.seen.lock().push((uri.to_string(), headers));
+    (s.script[n.min(s.script.len() - 1)])(&uri)
+}
+
+async fn serve(script: Vec<fn(&Uri) -> Response>) -> (Arc<Scripted>, String) {
+    let s = Arc::new(Scripted {
+        hits: AtomicUsize::new(0),
+        seen: parking_lot::Mutex::new(Vec::new()),
+        script,
+    });
+    let app = axum::Router::new().fallback(handle).with_state(s.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (s, format!("http://{addr}"))
+}
+
+fn quick() -> HttpConfig {
+    HttpConfig {
+        retries: 3,
+        retry_min_delay: Duration::from_millis(5),
+        retry_max_delay: Duration::from_millis(20),
+        read_timeout: Duration::from_millis(300),
+        ..HttpConfig::default()
+    }
+}
+
+fn status(code: StatusCode) -> Response {
+    (code, "no").into_response()
+}
+
+#[tokio::test]
+async fn overload_and_server_errors_are_retried_until_an_answer() {
+    let (s, url) = serve(vec![
+        |_| status(StatusCode::SERVICE_UNAVAILABLE),
+        |_| status(StatusCode::TOO_MANY_REQUESTS),
+        |_| status(StatusCode::BAD_GATEWAY),
+        |_| "fine".into_response(),
+    ])
+    .await;
+    let cfg = quick();
+    let client = build_client(&cfg).unwrap();
+    let resp = send(&cfg, "GET x", || client.get(&url)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.text().await.unwrap(), "fine");
+    assert_eq!(s.hits.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn retries_end_and_other_statuses_are_not_retried() {
+    let (s, url) = serve(vec![|_| status(StatusCode::SERVICE_UNAVAILABLE)]).await;
+    let cfg = quick();
+    let client = build_client(&cfg).unwrap();
+    let err = send(&cfg, "GET x", || client.get(&url)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    assert!(err.to_string().contains("503"), "{err}");
+    assert_eq!(s.hits.load(Ordering::SeqCst), 1 + cfg.retries);
+
+    let (s, url) = serve(vec![|_| status(StatusCode::NOT_FOUND)]).await;
+    let resp = send(&cfg, "GET x", || client.get(&url)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND, "returned for the caller to read");
+    assert_eq!(s.hits.load(Ordering::SeqCst), 1, "a 404 is not retried");
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_retried_then_named() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let cfg = quick();
+    let client = build_client(&cfg).unwrap();
+    let retried = crate::metrics::get().summary()["retries"].as_u64().unwrap();
+    let err = send(&cfg, "GET x", || client.get(format!("http://127.0.0.1:{port}/")))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("refused"), "{err}");
+    let now = crate::metrics::get().summary()["retries"].as_u64().unwrap();
+    assert!(now >= retried + cfg.retries as u64, "{retried} -> {now}");
+}
+
+#[tokio::test]
+async fn redirects_are_followed() {
+    let (s, url) = serve(vec![
+        |_| (StatusCode::TEMPORARY_REDIRECT, [("location", "/moved/here")]).into_response(),
+        |uri| format!("at {}", uri.path()).into_response(),
+    ])
+    .await;
+    let cfg = quick();
+    let client = build_client(&cfg).unwrap();
+    let resp = send(&cfg, "GET x", || client.get(format!("{url}/old"))).await.unwrap();
+    assert_eq!(resp.text().await.unwrap(), "at /moved/here");
+    assert_eq!(s.hits.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_fails_after_the_read_timeout_instead_of_hanging() {
+    let (_s, url) = serve(vec![|_| {
+        let stream = futures_util::stream::unfold(0u32, |n| async move {
+            if n > 0 {
+                // Silence, far longer than the read timeout.
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+            Some((Ok::<_, std::io::Error>(Bytes::from_static(b"first")), n + 1))
+        });
+        Response::new(Body::from_stream(stream))
+    }])
+    .await;
+    let cfg = quick();
+    let client = build_client(&cfg).unwrap();
+    let start = Instant::now();
+    let resp = send(&cfg, "GET x", || client.get(&url)).await.unwrap();
+    let mut body = body_stream("GET x".into(), resp);
+    let first = futures_util::StreamExt::next(&mut body).await.unwrap().unwrap();
+    assert_eq!(&first[..], b"first");
+    let second = futures_util::StreamExt::next(&mut body).await.unwrap();
+    assert!(second.is_err(), "a stalled body must end in an error");
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+}
+
+#[tokio::test]
+async fn ranged_reads_ask_for_identity_encoding_and_carry_the_version() {
+    use crate::store::{ETag, Store};
+    let (s, url) = serve(vec![
+        |_| {
+            axum::Json(crate::protocol::ServerInfo {
+                protocol: crate::protocol::PROTOCOL.into(),
+                server: "scripted".into(),
+                chunk_size: 1 << 20,
+                max_list_limit: 1000,
+                capabilities: crate::protocol::ServerCapabilities {
+                    ranges: true,
+                    listing_etags: true,
+                    digests: false,
+                    writes: false,
+                    partial_writes: false,
+                    content_chunks: false,
+                },
+            })
+            .into_response()
+        },
+        |_| {
+            (
+                StatusCode::PARTIAL_CONTENT,
+                [
+                    ("content-range", "bytes 10-14/100"),
+                    ("etag", "\"v1\""),
+                    ("content-length", "5"),
+                ],
+                "abcde",
+            )
+                .into_response()
+        },
+    ])
+    .await;
+    let store = crate::store::artifact::ArtifactStore::connect(&url, quick(), None)
+        .await
+        .unwrap();
+    let resp = store
+        .get("f.bin", Some(10..15), Some(&ETag::new("\"v1\"")))
+        .await
+        .unwrap();
+    assert_eq!(resp.etag, Some(ETag::new("\"v1\"")));
+    let seen = s.seen.lock();
+    let (uri, headers) = &seen[1];
+    assert!(uri.starts_with("/f.bin"), "{uri}");
+    assert_eq!(headers["accept-encoding"], "identity");
+    assert_eq!(headers["range"], "bytes=10-14");
+    assert_eq!(headers["if-match"], "\"v1\"");
+}
