@@ -444,4 +444,28 @@ on_remotes! {
             .count();
         assert_eq!(left, 0);
     }
+
+    fn a_write_back_overwrite_inside_a_file_survives_a_crash(r) needs [] {
+        let old = bytes(3 * MIB, 22);
+        r.write("big.bin", &old);
+        let cache = tempfile::tempdir().unwrap();
+        let opts = || MountOpts {
+            cache: Some(cache.path().join("c")),
+            args: vec!["--write-back=1h".into()],
+            ..Default::default()
+        };
+        let mut m = r.mount_with(opts());
+        // A change in the middle: the file keeps its size.
+        let f = std::fs::OpenOptions::new().write(true).open(m.path("big.bin")).unwrap();
+        f.write_all_at(b"PATCH", MIB as u64).unwrap();
+        f.sync_all().unwrap();
+        close(f).unwrap();
+        m.kill9_keep_mounted();
+        common::force_unmount(&m.mnt);
+        let mut want = old.clone();
+        want[MIB..MIB + 5].copy_from_slice(b"PATCH");
+        let m2 = r.mount_with(opts());
+        assert_eq!(hash_file(&r.path("big.bin")).unwrap(), hash(&want), "{}", m2.log_text());
+        assert_eq!(hash_file(&m2.path("big.bin")).unwrap(), hash(&want));
+    }
 }

@@ -133,7 +133,7 @@ impl ArtifactFs {
     pub async fn replay_journal(&self) -> (usize, usize) {
         let entries = self.journal.pending(self.store.id());
         let (mut sent, mut left) = (0, 0);
-        for (rec, mut staged) in entries {
+        for (rec, staged) in entries {
             let base = staged
                 .remote()
                 .map(|r| self.reader.open_version(&rec.path, &r.etag, r.size));
@@ -157,7 +157,7 @@ impl ArtifactFs {
                 }
                 Err(e) => {
                     tracing::warn!(path = rec.path, "a journaled change could not be sent yet: {e}");
-                    staged.keep_file();
+                    staged.keep_file(true);
                     left += 1;
                 }
             }
