@@ -468,4 +468,49 @@ on_remotes! {
         assert_eq!(hash_file(&r.path("big.bin")).unwrap(), hash(&want), "{}", m2.log_text());
         assert_eq!(hash_file(&m2.path("big.bin")).unwrap(), hash(&want));
     }
+
+    fn a_save_renamed_over_the_original_after_fsync_survives_a_crash(r) needs [] {
+        r.write("doc.txt", b"old version\n");
+        let cache = tempfile::tempdir().unwrap();
+        let opts = || MountOpts {
+            cache: Some(cache.path().join("c")),
+            args: vec!["--write-back=1h".into()],
+            ..Default::default()
+        };
+        let mut m = r.mount_with(opts());
+        assert_eq!(std::fs::read(m.path("doc.txt")).unwrap(), b"old version\n");
+        // What editors and rsync do: write a temporary file, fsync, close, rename it over
+        // the original.
+        let data = bytes(2 * MIB + 7, 21);
+        let mut f = std::fs::File::create(m.path("doc.txt.tmp")).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+        close(f).unwrap();
+        std::fs::rename(m.path("doc.txt.tmp"), m.path("doc.txt")).unwrap();
+        // A scratch file fsync'd, then removed.
+        let mut g = std::fs::File::create(m.path("scratch")).unwrap();
+        g.write_all(b"scratch").unwrap();
+        g.sync_all().unwrap();
+        close(g).unwrap();
+        std::fs::remove_file(m.path("scratch")).unwrap();
+        // Nothing sent yet (the delay is an hour); the daemon dies.
+        assert_eq!(r.stored("doc.txt"), b"old version\n");
+        m.kill9_keep_mounted();
+        common::force_unmount(&m.mnt);
+        let m2 = r.mount_with(opts());
+        assert_eq!(hash_file(&r.path("doc.txt")).unwrap(), hash(&data), "the final name");
+        assert!(!r.path("doc.txt.tmp").exists(), "no temporary name on the remote");
+        assert!(!r.path("scratch").exists(), "a removed file is not sent");
+        assert_eq!(hash_file(&m2.path("doc.txt")).unwrap(), hash(&data));
+        assert!(
+            !m2.cache.join("pending/conflicts").exists(),
+            "no conflict: {}",
+            m2.log_text()
+        );
+        let journaled = std::fs::read_dir(m2.cache.join("pending"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json"))
+            .count();
+        assert_eq!(journaled, 0);
+    }
 }

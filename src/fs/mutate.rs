@@ -786,11 +786,12 @@ impl ArtifactFs {
             let i = t.inodes.get(&ino).ok_or(FsError::NotFound)?;
             (i.pending_create, i.etag.clone(), i.local.clone())
         };
+        // Marked first, so no upload starts meanwhile; its journal record goes only once the
+        // remove is done (a failed one leaves the file, changes and all).
         if let Some(l) = &local {
             let mut st = l.state.lock().await;
             st.unlinked = true;
             st.stop_stream().await;
-            self.journal.done(&st.staged);
         }
         if !pending {
             let cond = etag.map(WriteCondition::Matches).unwrap_or(WriteCondition::None);
@@ -803,6 +804,9 @@ impl ArtifactFs {
                     return Err(FsError::remote(&path, e));
                 }
             }
+        }
+        if let Some(l) = &local {
+            self.discard_local(l).await;
         }
         self.removed(parent, name, ino);
         Ok(())
@@ -905,29 +909,12 @@ impl ArtifactFs {
                 _ => {}
             }
         }
-        let (pending, etag, local) = {
+        let (pending, etag) = {
             let t = self.table.lock();
             let i = t.inodes.get(&ino).ok_or(FsError::NotFound)?;
-            (i.pending_create, i.etag.clone(), i.local.clone())
+            (i.pending_create, i.etag.clone())
         };
-        if pending {
-            // Not on the remote yet: it moves here; its upload will go to the new path and
-            // replace what is there.
-            if let Some(l) = &local {
-                let mut st = l.state.lock().await;
-                st.stop_stream().await;
-                st.path = to.clone();
-                let dest_version = dest.as_ref().and_then(|(dino, _, _)| {
-                    let t = self.table.lock();
-                    let d = t.inodes.get(dino)?;
-                    Some(RemoteVersion {
-                        etag: d.etag.clone()?,
-                        size: d.size,
-                    })
-                });
-                st.staged.replace_remote(dest_version);
-            }
-        } else {
+        if !pending {
             let cond = match (kind, etag) {
                 (Kind::File, Some(e)) => WriteCondition::Matches(e),
                 _ => WriteCondition::None,
@@ -936,10 +923,40 @@ impl ArtifactFs {
                 .rename(&from, &to, cond)
                 .await
                 .map_err(|e| FsError::remote(&from, e))?;
-            if let Some(l) = &local {
-                let mut st = l.state.lock().await;
-                st.stop_stream().await;
-                st.path = to.clone();
+        }
+        // A file not on the remote yet moves here only: its upload will go to the new path
+        // and replace what is there.
+        let dest_version = dest.as_ref().and_then(|(dino, _, _)| {
+            let t = self.table.lock();
+            let d = t.inodes.get(dino)?;
+            Some(RemoteVersion {
+                etag: d.etag.clone()?,
+                size: d.size,
+            })
+        });
+        // The files being written that move (this one, or those in this folder) upload to
+        // their new paths, and their journal records say so before the rename returns: a
+        // crash after it replays them under the new names.
+        let mut not_durable = None;
+        for (local, new_path, this) in self.moving_locals(ino, &from, &to) {
+            let mut st = local.state.lock().await;
+            st.stop_stream().await;
+            st.path = new_path;
+            if this && pending {
+                st.staged.replace_remote(dest_version.clone());
+            }
+            if self.journal.is_recorded(&st.staged)
+                && let Err(e) = self.journal.record(self.store.id(), &st.path, &st.staged)
+            {
+                tracing::error!(path = st.path, "cannot record the rename in the write-back journal: {e}");
+                not_durable = Some(FsError::Local(format!("the write-back journal: {e}")));
+            }
+        }
+        // The file replaced, if any: its changes are gone with it.
+        if let Some((dino, _, _)) = &dest {
+            let local = self.table.lock().inodes.get(dino).and_then(|i| i.local.clone());
+            if let Some(l) = local {
+                self.discard_local(&l).await;
             }
         }
         let mut t = self.table.lock();
@@ -957,7 +974,34 @@ impl ArtifactFs {
             etag: i.etag.clone(),
         });
         set_child(&mut t, new_parent, &dest_name, child);
-        Ok(())
+        match not_durable {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The local states that a rename of inode `ino` from `from` to `to` moves, with their new
+    /// paths, and whether each is `ino`'s own.
+    fn moving_locals(&self, ino: u64, from: &str, to: &str) -> Vec<(Arc<LocalFile>, String, bool)> {
+        let prefix = format!("{from}/");
+        let t = self.table.lock();
+        t.inodes
+            .iter()
+            .filter(|(n, i)| i.current && (**n == ino || i.path.starts_with(&prefix)))
+            .filter_map(|(n, i)| {
+                let l = i.local.clone()?;
+                Some((l, format!("{to}{}", &i.path[from.len()..]), *n == ino))
+            })
+            .collect()
+    }
+
+    /// A file being written is removed or replaced: its changes are never sent, and its
+    /// journal record goes.
+    async fn discard_local(&self, l: &LocalFile) {
+        let mut st = l.state.lock().await;
+        st.unlinked = true;
+        st.stop_stream().await;
+        self.journal.done(&st.staged);
     }
 }
 
@@ -981,11 +1025,6 @@ fn moved(t: &mut Table, ino: u64, from: &str, to: &str, new_parent: u64, new_nam
         }
         if let Some(i) = t.inodes.get_mut(&n) {
             i.path = new.clone();
-            if let Some(l) = &i.local
-                && let Ok(mut st) = l.state.try_lock()
-            {
-                st.path = new.clone();
-            }
         }
         t.by_path.insert(new, n);
     }

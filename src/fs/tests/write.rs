@@ -365,3 +365,84 @@ async fn a_change_the_remote_refuses_is_kept_and_not_retried() {
     let path = kept.rsplit("kept at ").next().unwrap();
     assert_eq!(std::fs::read(path).unwrap(), b"mine");
 }
+
+/// The journal records of the write area.
+fn journaled(e: &Env) -> usize {
+    std::fs::read_dir(&e.cfg.staging_dir)
+        .unwrap()
+        .filter(|f| f.as_ref().unwrap().path().extension().is_some_and(|x| x == "json"))
+        .count()
+}
+
+/// The copies kept in `pending/conflicts/`: (file name, bytes).
+fn kept_copies(e: &Env) -> Vec<(String, Vec<u8>)> {
+    let Ok(rd) = std::fs::read_dir(e.cfg.staging_dir.join("conflicts")) else {
+        return Vec::new();
+    };
+    rd.map(|f| {
+        let p = f.unwrap().path();
+        (p.file_name().unwrap().to_str().unwrap().to_string(), std::fs::read(&p).unwrap())
+    })
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renames_and_removals_after_fsync_are_in_the_journal_before_they_return() {
+    let e = env_write_back(Duration::from_secs(3600));
+    e.mem.insert("doc", b"old doc".to_vec());
+    e.mem.insert("dir/inner", b"old inner".to_vec());
+    e.mem.insert("edited", b"edited once".to_vec());
+    // A save through a temporary file: written, fsync'd, closed, renamed over the original.
+    let (_, o) = e.fs.create(ROOT, OsStr::new("doc.tmp")).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"new doc").await;
+    e.fs.flush(o.fh).await.unwrap();
+    e.fs.release_handle(o.fh).await.unwrap();
+    e.fs.rename(ROOT, OsStr::new("doc.tmp"), ROOT, OsStr::new("doc"), false)
+        .await
+        .unwrap();
+    // A file of the remote changed, then moved; another in a folder that moves.
+    let f = resolve(&e.fs, "edited").await.unwrap();
+    let o = e.fs.open(f.attr.ino, true, false).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"EDITED").await;
+    e.fs.release_handle(o.fh).await.unwrap();
+    e.fs.rename(ROOT, OsStr::new("edited"), ROOT, OsStr::new("moved"), false)
+        .await
+        .unwrap();
+    let f = resolve(&e.fs, "dir/inner").await.unwrap();
+    let o = e.fs.open(f.attr.ino, true, false).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"NEW").await;
+    e.fs.release_handle(o.fh).await.unwrap();
+    e.fs.rename(ROOT, OsStr::new("dir"), ROOT, OsStr::new("dir2"), false)
+        .await
+        .unwrap();
+    // A file journaled, then replaced by a rename over it: its changes go with it.
+    let (_, o) = e.fs.create(ROOT, OsStr::new("target")).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"replaced").await;
+    e.fs.release_handle(o.fh).await.unwrap();
+    let (_, o) = e.fs.create(ROOT, OsStr::new("target.new")).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"replacement").await;
+    e.fs.release_handle(o.fh).await.unwrap();
+    e.fs.rename(ROOT, OsStr::new("target.new"), ROOT, OsStr::new("target"), false)
+        .await
+        .unwrap();
+    // A file journaled, then removed.
+    let (_, o) = e.fs.create(ROOT, OsStr::new("scratch")).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"scratch").await;
+    e.fs.release_handle(o.fh).await.unwrap();
+    e.fs.unlink(ROOT, OsStr::new("scratch")).await.unwrap();
+    // Nothing was sent (the delay is an hour); the daemon dies here and the next run replays.
+    assert_eq!(remote(&e, "doc").unwrap(), b"old doc");
+    assert_eq!(journaled(&e), 4);
+    let next = e.next_run();
+    assert_eq!(next.replay_journal().await, (4, 0));
+    assert_eq!(remote(&e, "doc").unwrap(), b"new doc");
+    assert!(remote(&e, "doc.tmp").is_none());
+    assert_eq!(remote(&e, "moved").unwrap(), b"EDITED once");
+    assert!(remote(&e, "edited").is_none());
+    assert_eq!(remote(&e, "dir2/inner").unwrap(), b"NEW inner");
+    assert!(remote(&e, "dir/inner").is_none());
+    assert_eq!(remote(&e, "target").unwrap(), b"replacement");
+    assert!(remote(&e, "scratch").is_none());
+    assert!(kept_copies(&e).is_empty(), "no conflicts");
+    assert_eq!(journaled(&e), 0);
+}
