@@ -142,6 +142,12 @@ async fn read_base_into(
     Err(FsError::Local("no base version to read from".into()))
 }
 
+/// Whether some cache holds every chunk of `range` of `v`.
+fn cached(v: &Version, range: &Range<u64>) -> bool {
+    v.cache_file()
+        .is_some_and(|f| f.chunks_of(range).all(|i| f.is_present(i)))
+}
+
 /// Reads `range` of a version into memory, through the cache, without reading ahead.
 pub(super) async fn read_all(v: &Arc<Version>, range: Range<u64>) -> Result<Bytes, FsError> {
     let ra = Mutex::new(Readahead::disabled());
@@ -623,42 +629,85 @@ impl ArtifactFs {
 
     /// Saves the local version of a file whose upload conflicted; returns where.
     async fn keep_conflicting(&self, st: &LocalState) -> String {
+        self.keep_copy(&st.path, &st.staged, &st.base_versions()).await
+    }
+
+    /// Saves the whole content of a file whose change the remote did not take (a conflict, a
+    /// refusal) in `<cache dir>/pending/conflicts/`: the bytes written locally from `staged`,
+    /// the others from `versions` (their cache, or the remote while it still has them). Returns
+    /// where, with a note when some bytes could not be read (zeros in the copy, whose name
+    /// then ends in `.incomplete`).
+    pub(super) async fn keep_copy(&self, path: &str, staged: &Staged, versions: &[&Arc<Version>]) -> String {
         let dir = self.cfg.staging_dir.join("conflicts");
-        let stamp = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let name = format!("{stamp}-{}", st.path.replace('/', "%2F"));
-        let dest = dir.join(&name);
         let mut content = Vec::new();
-        let mut ok = true;
-        for (r, layer) in st.staged.layers(0..st.staged.size()) {
+        let mut missing = 0u64;
+        let mut local_ok = true;
+        for (r, layer) in staged.layers(0..staged.size()) {
             let n = (r.end - r.start) as usize;
             match layer {
                 Layer::Local => {
                     let at = content.len();
                     content.resize(at + n, 0);
-                    ok &= st.staged.read_local(r.start, &mut content[at..]).is_ok();
+                    local_ok &= staged.read_local(r.start, &mut content[at..]).is_ok();
                 }
                 Layer::Zero => content.resize(content.len() + n, 0),
                 Layer::Base => {
-                    let at = content.len();
-                    let ra = Mutex::new(Readahead::disabled());
-                    if read_base_into(&mut content, &st.base_versions(), &ra, r).await.is_err() {
-                        ok = false;
-                        content.resize(at + n, 0);
+                    // Piece by piece, so a chunk that cannot be read costs only its own bytes;
+                    // once the remote failed, only cached pieces are tried.
+                    let mut pos = r.start;
+                    while pos < r.end {
+                        let end = (((pos >> 20) + 1) << 20).min(r.end);
+                        let piece = pos..end;
+                        let at = content.len();
+                        let try_it = missing == 0 || versions.iter().any(|v| cached(v, &piece));
+                        let ra = Mutex::new(Readahead::disabled());
+                        if !try_it || read_base_into(&mut content, versions, &ra, piece.clone()).await.is_err() {
+                            missing += piece.end - piece.start;
+                        }
+                        content.resize(at + (piece.end - piece.start) as usize, 0);
+                        pos = end;
                     }
                 }
             }
         }
-        let written = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&dest, &content));
-        match (written, ok) {
-            (Ok(()), true) => dest.display().to_string(),
-            (Ok(()), false) => format!(
-                "{} (bytes not written locally could not be read: zeros)",
+        let stamp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let suffix = if missing > 0 || !local_ok { ".incomplete" } else { "" };
+        let base = format!("{stamp}-{}", path.replace('/', "%2F"));
+        let written = std::fs::create_dir_all(&dir).and_then(|_| {
+            // A name of its own, also for two conflicts of one file within a second.
+            let mut k = 0;
+            loop {
+                let name = match k {
+                    0 => format!("{base}{suffix}"),
+                    _ => format!("{base}-{k}{suffix}"),
+                };
+                let dest = dir.join(name);
+                match std::fs::OpenOptions::new().write(true).create_new(true).open(&dest) {
+                    Ok(mut f) => {
+                        use std::io::Write;
+                        f.write_all(&content)?;
+                        f.sync_all()?;
+                        return Ok(dest);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && k < 1000 => k += 1,
+                    Err(e) => return Err(e),
+                }
+            }
+        });
+        match written {
+            Ok(dest) if !local_ok => format!(
+                "{} (the bytes written locally could not all be read: zeros)",
                 dest.display()
             ),
-            (Err(e), _) => format!("nowhere ({}: {e})", dest.display()),
+            Ok(dest) if missing > 0 => format!(
+                "{} ({missing} bytes not written locally could not be read: zeros)",
+                dest.display()
+            ),
+            Ok(dest) => dest.display().to_string(),
+            Err(e) => format!("nowhere ({}: {e})", dir.display()),
         }
     }
 

@@ -144,14 +144,13 @@ impl ArtifactFs {
                     sent += 1;
                 }
                 Err(e @ (UploadError::Conflict | UploadError::Store(crate::store::StoreError::Refused { .. }))) => {
-                    let kept = self.cfg.staging_dir.join("conflicts");
-                    let dest = kept.join(format!("{}-{}", std::process::id(), rec.path.replace('/', "%2F")));
-                    let moved = std::fs::create_dir_all(&kept).and_then(|_| std::fs::copy(staged.path(), &dest));
+                    // The whole local version, as at a `close`: the staging file holds only
+                    // the bytes written here.
+                    let kept = self.keep_copy(&rec.path, &staged, &base.iter().collect::<Vec<_>>()).await;
                     tracing::error!(
                         path = rec.path,
-                        kept = %dest.display(),
-                        ok = moved.is_ok(),
-                        "a journaled change was not sent ({e}); the local bytes are kept"
+                        kept = %kept,
+                        "a journaled change was not sent ({e}); the local version is kept"
                     );
                     self.journal.done(&staged);
                 }

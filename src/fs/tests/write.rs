@@ -446,3 +446,45 @@ async fn renames_and_removals_after_fsync_are_in_the_journal_before_they_return(
     assert!(kept_copies(&e).is_empty(), "no conflicts");
     assert_eq!(journaled(&e), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_at_replay_keeps_the_whole_local_version() {
+    let e = env_write_back(Duration::from_secs(3600));
+    let old = noise(3 * MIB, 3);
+    e.mem.insert("cached", old.clone());
+    e.mem.insert("partly", old.clone());
+    // `cached` is read whole; of `partly` only the first chunk is in the cache.
+    assert_eq!(cat(&e.fs, "cached").await.unwrap(), old);
+    let p = resolve(&e.fs, "partly").await.unwrap();
+    let etag = e.mem.object("partly").unwrap().1;
+    let v = e.fs.reader().open_version("partly", &etag, old.len() as u64);
+    super::super::mutate::read_all(&v, 0..10).await.unwrap();
+    let c = resolve(&e.fs, "cached").await.unwrap();
+    for ino in [c.attr.ino, p.attr.ino] {
+        let o = e.fs.open(ino, true, false).await.unwrap();
+        write_all(&e.fs, o.fh, MIB as u64 + 10, b"LOCAL").await;
+        e.fs.release_handle(o.fh).await.unwrap();
+    }
+    // Someone else changes both before the next run sends them.
+    e.mem.insert("cached", b"theirs".to_vec());
+    e.mem.insert("partly", b"theirs".to_vec());
+    let next = e.next_run();
+    assert_eq!(next.replay_journal().await, (0, 0));
+    assert_eq!(remote(&e, "cached").unwrap(), b"theirs", "not overwritten");
+    let mut kept = kept_copies(&e);
+    kept.sort();
+    assert_eq!(kept.len(), 2, "{:?}", kept.iter().map(|k| &k.0).collect::<Vec<_>>());
+    let mut want = old.clone();
+    want[MIB + 10..MIB + 15].copy_from_slice(b"LOCAL");
+    let (name, bytes) = &kept[0];
+    assert!(name.ends_with("-cached"), "{name}");
+    assert!(*bytes == want, "the whole local version of a cached base");
+    // What the cache did not hold is zeros, and the name says the copy is incomplete.
+    let (name, bytes) = &kept[1];
+    assert!(name.ends_with("-partly.incomplete"), "{name}");
+    assert_eq!(bytes.len(), want.len());
+    assert!(bytes[..MIB] == want[..MIB], "the cached chunk");
+    assert_eq!(&bytes[MIB + 10..MIB + 15], b"LOCAL");
+    assert!(bytes[MIB + 15..].iter().all(|&b| b == 0));
+    assert_eq!(journaled(&e), 0);
+}
