@@ -165,8 +165,14 @@ impl ArtifactFs {
     }
 
     fn staging_path(&self) -> std::path::PathBuf {
-        let n = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.cfg.staging_dir.join(format!("w-{}-{n}.data", std::process::id()))
+        loop {
+            let n = self.next_fh.fetch_add(1, Ordering::Relaxed);
+            let p = self.cfg.staging_dir.join(format!("w-{}-{n}.data", std::process::id()));
+            // Journal entries of an earlier run (whose pid may have been ours) stay until sent.
+            if !p.exists() {
+                return p;
+            }
+        }
     }
 
     /// The local state of file `ino`, made on first need from the version it holds.
