@@ -667,7 +667,11 @@ impl ArtifactFs {
                         let at = content.len();
                         let try_it = missing == 0 || versions.iter().any(|v| cached(v, &piece));
                         let ra = Mutex::new(Readahead::disabled());
-                        if !try_it || read_base_into(&mut content, versions, &ra, piece.clone()).await.is_err() {
+                        if !try_it
+                            || read_base_into(&mut content, versions, &ra, piece.clone())
+                                .await
+                                .is_err()
+                        {
                             missing += piece.end - piece.start;
                         }
                         content.resize(at + (piece.end - piece.start) as usize, 0);
@@ -1003,7 +1007,10 @@ impl ArtifactFs {
             if self.journal.is_recorded(&st.staged)
                 && let Err(e) = self.journal.record(self.store.id(), &st.path, &st.staged)
             {
-                tracing::error!(path = st.path, "cannot record the rename in the write-back journal: {e}");
+                tracing::error!(
+                    path = st.path,
+                    "cannot record the rename in the write-back journal: {e}"
+                );
                 not_durable = Some(FsError::Local(format!("the write-back journal: {e}")));
             }
         }

@@ -234,7 +234,9 @@ impl ArtifactFs {
                 Attempt::Done
             }
             Err(e @ (UploadError::Conflict | UploadError::Store(StoreError::Refused { .. }))) => {
-                let kept = self.keep_copy(&rec.path, staged, &base.iter().collect::<Vec<_>>()).await;
+                let kept = self
+                    .keep_copy(&rec.path, staged, &base.iter().collect::<Vec<_>>())
+                    .await;
                 tracing::error!(
                     path = rec.path,
                     kept = %kept,
@@ -265,7 +267,12 @@ impl ArtifactFs {
                     );
                     left += 1;
                     let job = Job::Entry(rec.path.clone());
-                    self.spawn_job(job, Work::Entry(Box::new((rec, staged))), Duration::from_millis(500), false);
+                    self.spawn_job(
+                        job,
+                        Work::Entry(Box::new((rec, staged))),
+                        Duration::from_millis(500),
+                        false,
+                    );
                 }
             }
         }

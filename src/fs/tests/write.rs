@@ -381,7 +381,10 @@ fn kept_copies(e: &Env) -> Vec<(String, Vec<u8>)> {
     };
     rd.map(|f| {
         let p = f.unwrap().path();
-        (p.file_name().unwrap().to_str().unwrap().to_string(), std::fs::read(&p).unwrap())
+        (
+            p.file_name().unwrap().to_str().unwrap().to_string(),
+            std::fs::read(&p).unwrap(),
+        )
     })
     .collect()
 }
