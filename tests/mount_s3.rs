@@ -254,12 +254,12 @@ fn cases_s3_cannot_run_are_named_with_the_capability_it_lacks() {
     let caps = rt().block_on(async { srv.store("").await.capabilities() });
     let cases = [
         (
-            "mount_write::partial_updates_send_only_what_changed (4 KiB overwrite sends < 64 KiB)",
+            "mount_write::appends_and_overwrites_send_only_the_change (4 KiB overwrite sends < 64 KiB)",
             "partial_writes",
             caps.partial_writes,
         ),
         (
-            "mount_write::partial_updates_send_only_what_changed (cp with 1 MiB changed sends < 4 MiB)",
+            "mount_write::rewrites_send_only_the_changed_chunks (cp with 1 MiB changed sends < 4 MiB)",
             "content_chunks",
             caps.content_chunks,
         ),

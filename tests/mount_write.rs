@@ -539,4 +539,157 @@ on_remotes! {
             .count();
         assert_eq!(left, 0);
     }
+
+    fn a_write_back_overwrite_inside_a_file_survives_a_crash(r) needs [] {
+        let old = bytes(3 * MIB, 22);
+        r.write("big.bin", &old);
+        let cache = tempfile::tempdir().unwrap();
+        let opts = || MountOpts {
+            cache: Some(cache.path().join("c")),
+            args: vec!["--write-back=1h".into()],
+            ..Default::default()
+        };
+        let mut m = r.mount_with(opts());
+        // A change in the middle: the file keeps its size.
+        let f = std::fs::OpenOptions::new().write(true).open(m.path("big.bin")).unwrap();
+        f.write_all_at(b"PATCH", MIB as u64).unwrap();
+        f.sync_all().unwrap();
+        close(f).unwrap();
+        m.kill9_keep_mounted();
+        common::force_unmount(&m.mnt);
+        let mut want = old.clone();
+        want[MIB..MIB + 5].copy_from_slice(b"PATCH");
+        let m2 = r.mount_with(opts());
+        assert_eq!(hash_file(&r.path("big.bin")).unwrap(), hash(&want), "{}", m2.log_text());
+        assert_eq!(hash_file(&m2.path("big.bin")).unwrap(), hash(&want));
+    }
+
+    fn a_save_renamed_over_the_original_after_fsync_survives_a_crash(r) needs [] {
+        r.write("doc.txt", b"old version\n");
+        let cache = tempfile::tempdir().unwrap();
+        let opts = || MountOpts {
+            cache: Some(cache.path().join("c")),
+            args: vec!["--write-back=1h".into()],
+            ..Default::default()
+        };
+        let mut m = r.mount_with(opts());
+        assert_eq!(std::fs::read(m.path("doc.txt")).unwrap(), b"old version\n");
+        // What editors and rsync do: write a temporary file, fsync, close, rename it over
+        // the original.
+        let data = bytes(2 * MIB + 7, 21);
+        let mut f = std::fs::File::create(m.path("doc.txt.tmp")).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+        close(f).unwrap();
+        std::fs::rename(m.path("doc.txt.tmp"), m.path("doc.txt")).unwrap();
+        // A scratch file fsync'd, then removed.
+        let mut g = std::fs::File::create(m.path("scratch")).unwrap();
+        g.write_all(b"scratch").unwrap();
+        g.sync_all().unwrap();
+        close(g).unwrap();
+        std::fs::remove_file(m.path("scratch")).unwrap();
+        // Nothing sent yet (the delay is an hour); the daemon dies.
+        assert_eq!(r.stored("doc.txt"), b"old version\n");
+        m.kill9_keep_mounted();
+        common::force_unmount(&m.mnt);
+        let m2 = r.mount_with(opts());
+        assert_eq!(hash_file(&r.path("doc.txt")).unwrap(), hash(&data), "the final name");
+        assert!(!r.path("doc.txt.tmp").exists(), "no temporary name on the remote");
+        assert!(!r.path("scratch").exists(), "a removed file is not sent");
+        assert_eq!(hash_file(&m2.path("doc.txt")).unwrap(), hash(&data));
+        assert!(
+            !m2.cache.join("pending/conflicts").exists(),
+            "no conflict: {}",
+            m2.log_text()
+        );
+        let journaled = std::fs::read_dir(m2.cache.join("pending"))
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json"))
+            .count();
+        assert_eq!(journaled, 0);
+    }
+}
+
+/// An unmount with the remote unreachable (it accepts connections and never answers) ends
+/// within `mount.unmount_timeout`, the daemon says what it left, and the next mount sends it.
+#[test]
+fn unmount_with_the_remote_unreachable_ends_in_time_and_the_next_mount_sends_the_rest() {
+    use common::remote::{Kind, Remote};
+    let mut r = Remote::start(Kind::Builtin);
+    let cache = tempfile::tempdir().unwrap();
+    let config = cache.path().join("mount.toml");
+    std::fs::write(&config, "[mount]\nunmount_timeout = \"2s\"\n").unwrap();
+    let opts = || MountOpts {
+        cache: Some(cache.path().join("c")),
+        args: vec![
+            "--write-back=1h".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ],
+        ..Default::default()
+    };
+    let mut m = r.mount_with(opts());
+    let files: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| (format!("f{i}.bin"), bytes(MIB + i, 30 + i as u64)))
+        .collect();
+    for (name, data) in &files {
+        let mut f = std::fs::File::create(m.path(name)).unwrap();
+        f.write_all(data).unwrap();
+        f.sync_all().unwrap();
+        close(f).unwrap();
+    }
+    // The server goes; something on its address takes connections and never answers.
+    r.stop();
+    let addr = r.url().trim_start_matches("http://").to_string();
+    let hole = std::net::TcpListener::bind(&addr).unwrap();
+    hole.set_nonblocking(true).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holder = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match hole.accept() {
+                    Ok((c, _)) => held.push(c),
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                }
+            }
+        })
+    };
+    let start = std::time::Instant::now();
+    let out = Command::new(bin()).arg("unmount").arg(&m.mnt).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut child = m.child.take().unwrap();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if start.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let took = start.elapsed();
+    eprintln!("the daemon ended {took:?} after the unmount began");
+    let log = m.log_text();
+    assert!(status.success(), "the daemon ended by itself ({status}): {log}");
+    assert!(
+        took < std::time::Duration::from_secs(2 + 4),
+        "the daemon took {took:?} with a 2 s unmount timeout"
+    );
+    assert!(log.contains("uploads not sent within the unmount timeout"), "{log}");
+    for (name, _) in &files {
+        assert!(log.contains(name.as_str()), "{name} is named in the log: {log}");
+        assert!(!r.path(name).exists());
+    }
+    // The remote comes back; the next mount sends the journal before it serves.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    holder.join().unwrap();
+    r.restart();
+    let m2 = r.mount_with(opts());
+    for (name, data) in &files {
+        assert_eq!(hash_file(&r.path(name)).unwrap(), hash(data), "{name}");
+        assert_eq!(hash_file(&m2.path(name)).unwrap(), hash(data), "{name}");
+    }
 }

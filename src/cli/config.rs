@@ -193,7 +193,8 @@ pub struct MountSection {
     /// Kernel readahead for the mount (`read_ahead_kb` of its backing device); 0 keeps the
     /// kernel's default. Needs root.
     pub kernel_readahead: ByteSize,
-    /// How long `unmount` waits for open files to be closed before it cuts them off.
+    /// How long `unmount` waits for open files to be closed before it cuts them off, and for
+    /// pending write-back uploads (the rest stays journaled for the next mount).
     #[serde(with = "humantime_serde")]
     pub unmount_timeout: Duration,
     /// Owner and modes shown on files and directories (default: the mounting user).

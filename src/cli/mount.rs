@@ -412,10 +412,11 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
             cfg.mount.unmount_timeout
         );
         let left = rt.block_on(fs.drain(cfg.mount.unmount_timeout));
-        if left > 0 {
+        if !left.is_empty() {
             tracing::warn!(
-                left,
-                "uploads not sent; they stay in the journal and go at the next mount"
+                left = left.len(),
+                paths = ?left,
+                "uploads not sent within the unmount timeout; they stay in the journal and go at the next mount"
             );
         }
     }

@@ -142,6 +142,12 @@ async fn read_base_into(
     Err(FsError::Local("no base version to read from".into()))
 }
 
+/// Whether some cache holds every chunk of `range` of `v`.
+fn cached(v: &Version, range: &Range<u64>) -> bool {
+    v.cache_file()
+        .is_some_and(|f| f.chunks_of(range).all(|i| f.is_present(i)))
+}
+
 /// Reads `range` of a version into memory, through the cache, without reading ahead.
 pub(super) async fn read_all(v: &Arc<Version>, range: Range<u64>) -> Result<Bytes, FsError> {
     let ra = Mutex::new(Readahead::disabled());
@@ -159,8 +165,14 @@ impl ArtifactFs {
     }
 
     fn staging_path(&self) -> std::path::PathBuf {
-        let n = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.cfg.staging_dir.join(format!("w-{}-{n}.data", std::process::id()))
+        loop {
+            let n = self.next_fh.fetch_add(1, Ordering::Relaxed);
+            let p = self.cfg.staging_dir.join(format!("w-{}-{n}.data", std::process::id()));
+            // Journal entries of an earlier run (whose pid may have been ours) stay until sent.
+            if !p.exists() {
+                return p;
+            }
+        }
     }
 
     /// The local state of file `ino`, made on first need from the version it holds.
@@ -623,42 +635,89 @@ impl ArtifactFs {
 
     /// Saves the local version of a file whose upload conflicted; returns where.
     async fn keep_conflicting(&self, st: &LocalState) -> String {
+        self.keep_copy(&st.path, &st.staged, &st.base_versions()).await
+    }
+
+    /// Saves the whole content of a file whose change the remote did not take (a conflict, a
+    /// refusal) in `<cache dir>/pending/conflicts/`: the bytes written locally from `staged`,
+    /// the others from `versions` (their cache, or the remote while it still has them). Returns
+    /// where, with a note when some bytes could not be read (zeros in the copy, whose name
+    /// then ends in `.incomplete`).
+    pub(super) async fn keep_copy(&self, path: &str, staged: &Staged, versions: &[&Arc<Version>]) -> String {
         let dir = self.cfg.staging_dir.join("conflicts");
-        let stamp = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let name = format!("{stamp}-{}", st.path.replace('/', "%2F"));
-        let dest = dir.join(&name);
         let mut content = Vec::new();
-        let mut ok = true;
-        for (r, layer) in st.staged.layers(0..st.staged.size()) {
+        let mut missing = 0u64;
+        let mut local_ok = true;
+        for (r, layer) in staged.layers(0..staged.size()) {
             let n = (r.end - r.start) as usize;
             match layer {
                 Layer::Local => {
                     let at = content.len();
                     content.resize(at + n, 0);
-                    ok &= st.staged.read_local(r.start, &mut content[at..]).is_ok();
+                    local_ok &= staged.read_local(r.start, &mut content[at..]).is_ok();
                 }
                 Layer::Zero => content.resize(content.len() + n, 0),
                 Layer::Base => {
-                    let at = content.len();
-                    let ra = Mutex::new(Readahead::disabled());
-                    if read_base_into(&mut content, &st.base_versions(), &ra, r).await.is_err() {
-                        ok = false;
-                        content.resize(at + n, 0);
+                    // Piece by piece, so a chunk that cannot be read costs only its own bytes;
+                    // once the remote failed, only cached pieces are tried.
+                    let mut pos = r.start;
+                    while pos < r.end {
+                        let end = (((pos >> 20) + 1) << 20).min(r.end);
+                        let piece = pos..end;
+                        let at = content.len();
+                        let try_it = missing == 0 || versions.iter().any(|v| cached(v, &piece));
+                        let ra = Mutex::new(Readahead::disabled());
+                        if !try_it
+                            || read_base_into(&mut content, versions, &ra, piece.clone())
+                                .await
+                                .is_err()
+                        {
+                            missing += piece.end - piece.start;
+                        }
+                        content.resize(at + (piece.end - piece.start) as usize, 0);
+                        pos = end;
                     }
                 }
             }
         }
-        let written = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&dest, &content));
-        match (written, ok) {
-            (Ok(()), true) => dest.display().to_string(),
-            (Ok(()), false) => format!(
-                "{} (bytes not written locally could not be read: zeros)",
+        let stamp = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let suffix = if missing > 0 || !local_ok { ".incomplete" } else { "" };
+        let base = format!("{stamp}-{}", path.replace('/', "%2F"));
+        let written = std::fs::create_dir_all(&dir).and_then(|_| {
+            // A name of its own, also for two conflicts of one file within a second.
+            let mut k = 0;
+            loop {
+                let name = match k {
+                    0 => format!("{base}{suffix}"),
+                    _ => format!("{base}-{k}{suffix}"),
+                };
+                let dest = dir.join(name);
+                match std::fs::OpenOptions::new().write(true).create_new(true).open(&dest) {
+                    Ok(mut f) => {
+                        use std::io::Write;
+                        f.write_all(&content)?;
+                        f.sync_all()?;
+                        return Ok(dest);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && k < 1000 => k += 1,
+                    Err(e) => return Err(e),
+                }
+            }
+        });
+        match written {
+            Ok(dest) if !local_ok => format!(
+                "{} (the bytes written locally could not all be read: zeros)",
                 dest.display()
             ),
-            (Err(e), _) => format!("nowhere ({}: {e})", dest.display()),
+            Ok(dest) if missing > 0 => format!(
+                "{} ({missing} bytes not written locally could not be read: zeros)",
+                dest.display()
+            ),
+            Ok(dest) => dest.display().to_string(),
+            Err(e) => format!("nowhere ({}: {e})", dir.display()),
         }
     }
 
@@ -786,11 +845,12 @@ impl ArtifactFs {
             let i = t.inodes.get(&ino).ok_or(FsError::NotFound)?;
             (i.pending_create, i.etag.clone(), i.local.clone())
         };
+        // Marked first, so no upload starts meanwhile; its journal record goes only once the
+        // remove is done (a failed one leaves the file, changes and all).
         if let Some(l) = &local {
             let mut st = l.state.lock().await;
             st.unlinked = true;
             st.stop_stream().await;
-            self.journal.done(&st.staged);
         }
         if !pending {
             let cond = etag.map(WriteCondition::Matches).unwrap_or(WriteCondition::None);
@@ -803,6 +863,9 @@ impl ArtifactFs {
                     return Err(FsError::remote(&path, e));
                 }
             }
+        }
+        if let Some(l) = &local {
+            self.discard_local(l).await;
         }
         self.removed(parent, name, ino);
         Ok(())
@@ -905,29 +968,12 @@ impl ArtifactFs {
                 _ => {}
             }
         }
-        let (pending, etag, local) = {
+        let (pending, etag) = {
             let t = self.table.lock();
             let i = t.inodes.get(&ino).ok_or(FsError::NotFound)?;
-            (i.pending_create, i.etag.clone(), i.local.clone())
+            (i.pending_create, i.etag.clone())
         };
-        if pending {
-            // Not on the remote yet: it moves here; its upload will go to the new path and
-            // replace what is there.
-            if let Some(l) = &local {
-                let mut st = l.state.lock().await;
-                st.stop_stream().await;
-                st.path = to.clone();
-                let dest_version = dest.as_ref().and_then(|(dino, _, _)| {
-                    let t = self.table.lock();
-                    let d = t.inodes.get(dino)?;
-                    Some(RemoteVersion {
-                        etag: d.etag.clone()?,
-                        size: d.size,
-                    })
-                });
-                st.staged.replace_remote(dest_version);
-            }
-        } else {
+        if !pending {
             let cond = match (kind, etag) {
                 (Kind::File, Some(e)) => WriteCondition::Matches(e),
                 _ => WriteCondition::None,
@@ -936,10 +982,43 @@ impl ArtifactFs {
                 .rename(&from, &to, cond)
                 .await
                 .map_err(|e| FsError::remote(&from, e))?;
-            if let Some(l) = &local {
-                let mut st = l.state.lock().await;
-                st.stop_stream().await;
-                st.path = to.clone();
+        }
+        // A file not on the remote yet moves here only: its upload will go to the new path
+        // and replace what is there.
+        let dest_version = dest.as_ref().and_then(|(dino, _, _)| {
+            let t = self.table.lock();
+            let d = t.inodes.get(dino)?;
+            Some(RemoteVersion {
+                etag: d.etag.clone()?,
+                size: d.size,
+            })
+        });
+        // The files being written that move (this one, or those in this folder) upload to
+        // their new paths, and their journal records say so before the rename returns: a
+        // crash after it replays them under the new names.
+        let mut not_durable = None;
+        for (local, new_path, this) in self.moving_locals(ino, &from, &to) {
+            let mut st = local.state.lock().await;
+            st.stop_stream().await;
+            st.path = new_path;
+            if this && pending {
+                st.staged.replace_remote(dest_version.clone());
+            }
+            if self.journal.is_recorded(&st.staged)
+                && let Err(e) = self.journal.record(self.store.id(), &st.path, &st.staged)
+            {
+                tracing::error!(
+                    path = st.path,
+                    "cannot record the rename in the write-back journal: {e}"
+                );
+                not_durable = Some(FsError::Local(format!("the write-back journal: {e}")));
+            }
+        }
+        // The file replaced, if any: its changes are gone with it.
+        if let Some((dino, _, _)) = &dest {
+            let local = self.table.lock().inodes.get(dino).and_then(|i| i.local.clone());
+            if let Some(l) = local {
+                self.discard_local(&l).await;
             }
         }
         let mut t = self.table.lock();
@@ -957,7 +1036,34 @@ impl ArtifactFs {
             etag: i.etag.clone(),
         });
         set_child(&mut t, new_parent, &dest_name, child);
-        Ok(())
+        match not_durable {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The local states that a rename of inode `ino` from `from` to `to` moves, with their new
+    /// paths, and whether each is `ino`'s own.
+    fn moving_locals(&self, ino: u64, from: &str, to: &str) -> Vec<(Arc<LocalFile>, String, bool)> {
+        let prefix = format!("{from}/");
+        let t = self.table.lock();
+        t.inodes
+            .iter()
+            .filter(|(n, i)| i.current && (**n == ino || i.path.starts_with(&prefix)))
+            .filter_map(|(n, i)| {
+                let l = i.local.clone()?;
+                Some((l, format!("{to}{}", &i.path[from.len()..]), *n == ino))
+            })
+            .collect()
+    }
+
+    /// A file being written is removed or replaced: its changes are never sent, and its
+    /// journal record goes.
+    async fn discard_local(&self, l: &LocalFile) {
+        let mut st = l.state.lock().await;
+        st.unlinked = true;
+        st.stop_stream().await;
+        self.journal.done(&st.staged);
     }
 }
 
@@ -981,11 +1087,6 @@ fn moved(t: &mut Table, ino: u64, from: &str, to: &str, new_parent: u64, new_nam
         }
         if let Some(i) = t.inodes.get_mut(&n) {
             i.path = new.clone();
-            if let Some(l) = &i.local
-                && let Ok(mut st) = l.state.try_lock()
-            {
-                st.path = new.clone();
-            }
         }
         t.by_path.insert(new, n);
     }

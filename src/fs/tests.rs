@@ -17,6 +17,15 @@ struct Env {
     faulty: Arc<FaultyStore>,
     fs: Arc<ArtifactFs>,
     inval: Arc<Recorder>,
+    cfg: FsConfig,
+}
+
+impl Env {
+    /// Another filesystem on the same cache, write area and remote, as the next mount after
+    /// a crash of this one sees them.
+    fn next_run(&self) -> Arc<ArtifactFs> {
+        ArtifactFs::new(self.fs.reader().clone(), self.cfg.clone())
+    }
 }
 
 #[derive(Default)]
@@ -33,6 +42,15 @@ fn env_with(mem: MemoryStore, ttl: Duration) -> Env {
 }
 
 fn env_cfg(mem: MemoryStore, ttl: Duration, read_only: bool) -> Env {
+    env_full(mem, ttl, read_only, None)
+}
+
+/// With `--write-back=DELAY`.
+fn env_write_back(delay: Duration) -> Env {
+    env_full(MemoryStore::new(), Duration::from_secs(60), false, Some(delay))
+}
+
+fn env_full(mem: MemoryStore, ttl: Duration, read_only: bool, write_back: Option<Duration>) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let mem = Arc::new(mem);
     let faulty = FaultyStore::new(mem.clone());
@@ -56,16 +74,15 @@ fn env_cfg(mem: MemoryStore, ttl: Duration, read_only: bool) -> Env {
         },
         Handle::current(),
     );
-    let fs = ArtifactFs::new(
-        reader,
-        FsConfig {
-            metadata_ttl: ttl,
-            negative_ttl: ttl,
-            read_only,
-            staging_dir: dir.path().join("pending"),
-            ..FsConfig::default()
-        },
-    );
+    let cfg = FsConfig {
+        metadata_ttl: ttl,
+        negative_ttl: ttl,
+        read_only,
+        staging_dir: dir.path().join("pending"),
+        write_back,
+        ..FsConfig::default()
+    };
+    let fs = ArtifactFs::new(reader, cfg.clone());
     let inval = Arc::new(Recorder::default());
     fs.set_invalidator(inval.clone());
     Env {
@@ -74,6 +91,7 @@ fn env_cfg(mem: MemoryStore, ttl: Duration, read_only: bool) -> Env {
         faulty,
         fs,
         inval,
+        cfg,
     }
 }
 

@@ -1,17 +1,23 @@
 //! `--write-back`: `close` and `fsync` record a file's changes in the journal (durable) and
 //! return; an upload follows after the configured delay, retried with backoff while the
-//! remote is unreachable. Unmounting drains what is pending (bounded by the unmount timeout);
-//! what could not be sent stays journaled and is sent by the next mount before it serves.
+//! remote is unreachable. Journal entries a previous run left and that cannot be sent when the
+//! mount starts are retried by the same loop. Unmounting ends the delays and waits for the
+//! uploads at most the unmount timeout; what could not be sent stays journaled and is sent by
+//! the next mount before it serves.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use parking_lot::Mutex;
+use tokio::sync::watch;
 
 use super::{ArtifactFs, FsError};
+use crate::store::StoreError;
+use crate::write::journal::Record;
+use crate::write::staged::Staged;
 use crate::write::upload::{BaseSource, UploadError};
 
 #[derive(Debug)]
@@ -22,8 +28,38 @@ pub(crate) struct WriteBack {
     pub(crate) delay: Duration,
     /// Inodes with an upload scheduled and not started yet.
     scheduled: Mutex<HashSet<u64>>,
-    /// Uploads scheduled or running.
-    outstanding: AtomicUsize,
+    /// Uploads scheduled or running, by job number.
+    jobs: Mutex<HashMap<u64, Job>>,
+    next_job: AtomicU64,
+    /// Set at unmount: the delays end and the uploads go at once.
+    now: watch::Sender<bool>,
+}
+
+/// What a background upload sends.
+#[derive(Debug, Clone)]
+enum Job {
+    /// The changes of a file of this mount.
+    Inode(u64),
+    /// A journal entry a previous run left, for this path.
+    Entry(String),
+}
+
+/// The work of a job, owned by its task.
+enum Work {
+    Inode(u64),
+    Entry(Box<(Record, Staged)>),
+}
+
+/// How an upload attempt went.
+enum Attempt {
+    /// Sent.
+    Done,
+    /// Not sent, and settled for good: kept with the conflicts.
+    Kept,
+    /// May pass: tried again after a while.
+    Retry(String),
+    /// Will not pass: given up, said in the log.
+    Failed(String),
 }
 
 impl WriteBack {
@@ -32,7 +68,9 @@ impl WriteBack {
             enabled: mode.is_some(),
             delay: mode.unwrap_or(Duration::from_secs(1)),
             scheduled: Mutex::new(HashSet::new()),
-            outstanding: AtomicUsize::new(0),
+            jobs: Mutex::new(HashMap::new()),
+            next_job: AtomicU64::new(1),
+            now: watch::channel(false).0,
         }
     }
 }
@@ -45,6 +83,21 @@ impl BaseSource for Base<'_> {
     async fn read(&self, range: std::ops::Range<u64>) -> Result<bytes::Bytes, String> {
         let v = self.0.ok_or("the base version is unknown")?;
         super::mutate::read_all(v, range).await.map_err(|e| e.to_string())
+    }
+}
+
+/// Waits `d`, or less once the unmount asks for the uploads: at once for a delay
+/// (`skip_when_draining`), else the wait in progress ends and later ones run in full.
+async fn pause(now: &mut watch::Receiver<bool>, d: Duration, skip_when_draining: bool) {
+    if *now.borrow_and_update() {
+        if !skip_when_draining {
+            tokio::time::sleep(d).await;
+        }
+        return;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = now.wait_for(|n| *n) => {}
     }
 }
 
@@ -69,18 +122,28 @@ impl ArtifactFs {
     }
 
     fn schedule(&self, ino: u64) {
+        if !self.write_back.scheduled.lock().insert(ino) {
+            return;
+        }
+        let delay = self.write_back.delay;
+        self.spawn_job(Job::Inode(ino), Work::Inode(ino), delay, true);
+    }
+
+    /// Runs `work` in the background after `first_wait`, then again with backoff while it
+    /// fails in a way that may pass.
+    fn spawn_job(&self, job: Job, mut work: Work, first_wait: Duration, is_delay: bool) {
         let Some(me) = self.me.upgrade() else {
             return;
         };
         let wb = &self.write_back;
-        if !wb.scheduled.lock().insert(ino) {
-            return;
-        }
-        wb.outstanding.fetch_add(1, Ordering::AcqRel);
-        let delay = wb.delay;
+        let id = wb.next_job.fetch_add(1, Ordering::Relaxed);
+        wb.jobs.lock().insert(id, job);
+        let mut now = wb.now.subscribe();
         tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            me.write_back.scheduled.lock().remove(&ino);
+            pause(&mut now, first_wait, is_delay).await;
+            if let Work::Inode(ino) = &work {
+                me.write_back.scheduled.lock().remove(ino);
+            }
             let mut backoff = ExponentialBuilder::default()
                 .with_jitter()
                 .with_min_delay(Duration::from_millis(500))
@@ -88,77 +151,128 @@ impl ArtifactFs {
                 .without_max_times()
                 .build();
             loop {
-                match me.upload_inode(ino).await {
-                    Ok(()) => break,
-                    Err(e @ (FsError::Upload { .. } | FsError::Remote { .. } | FsError::Read { .. })) => {
+                match me.attempt(&mut work).await {
+                    Attempt::Done | Attempt::Kept => break,
+                    Attempt::Retry(e) => {
                         let wait = backoff.next().unwrap_or(Duration::from_secs(60));
                         tracing::warn!("write-back: {e}; trying again in {wait:?}");
-                        tokio::time::sleep(wait).await;
+                        pause(&mut now, wait, false).await;
                     }
-                    Err(e) => {
+                    Attempt::Failed(e) => {
                         tracing::error!("write-back: {e}");
                         break;
                     }
                 }
             }
-            me.write_back.outstanding.fetch_sub(1, Ordering::AcqRel);
+            me.write_back.jobs.lock().remove(&id);
         });
+    }
+
+    async fn attempt(&self, work: &mut Work) -> Attempt {
+        match work {
+            Work::Inode(ino) => match self.upload_inode(*ino).await {
+                Ok(()) => Attempt::Done,
+                Err(e @ (FsError::Upload { .. } | FsError::Remote { .. } | FsError::Read { .. })) => {
+                    Attempt::Retry(e.to_string())
+                }
+                Err(e) => Attempt::Failed(e.to_string()),
+            },
+            Work::Entry(entry) => {
+                let (rec, staged) = &**entry;
+                self.send_entry(rec, staged).await
+            }
+        }
     }
 
     /// Uploads scheduled or running.
     pub fn pending_uploads(&self) -> usize {
-        self.write_back.outstanding.load(Ordering::Acquire)
+        self.write_back.jobs.lock().len()
     }
 
-    /// Sends what is pending now (no more delay), waiting at most `timeout`. Returns how many
-    /// files are still waiting (they stay in the journal).
-    pub async fn drain(&self, timeout: Duration) -> usize {
+    /// Sends what is pending now (the delays end), waiting at most `timeout`. Returns the
+    /// paths still waiting: they stay in the journal for the next mount.
+    pub async fn drain(&self, timeout: Duration) -> Vec<String> {
         let wb = &self.write_back;
-        let inos: Vec<u64> = wb.scheduled.lock().drain().collect();
-        for ino in inos {
-            // Sent here rather than by its delayed task (which then finds nothing to do).
-            let _ = self.upload_inode(ino).await;
-        }
+        wb.now.send_replace(true);
         let end = Instant::now() + timeout;
         loop {
-            let left = wb.outstanding.load(Ordering::Acquire);
-            if left == 0 || Instant::now() >= end {
-                return left;
+            if wb.jobs.lock().is_empty() {
+                return Vec::new();
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if Instant::now() >= end {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let jobs: Vec<Job> = wb.jobs.lock().values().cloned().collect();
+        let t = self.table.lock();
+        let mut left: Vec<String> = jobs
+            .into_iter()
+            .map(|j| match j {
+                Job::Inode(ino) => t
+                    .inodes
+                    .get(&ino)
+                    .map(|i| i.path.clone())
+                    .unwrap_or_else(|| format!("(inode {ino})")),
+                Job::Entry(path) => path,
+            })
+            .collect();
+        left.sort();
+        left
+    }
+
+    /// Sends a journal entry a previous run left. A conflict or a refusal keeps the whole
+    /// local version with the conflicts, as at a `close`.
+    async fn send_entry(&self, rec: &Record, staged: &Staged) -> Attempt {
+        let base = staged
+            .remote()
+            .map(|r| self.reader.open_version(&rec.path, &r.etag, r.size));
+        match self.uploader.upload(&rec.path, staged, &Base(base.as_ref())).await {
+            Ok(_) => {
+                tracing::info!(path = rec.path, "sent a change a previous run had journaled");
+                self.journal.done(staged);
+                Attempt::Done
+            }
+            Err(e @ (UploadError::Conflict | UploadError::Store(StoreError::Refused { .. }))) => {
+                let kept = self
+                    .keep_copy(&rec.path, staged, &base.iter().collect::<Vec<_>>())
+                    .await;
+                tracing::error!(
+                    path = rec.path,
+                    kept = %kept,
+                    "a journaled change was not sent ({e}); the local version is kept"
+                );
+                self.journal.done(staged);
+                Attempt::Kept
+            }
+            Err(e) => Attempt::Retry(format!("{}: {e}", rec.path)),
         }
     }
 
-    /// Sends what a previous run left in the journal for this remote. Returns (sent, left).
+    /// Sends what a previous run left in the journal for this remote. What cannot be sent yet
+    /// is retried in the background while mounted. Returns (sent, left).
     pub async fn replay_journal(&self) -> (usize, usize) {
         let entries = self.journal.pending(self.store.id());
         let (mut sent, mut left) = (0, 0);
-        for (rec, mut staged) in entries {
-            let base = staged
-                .remote()
-                .map(|r| self.reader.open_version(&rec.path, &r.etag, r.size));
-            match self.uploader.upload(&rec.path, &staged, &Base(base.as_ref())).await {
-                Ok(_) => {
-                    tracing::info!(path = rec.path, "sent a change a previous run had journaled");
-                    self.journal.done(&staged);
-                    sent += 1;
-                }
-                Err(e @ (UploadError::Conflict | UploadError::Store(crate::store::StoreError::Refused { .. }))) => {
-                    let kept = self.cfg.staging_dir.join("conflicts");
-                    let dest = kept.join(format!("{}-{}", std::process::id(), rec.path.replace('/', "%2F")));
-                    let moved = std::fs::create_dir_all(&kept).and_then(|_| std::fs::copy(staged.path(), &dest));
-                    tracing::error!(
+        for (rec, staged) in entries {
+            // Its bytes stay on disk until it is settled, even if this run stops first.
+            staged.keep_file(true);
+            match self.send_entry(&rec, &staged).await {
+                Attempt::Done => sent += 1,
+                Attempt::Kept => {}
+                Attempt::Retry(e) | Attempt::Failed(e) => {
+                    tracing::warn!(
                         path = rec.path,
-                        kept = %dest.display(),
-                        ok = moved.is_ok(),
-                        "a journaled change was not sent ({e}); the local bytes are kept"
+                        "a journaled change could not be sent yet: {e}; retrying in the background"
                     );
-                    self.journal.done(&staged);
-                }
-                Err(e) => {
-                    tracing::warn!(path = rec.path, "a journaled change could not be sent yet: {e}");
-                    staged.keep_file();
                     left += 1;
+                    let job = Job::Entry(rec.path.clone());
+                    self.spawn_job(
+                        job,
+                        Work::Entry(Box::new((rec, staged))),
+                        Duration::from_millis(500),
+                        false,
+                    );
                 }
             }
         }

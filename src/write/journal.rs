@@ -48,8 +48,10 @@ impl Journal {
         &self.dir
     }
 
-    /// Makes `staged`'s changes durable: after this returns they survive a crash.
+    /// Makes `staged`'s changes durable: after this returns they survive a crash, and its
+    /// staging file stays when the `Staged` goes, until [`Journal::done`].
     pub fn record(&self, remote: &str, path: &str, staged: &Staged) -> io::Result<()> {
+        staged.keep_file(true);
         staged.sync_data()?;
         let rec = Record {
             remote: remote.to_string(),
@@ -68,6 +70,7 @@ impl Journal {
     /// The changes of `staged` reached the remote: its record goes (the staging file goes
     /// with the `Staged`).
     pub fn done(&self, staged: &Staged) {
+        staged.keep_file(false);
         let p = record_path(staged.path());
         match fs::remove_file(&p) {
             Ok(()) => {
@@ -171,5 +174,39 @@ mod tests {
         drop(staged);
         assert!(j.pending("http://r").is_empty());
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_change_inside_a_remote_file_comes_back_after_a_crash() {
+        let d = tempfile::tempdir().unwrap();
+        let j = Journal::new(d.path().to_path_buf());
+        let base = RemoteVersion {
+            etag: ETag::new("\"base\""),
+            size: 3 << 20,
+        };
+        let mut s = Staged::modify(d.path().join("w-1-1.data"), base.clone()).unwrap();
+        s.write(100, b"inside").unwrap();
+        j.record("http://r", "f", &s).unwrap();
+        std::mem::forget(s);
+        // As an earlier version left it: the file ends after the last byte written.
+        let mut t = Staged::modify(d.path().join("w-1-2.data"), base).unwrap();
+        t.write(200, b"short").unwrap();
+        j.record("http://r", "g", &t).unwrap();
+        std::mem::forget(t);
+        File::options()
+            .write(true)
+            .open(d.path().join("w-1-2.data"))
+            .unwrap()
+            .set_len(205)
+            .unwrap();
+        let back = j.pending("http://r");
+        assert_eq!(back.len(), 2, "both entries are usable");
+        for ((rec, staged), (path, at, want)) in back.iter().zip([("f", 100, &b"inside"[..]), ("g", 200, b"short")]) {
+            assert_eq!(rec.path, path);
+            assert_eq!(staged.size(), 3 << 20);
+            let mut b = vec![0u8; want.len()];
+            staged.read_local(at, &mut b).unwrap();
+            assert_eq!(b, want);
+        }
     }
 }

@@ -59,7 +59,7 @@ pub struct Staged {
     /// Something changed since the last upload (writes, truncations, creation).
     changed: bool,
     /// Do not delete the staging file on drop.
-    keep: bool,
+    keep: std::sync::atomic::AtomicBool,
 }
 
 impl Staged {
@@ -81,6 +81,9 @@ impl Staged {
             .truncate(true)
             .open(&path)?;
         let size = remote.as_ref().map_or(0, |r| r.size);
+        // As long as the content, holes where nothing was written: the journal checks the
+        // length when it reopens the file.
+        file.set_len(size)?;
         Ok(Staged {
             file,
             path,
@@ -91,7 +94,7 @@ impl Staged {
             remote,
             unsent: RangeSet::new(),
             changed,
-            keep: false,
+            keep: Default::default(),
         })
     }
 
@@ -223,13 +226,20 @@ impl Staged {
     /// Reopens a staging file the journal recorded.
     pub fn restore(path: PathBuf, st: &StagedState) -> io::Result<Staged> {
         let file = OpenOptions::new().read(true).write(true).open(&path)?;
-        if file.metadata()?.len() != st.size {
+        let len = file.metadata()?.len();
+        // Shorter is fine when every byte written locally is there (earlier versions did not
+        // extend the file of a change to a remote file to its size); longer, the bytes past
+        // the size were written after the record, and are not part of it.
+        let written_end = st.overlay.iter().map(|&(_, b)| b).max().unwrap_or(0);
+        if len < written_end.min(st.size) {
             return Err(io::Error::other(format!(
-                "{}: {} bytes, the journal says {}",
+                "{}: {len} bytes, the journal says {}",
                 path.display(),
-                file.metadata()?.len(),
                 st.size
             )));
+        }
+        if len != st.size {
+            file.set_len(st.size)?;
         }
         let set = |v: &[(u64, u64)]| {
             let mut r = RangeSet::new();
@@ -251,7 +261,7 @@ impl Staged {
             unsent: set(&st.unsent),
             unsent_keep: st.unsent_keep,
             changed: st.changed,
-            keep: false,
+            keep: Default::default(),
         })
     }
 
@@ -260,9 +270,9 @@ impl Staged {
         self.file.sync_data()
     }
 
-    /// Keeps the staging file when this is dropped (its journal entry still needs it).
-    pub fn keep_file(&mut self) {
-        self.keep = true;
+    /// Whether the staging file stays when this is dropped (its journal entry still needs it).
+    pub fn keep_file(&self, keep: bool) {
+        self.keep.store(keep, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A file not uploaded yet was renamed over `remote`: its upload replaces that version
@@ -310,7 +320,7 @@ pub enum Layer {
 
 impl Drop for Staged {
     fn drop(&mut self) {
-        if !self.keep {
+        if !self.keep.load(std::sync::atomic::Ordering::Relaxed) {
             let _ = std::fs::remove_file(&self.path);
         }
     }
@@ -371,7 +381,7 @@ mod tests {
         s.write(70, b"z").unwrap();
         s.sync_data().unwrap();
         let st = s.state();
-        s.keep_file();
+        s.keep_file(true);
         let layers = s.layers(0..100);
         drop(s);
         let r = Staged::restore(p, &st).unwrap();

@@ -337,7 +337,7 @@ async fn an_upload_that_fails_at_close_is_retried_in_the_background() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(remote(&e, "late.txt").unwrap(), b"eventually");
-    assert_eq!(e.fs.drain(Duration::from_secs(5)).await, 0);
+    assert!(e.fs.drain(Duration::from_secs(5)).await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -364,4 +364,166 @@ async fn a_change_the_remote_refuses_is_kept_and_not_retried() {
     let kept = err.to_string();
     let path = kept.rsplit("kept at ").next().unwrap();
     assert_eq!(std::fs::read(path).unwrap(), b"mine");
+}
+
+/// The journal records of the write area.
+fn journaled(e: &Env) -> usize {
+    std::fs::read_dir(&e.cfg.staging_dir)
+        .unwrap()
+        .filter(|f| f.as_ref().unwrap().path().extension().is_some_and(|x| x == "json"))
+        .count()
+}
+
+/// The copies kept in `pending/conflicts/`: (file name, bytes).
+fn kept_copies(e: &Env) -> Vec<(String, Vec<u8>)> {
+    let Ok(rd) = std::fs::read_dir(e.cfg.staging_dir.join("conflicts")) else {
+        return Vec::new();
+    };
+    rd.map(|f| {
+        let p = f.unwrap().path();
+        (
+            p.file_name().unwrap().to_str().unwrap().to_string(),
+            std::fs::read(&p).unwrap(),
+        )
+    })
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renames_and_removals_after_fsync_are_in_the_journal_before_they_return() {
+    let e = env_write_back(Duration::from_secs(3600));
+    e.mem.insert("doc", b"old doc".to_vec());
+    e.mem.insert("dir/inner", b"old inner".to_vec());
+    e.mem.insert("edited", b"edited once".to_vec());
+    // A save through a temporary file: written, fsync'd, closed, renamed over the original.
+    let (_, o) = e.fs.create(ROOT, OsStr::new("doc.tmp")).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"new doc").await;
+    e.fs.flush(o.fh).await.unwrap();
+    e.fs.release_handle(o.fh).await.unwrap();
+    e.fs.rename(ROOT, OsStr::new("doc.tmp"), ROOT, OsStr::new("doc"), false)
+        .await
+        .unwrap();
+    // A file of the remote changed, then moved; another in a folder that moves.
+    let f = resolve(&e.fs, "edited").await.unwrap();
+    let o = e.fs.open(f.attr.ino, true, false).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"EDITED").await;
+    e.fs.release_handle(o.fh).await.unwrap();
+    e.fs.rename(ROOT, OsStr::new("edited"), ROOT, OsStr::new("moved"), false)
+        .await
+        .unwrap();
+    let f = resolve(&e.fs, "dir/inner").await.unwrap();
+    let o = e.fs.open(f.attr.ino, true, false).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"NEW").await;
+    e.fs.release_handle(o.fh).await.unwrap();
+    e.fs.rename(ROOT, OsStr::new("dir"), ROOT, OsStr::new("dir2"), false)
+        .await
+        .unwrap();
+    // A file journaled, then replaced by a rename over it: its changes go with it.
+    let (_, o) = e.fs.create(ROOT, OsStr::new("target")).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"replaced").await;
+    e.fs.release_handle(o.fh).await.unwrap();
+    let (_, o) = e.fs.create(ROOT, OsStr::new("target.new")).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"replacement").await;
+    e.fs.release_handle(o.fh).await.unwrap();
+    e.fs.rename(ROOT, OsStr::new("target.new"), ROOT, OsStr::new("target"), false)
+        .await
+        .unwrap();
+    // A file journaled, then removed.
+    let (_, o) = e.fs.create(ROOT, OsStr::new("scratch")).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"scratch").await;
+    e.fs.release_handle(o.fh).await.unwrap();
+    e.fs.unlink(ROOT, OsStr::new("scratch")).await.unwrap();
+    // Nothing was sent (the delay is an hour); the daemon dies here and the next run replays.
+    assert_eq!(remote(&e, "doc").unwrap(), b"old doc");
+    assert_eq!(journaled(&e), 4);
+    let next = e.next_run();
+    assert_eq!(next.replay_journal().await, (4, 0));
+    assert_eq!(remote(&e, "doc").unwrap(), b"new doc");
+    assert!(remote(&e, "doc.tmp").is_none());
+    assert_eq!(remote(&e, "moved").unwrap(), b"EDITED once");
+    assert!(remote(&e, "edited").is_none());
+    assert_eq!(remote(&e, "dir2/inner").unwrap(), b"NEW inner");
+    assert!(remote(&e, "dir/inner").is_none());
+    assert_eq!(remote(&e, "target").unwrap(), b"replacement");
+    assert!(remote(&e, "scratch").is_none());
+    assert!(kept_copies(&e).is_empty(), "no conflicts");
+    assert_eq!(journaled(&e), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_at_replay_keeps_the_whole_local_version() {
+    let e = env_write_back(Duration::from_secs(3600));
+    let old = noise(3 * MIB, 3);
+    e.mem.insert("cached", old.clone());
+    e.mem.insert("partly", old.clone());
+    // `cached` is read whole; of `partly` only the first chunk is in the cache.
+    assert_eq!(cat(&e.fs, "cached").await.unwrap(), old);
+    let p = resolve(&e.fs, "partly").await.unwrap();
+    let etag = e.mem.object("partly").unwrap().1;
+    let v = e.fs.reader().open_version("partly", &etag, old.len() as u64);
+    super::super::mutate::read_all(&v, 0..10).await.unwrap();
+    let c = resolve(&e.fs, "cached").await.unwrap();
+    for ino in [c.attr.ino, p.attr.ino] {
+        let o = e.fs.open(ino, true, false).await.unwrap();
+        write_all(&e.fs, o.fh, MIB as u64 + 10, b"LOCAL").await;
+        e.fs.release_handle(o.fh).await.unwrap();
+    }
+    // Someone else changes both before the next run sends them.
+    e.mem.insert("cached", b"theirs".to_vec());
+    e.mem.insert("partly", b"theirs".to_vec());
+    let next = e.next_run();
+    assert_eq!(next.replay_journal().await, (0, 0));
+    assert_eq!(remote(&e, "cached").unwrap(), b"theirs", "not overwritten");
+    let mut kept = kept_copies(&e);
+    kept.sort();
+    assert_eq!(kept.len(), 2, "{:?}", kept.iter().map(|k| &k.0).collect::<Vec<_>>());
+    let mut want = old.clone();
+    want[MIB + 10..MIB + 15].copy_from_slice(b"LOCAL");
+    let (name, bytes) = &kept[0];
+    assert!(name.ends_with("-cached"), "{name}");
+    assert!(*bytes == want, "the whole local version of a cached base");
+    // What the cache did not hold is zeros, and the name says the copy is incomplete.
+    let (name, bytes) = &kept[1];
+    assert!(name.ends_with("-partly.incomplete"), "{name}");
+    assert_eq!(bytes.len(), want.len());
+    assert!(bytes[..MIB] == want[..MIB], "the cached chunk");
+    assert_eq!(&bytes[MIB + 10..MIB + 15], b"LOCAL");
+    assert!(bytes[MIB + 15..].iter().all(|&b| b == 0));
+    assert_eq!(journaled(&e), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_entries_that_fail_at_replay_are_sent_when_the_remote_comes_back() {
+    let e = env_write_back(Duration::from_secs(3600));
+    let (_, o) = e.fs.create(ROOT, OsStr::new("late.txt")).await.unwrap();
+    write_all(&e.fs, o.fh, 0, b"eventually").await;
+    e.fs.release_handle(o.fh).await.unwrap();
+    // The next run starts while the remote takes no writes.
+    let down = StoreError::Unavailable("connection refused".into());
+    e.faulty.inject_always(Fault::Fail(Op::Write, down));
+    let next = e.next_run();
+    assert_eq!(next.replay_journal().await, (0, 1));
+    assert_eq!(next.pending_uploads(), 1);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(remote(&e, "late.txt").is_none());
+    assert_eq!(journaled(&e), 1, "still journaled");
+    // The remote comes back while mounted.
+    e.faulty.clear();
+    for _ in 0..100 {
+        if remote(&e, "late.txt").is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(remote(&e, "late.txt").unwrap(), b"eventually");
+    assert!(next.drain(Duration::from_secs(5)).await.is_empty());
+    assert_eq!(journaled(&e), 0);
+    let left: Vec<_> = std::fs::read_dir(&e.cfg.staging_dir)
+        .unwrap()
+        .map(|f| f.unwrap().file_name())
+        .filter(|n| n.to_str().unwrap().ends_with(".data"))
+        .collect();
+    // The first run's staging file is still open there (it never stopped); the replayed one
+    // is gone.
+    assert!(left.len() <= 1, "{left:?}");
 }
