@@ -671,3 +671,66 @@ fn nix_df_used(p: &std::path::Path) -> u64 {
         .parse()
         .unwrap()
 }
+
+/// Opening one small file of a listed folder fetches the folder's other small files in the
+/// background: reading them afterwards sends no request. Larger files are left alone, and
+/// `prefetch_small_files = 0` turns it off. A file of one chunk is checked against its tag:
+/// no digests request.
+#[test]
+fn opening_a_small_file_fetches_its_folders_small_files_ahead() {
+    let store = Store::new();
+    let mut small = Vec::new();
+    for i in 0..300usize {
+        let rel = format!("many/f{i:03}.bin");
+        let data = bytes(1000 + i * 13, 300 + i as u64);
+        store.write(&rel, &data);
+        small.push((rel, data));
+    }
+    let big = bytes(2 * MIB, 299);
+    store.write("many/zz-big.bin", &big);
+    let server = store.serve();
+    let small_bytes: u64 = small.iter().map(|(_, d)| d.len() as u64).sum();
+
+    let m = Mount::new(&server.url());
+    let before = server.stats();
+    assert_eq!(hash_file(&m.path("many/f000.bin")).unwrap(), hash(&small[0].1));
+    // The rest arrives in the background.
+    let end = Instant::now() + Duration::from_secs(20);
+    while server.stats().file_bytes_sent - before.file_bytes_sent < small_bytes {
+        assert!(Instant::now() < end, "prefetch stalled: {:?}", server.stats());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let fetched = server.stats();
+    assert_eq!(
+        fetched.file_bytes_sent - before.file_bytes_sent,
+        small_bytes,
+        "exactly the small files, not the big one"
+    );
+    for (rel, data) in &small {
+        assert_eq!(hash_file(&m.path(rel)).unwrap(), hash(data), "{rel}");
+    }
+    let after = server.stats();
+    assert_eq!(after.gets, fetched.gets, "reading the prefetched files sent requests");
+    assert_eq!(after.digests, before.digests, "small files need no digests");
+    drop(m);
+
+    // Turned off: opening one file fetches that file only.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, "[read]\nprefetch_small_files = 0\n").unwrap();
+    let m = Mount::with(
+        &server.url(),
+        MountOpts {
+            args: vec!["--config".into(), config.display().to_string()],
+            ..MountOpts::default()
+        },
+    );
+    let before = server.stats();
+    assert_eq!(hash_file(&m.path("many/f001.bin")).unwrap(), hash(&small[1].1));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        server.stats().file_bytes_sent - before.file_bytes_sent,
+        small[1].1.len() as u64
+    );
+}

@@ -23,7 +23,14 @@ fn warm_fetches_folders_and_files_once_and_reports_what_failed() {
     store.write("models/big.bin", &big);
     store.write("other/not-warmed.bin", &bytes(5 * MIB, 7));
     let server = store.serve();
-    let m = Mount::new(&server.url());
+    // Reads through the daemon (no passthrough), so that they count as cache hits below.
+    let m = Mount::with(
+        &server.url(),
+        MountOpts {
+            args: vec!["--passthrough=false".into()],
+            ..MountOpts::default()
+        },
+    );
 
     let out = afs(&[
         "warm",

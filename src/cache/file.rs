@@ -482,6 +482,11 @@ impl CacheFile {
         r.end - r.start
     }
 
+    /// Whether the metadata on disk is behind (the next `persist` writes it).
+    pub fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::Acquire)
+    }
+
     /// Writes the metadata if it changed (at most once a second unless `force`).
     pub fn persist(&self, force: bool) -> Result<(), CacheError> {
         if !self.dirty.load(Ordering::Acquire) {
@@ -560,7 +565,13 @@ impl ChunkWriter<'_> {
     }
 
     /// Publishes the chunk after checking its length and, when given, the remote's digest.
-    pub fn finish(mut self, expected: Option<&[u8; 32]>) -> Result<(), ChunkError> {
+    pub fn finish(self, expected: Option<&[u8; 32]>) -> Result<(), ChunkError> {
+        self.finish_with(|d| expected.is_none_or(|e| d == e))
+    }
+
+    /// Like [`ChunkWriter::finish`], with the chunk's digest judged by `check` (a chunk
+    /// written without hashing is not checked).
+    pub fn finish_with(mut self, check: impl FnOnce(&[u8; 32]) -> bool) -> Result<(), ChunkError> {
         let len = self.range.end - self.range.start;
         if self.written != len {
             return Err(ChunkError::Length {
@@ -570,8 +581,8 @@ impl ChunkWriter<'_> {
             });
         }
         let digest = self.hasher.take().map(|h| *h.finalize().as_bytes());
-        if let (Some(d), Some(e)) = (&digest, expected)
-            && d != e
+        if let Some(d) = &digest
+            && !check(d)
         {
             return Err(ChunkError::Digest { index: self.index });
         }

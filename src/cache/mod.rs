@@ -171,16 +171,18 @@ impl Shared {
             self.sub_used(bytes);
             return;
         }
+        let rewritten = f.is_dirty();
         if let Err(e) = f.persist(true) {
             tracing::warn!("cannot save cache metadata: {e}");
         }
         // The metadata file's time is the version's last access for the next daemon (its LRU
         // order, `expire_after`, `cache clear --older-than`): a version read but not changed
         // was not rewritten above.
-        if let Err(e) = File::options()
-            .write(true)
-            .open(&f.meta_path)
-            .and_then(|m| m.set_modified(std::time::SystemTime::now()))
+        if !rewritten
+            && let Err(e) = File::options()
+                .write(true)
+                .open(&f.meta_path)
+                .and_then(|m| m.set_modified(std::time::SystemTime::now()))
         {
             tracing::debug!("cannot record the last access of {}: {e}", f.meta_path.display());
         }

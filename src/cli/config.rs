@@ -263,6 +263,10 @@ pub struct ReadSection {
     pub retries: usize,
     /// Let the kernel read files complete in the cache straight from the cache file.
     pub passthrough: bool,
+    /// Opening a file this small fetches the folder's other files this small (0: never).
+    pub prefetch_small_files: ByteSize,
+    /// At most this much of a folder's small files fetched ahead.
+    pub prefetch_folder_bytes: ByteSize,
 }
 
 impl Default for ReadSection {
@@ -277,6 +281,8 @@ impl Default for ReadSection {
             verify: d.verify,
             retries: d.retries,
             passthrough: true,
+            prefetch_small_files: ByteSize(256 << 10),
+            prefetch_folder_bytes: ByteSize(64 << 20),
         }
     }
 }

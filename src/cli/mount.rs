@@ -336,6 +336,8 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
             upload_parallel: cfg.write.parallel_parts,
             write_back: cfg.write.write_back.then_some(cfg.write.write_back_delay),
             passthrough: cfg.read.passthrough,
+            prefetch_small_files: cfg.read.prefetch_small_files.0,
+            prefetch_folder_bytes: cfg.read.prefetch_folder_bytes.0,
         },
     );
     // What a previous run journaled goes first.

@@ -47,6 +47,7 @@ impl Backings {
         ino: u64,
         fh: u64,
         file: &std::fs::File,
+        flags: FopenFlags,
         reply: ReplyOpen,
     ) -> Result<(), (ReplyOpen, std::io::Error)> {
         let mut by_ino = self.by_ino.lock();
@@ -59,7 +60,7 @@ impl Backings {
         };
         *n += 1;
         self.handles.lock().insert(fh, ino);
-        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+        reply.opened_passthrough(FileHandle(fh), flags, id);
         Ok(())
     }
 
@@ -264,9 +265,16 @@ impl fuser::Filesystem for FuseAdapter {
             async move { fs.open(ino.0, write, truncate).await.map(|o| (o, fs)) },
             move |r| match r {
                 Ok((o, fs)) => {
+                    // A read-only descriptor has nothing to send at close: no FLUSH round trip
+                    // (reading many small files pays one less per file).
+                    let noflush = if write {
+                        FopenFlags::empty()
+                    } else {
+                        FopenFlags::FOPEN_NOFLUSH
+                    };
                     let reply = match &o.passthrough {
                         None => reply,
-                        Some(file) => match backings.reply(ino.0, o.fh, file, reply) {
+                        Some(file) => match backings.reply(ino.0, o.fh, file, noflush, reply) {
                             Ok(()) => return,
                             Err((reply, e)) => {
                                 tracing::warn!(
@@ -277,7 +285,7 @@ impl fuser::Filesystem for FuseAdapter {
                             }
                         },
                     };
-                    let mut f = FopenFlags::empty();
+                    let mut f = noflush;
                     if o.keep_cache || o.passthrough.is_some() {
                         f |= FopenFlags::FOPEN_KEEP_CACHE;
                     }

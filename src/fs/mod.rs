@@ -14,6 +14,7 @@ pub mod fuse;
 pub mod iomode;
 mod mutate;
 pub mod name;
+mod prefetch;
 #[cfg(test)]
 mod tests;
 mod writeback;
@@ -66,6 +67,11 @@ pub struct FsConfig {
     /// Offer passthrough opens of files complete in the cache (the adapter turns it off when
     /// the kernel does not allow it).
     pub passthrough: bool,
+    /// Opening a file of at most this size fetches its folder's other files of at most this
+    /// size (0: never).
+    pub prefetch_small_files: u64,
+    /// At most this many bytes of a folder's small files are fetched ahead.
+    pub prefetch_folder_bytes: u64,
 }
 
 impl Default for FsConfig {
@@ -86,6 +92,8 @@ impl Default for FsConfig {
             upload_parallel: 4,
             write_back: None,
             passthrough: true,
+            prefetch_small_files: 256 << 10,
+            prefetch_folder_bytes: 64 << 20,
         }
     }
 }
@@ -244,6 +252,8 @@ struct DirState {
     heads: u32,
     /// Serialises refreshes of this directory's listing.
     refresh: Arc<tokio::sync::Mutex<()>>,
+    /// The listing whose small files were prefetched (each listing once).
+    prefetched: Option<Arc<BTreeMap<ValidName, Child>>>,
 }
 
 #[derive(Debug, Default)]
@@ -1026,6 +1036,7 @@ impl ArtifactFs {
         }
         let (path, etag, size) = self.file_version(ino).await?;
         let version = self.reader.open_version(&path, &etag, size);
+        self.prefetch_siblings(ino, size);
         if let Some((pin, file)) = self.passthrough_for(ino, &version) {
             return Ok(OpenReply {
                 fh: self.add_handle(ino, Some(version), Some(pin)),

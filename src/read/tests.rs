@@ -329,6 +329,20 @@ async fn bit_rot_on_the_wire_is_caught_by_the_digests() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_of_one_chunk_is_checked_against_its_tag_without_asking_for_digests() {
+    let e = env();
+    let d = data(300_000, 29);
+    let t = e.mem.insert("small", d.clone());
+    // Bit rot in the first two answers: caught by the tag (the chunk's digest does not give
+    // it), fetched again.
+    e.faulty.inject(Fault::CorruptBody, 2);
+    let v = open(&e, "small", &t, d.len());
+    assert_eq!(read_all(&v, 1 << 20).await, d);
+    assert_eq!(e.faulty.pending(), 0, "both corrupt answers were caught");
+    assert_eq!(e.mem.stats.digests.load(Ordering::Relaxed), 0, "no digests request");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_of_another_version_is_refused_as_stale() {
     let e = env();
     let d = data(2 * MIB as usize, 10);

@@ -291,6 +291,7 @@ impl Store for ArtifactStore {
             ranged_reads: c.ranges,
             listing_etags: c.listing_etags,
             digest_chunk_size: c.digests.then_some(self.info.chunk_size),
+            etags_from_digests: c.digests,
             writes: c.writes,
             partial_writes: c.partial_writes,
             server_side_copy: c.writes,

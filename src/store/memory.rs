@@ -50,6 +50,7 @@ pub struct MemoryStats {
     pub lists: AtomicU64,
     pub heads: AtomicU64,
     pub gets: AtomicU64,
+    pub digests: AtomicU64,
     pub bytes_served: AtomicU64,
     /// New bytes received by writes (put, append, write, byte parts).
     pub bytes_received: AtomicU64,
@@ -84,6 +85,7 @@ impl MemoryStore {
                 ranged_reads: true,
                 listing_etags: true,
                 digest_chunk_size: Some(CHUNK),
+                etags_from_digests: true,
                 writes: true,
                 partial_writes: true,
                 server_side_copy: true,
@@ -336,6 +338,7 @@ impl Store for MemoryStore {
         let Some(chunk) = self.caps.digest_chunk_size else {
             return Ok(None);
         };
+        self.stats.digests.fetch_add(1, Ordering::Relaxed);
         let obj = self.current(path)?;
         if obj.etag != *etag {
             return Err(StoreError::PreconditionFailed);

@@ -74,6 +74,9 @@ pub struct Capabilities {
     pub listing_etags: bool,
     /// Per-chunk blake3 digests can be fetched ([`Store::digests`]), with this chunk size.
     pub digest_chunk_size: Option<u64>,
+    /// ETags are `protocol::etag_from_digests` of those digests: a file of one chunk is
+    /// checked against its tag, with no request for its digests.
+    pub etags_from_digests: bool,
     /// Any write at all (put, delete, mkdir, upload sessions).
     pub writes: bool,
     /// Appends and ranged writes without rewriting the object.
@@ -100,6 +103,7 @@ impl Capabilities {
             ranged_reads: true,
             listing_etags: false,
             digest_chunk_size: None,
+            etags_from_digests: false,
             writes: false,
             partial_writes: false,
             server_side_copy: false,

@@ -220,6 +220,7 @@ impl Store for S3Store {
             ranged_reads: true,
             listing_etags: false,
             digest_chunk_size: None,
+            etags_from_digests: false,
             writes: true,
             partial_writes: false,
             server_side_copy: self.cfg.server_side_copy,

@@ -646,6 +646,7 @@ impl Store for WebStore {
             ranged_reads: true,
             listing_etags: false,
             digest_chunk_size: None,
+            etags_from_digests: false,
             writes: d.writes,
             partial_writes: d.partial_put,
             server_side_copy: false,
