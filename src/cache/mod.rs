@@ -354,10 +354,25 @@ impl Cache {
     pub fn open_version(&self, key: VersionKey) -> Result<Arc<CacheFile>, CacheError> {
         let (remote_dir, data, meta) = self.paths(&key);
         let mut open = self.shared.open.lock();
-        if let Some(f) = open.get(&data).and_then(Weak::upgrade) {
-            // Wanted again: a version that came back is current again.
-            f.retired.store(false, Ordering::Release);
-            return Ok(f);
+        let mut waited = 0;
+        loop {
+            match open.get(&data).map(|w| (w.upgrade(), w.strong_count())) {
+                Some((Some(f), _)) => {
+                    // Wanted again: a version that came back is current again.
+                    f.retired.store(false, Ordering::Release);
+                    return Ok(f);
+                }
+                // Its last holder is letting go right now: its metadata is not on disk yet.
+                // Opening it anew before that would find the chunks it holds missing (and
+                // fetch them again); wait for it to be closed.
+                Some((None, 0)) if waited < 2000 => {
+                    drop(open);
+                    std::thread::sleep(std::time::Duration::from_micros(250));
+                    waited += 1;
+                    open = self.shared.open.lock();
+                }
+                _ => break,
+            }
         }
         let remote_file = remote_dir.join("remote.json");
         if !remote_file.exists() {
