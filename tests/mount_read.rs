@@ -465,20 +465,14 @@ fn an_nginx_html_index_mounts_and_reads() {
 
 /// The daemon's count of FUSE `READ` requests, from its metrics endpoint.
 fn fuse_reads(m: &Mount) -> u64 {
-    let st: serde_json::Value = serde_json::from_slice(&afs(&["status", s(&m.mnt), "--json"]).stdout).unwrap();
-    let addr = st["metrics_addr"].as_str().expect("the metrics address").to_string();
-    let out = Command::new("curl")
-        .args(["-sf", &format!("http://{addr}/metrics")])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
+    metrics_of(&m.mnt)
         .lines()
         .find_map(|l| l.strip_prefix("artifactfs_fuse_calls_total{op=\"read\"} "))
         .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
 }
 
 fn status(m: &Mount) -> serde_json::Value {
-    serde_json::from_slice(&afs(&["status", s(&m.mnt), "--json"]).stdout).unwrap()
+    status_of(&m.mnt)
 }
 
 fn drop_page_cache() {

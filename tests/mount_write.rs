@@ -298,19 +298,14 @@ on_remotes! {
     fn shared_mapping_writes_reach_the_remote(r) needs [] {
         r.write("m.bin", &[0u8; 8192]);
         let m = r.mount();
-        let py = Command::new("python3")
-            .arg("-c")
-            .arg(
-                "import mmap,sys\n\
-                 f=open(sys.argv[1],'r+b')\n\
-                 mm=mmap.mmap(f.fileno(),0)\n\
-                 mm[100:105]=b'MMAP!'\n\
-                 mm.flush(); mm.close(); f.close()",
-            )
-            .arg(m.path("m.bin"))
-            .output()
-            .unwrap();
-        assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
+        python(
+            "import mmap,sys\n\
+             f=open(sys.argv[1],'r+b')\n\
+             mm=mmap.mmap(f.fileno(),0)\n\
+             mm[100:105]=b'MMAP!'\n\
+             mm.flush(); mm.close(); f.close()",
+            &[&m.path("m.bin")],
+        );
         let got = r.stored("m.bin");
         assert_eq!(&got[100..105], b"MMAP!");
         assert_eq!(got.len(), 8192);
@@ -372,20 +367,15 @@ on_remotes! {
         // The descriptor is closed (its flush has nothing to send) before the mapping is
         // written; the bytes reach the daemon when the mapping goes, and the upload happens
         // at the release that follows, with no close left to report it.
-        let py = Command::new("python3")
-            .arg("-c")
-            .arg(
-                "import mmap,sys\n\
-                 f=open(sys.argv[1],'r+b')\n\
-                 mm=mmap.mmap(f.fileno(),0)\n\
-                 f.close()\n\
-                 mm[4000:4004]=b'LATE'\n\
-                 mm.close()",
-            )
-            .arg(m.path("late.bin"))
-            .output()
-            .unwrap();
-        assert!(py.status.success(), "{}", String::from_utf8_lossy(&py.stderr));
+        python(
+            "import mmap,sys\n\
+             f=open(sys.argv[1],'r+b')\n\
+             mm=mmap.mmap(f.fileno(),0)\n\
+             f.close()\n\
+             mm[4000:4004]=b'LATE'\n\
+             mm.close()",
+            &[&m.path("late.bin")],
+        );
         let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while r.stored("late.bin")[4000..4004] != *b"LATE" {
             assert!(std::time::Instant::now() < end, "the release never uploaded: {}", m.log_text());

@@ -197,14 +197,7 @@ fn metrics_are_served_logged_when_slow_and_summarized_at_unmount() {
         },
     );
     assert_eq!(hash_file(&m.path("d/f.bin")).unwrap(), hash(&data));
-    let st: serde_json::Value = serde_json::from_slice(&afs(&["status", s(&m.mnt), "--json"]).stdout).unwrap();
-    let addr = st["metrics_addr"].as_str().expect("the metrics address").to_string();
-    let out = Command::new("curl")
-        .args(["-sf", &format!("http://{addr}/metrics")])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = metrics_of(&m.mnt);
     let value = |line_start: &str| -> u64 {
         text.lines()
             .find(|l| l.starts_with(line_start))

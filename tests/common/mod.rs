@@ -273,6 +273,37 @@ pub fn tree(root: &Path) -> Vec<(String, bool, u64)> {
 }
 
 /// `artifactfs ARGS…`, waited for.
+/// `artifactfs status MNT --json`.
+pub fn status_of(mnt: &Path) -> serde_json::Value {
+    serde_json::from_slice(&afs(&["status", s(mnt), "--json"]).stdout).unwrap()
+}
+
+/// The Prometheus metrics of the daemon of `mnt` (mounted with `--metrics-addr`).
+pub fn metrics_of(mnt: &Path) -> String {
+    let addr = status_of(mnt)["metrics_addr"]
+        .as_str()
+        .expect("the metrics address")
+        .to_string();
+    let out = Command::new("curl")
+        .args(["-sf", &format!("http://{addr}/metrics")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "GET /metrics of {addr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a Python script with `args`; panics with its stderr when it fails.
+pub fn python(script: &str, args: &[&Path]) -> Output {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
 pub fn afs(args: &[&str]) -> Output {
     Command::new(bin()).args(args).output().unwrap()
 }
