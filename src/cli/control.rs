@@ -122,14 +122,7 @@ impl Control {
 
     /// Listens on `path` until the runtime stops. Only the mounting user can connect (the
     /// socket is 0600 in a 0700 directory).
-    pub async fn serve(self: Arc<Self>, path: PathBuf) {
-        let listener = match bind(&path) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(path = %path.display(), "no control socket (status and warm will not reach this mount): {e}");
-                return;
-            }
-        };
+    pub async fn serve(self: Arc<Self>, listener: tokio::net::UnixListener) {
         let me = self.clone();
         tokio::spawn(async move {
             let mut last = me.cache.session_counters().fetched_bytes;
@@ -198,6 +191,17 @@ async fn send<T: Serialize>(wr: &mut tokio::net::unix::OwnedWriteHalf, v: &T) ->
     let mut line = serde_json::to_vec(v).map_err(std::io::Error::other)?;
     line.push(b'\n');
     wr.write_all(&line).await
+}
+
+/// Binds the control socket at `path` (within a tokio runtime), or says why not.
+pub fn listen(path: &Path) -> Option<tokio::net::UnixListener> {
+    match bind(path) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "no control socket (status and warm will not reach this mount): {e}");
+            None
+        }
+    }
 }
 
 fn bind(path: &Path) -> std::io::Result<tokio::net::UnixListener> {

@@ -370,6 +370,18 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
     };
     fc.n_threads = Some(cfg.mount.threads);
     fc.clone_fd = true;
+    // The control socket exists before the mount does: whoever sees the mount can ask it.
+    let control = super::control::Control::new(
+        fs.clone(),
+        fs.reader().clone(),
+        cache.clone(),
+        store.id().to_string(),
+        r.mountpoint.clone(),
+    );
+    let listener = {
+        let _rt = rt.enter();
+        super::control::listen(&registry::socket_path(&r.mountpoint))
+    };
     let session = fuser::Session::new(FuseAdapter::new(fs.clone(), rt.handle().clone()), &r.mountpoint, &fc)
         .map_err(|e| format!("cannot mount at {}: {e}", r.mountpoint.display()))?;
     fs.set_invalidator(ChannelInvalidator::start(session.notifier()));
@@ -386,14 +398,9 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
     if let Err(e) = registry::write(&record) {
         tracing::warn!("cannot record the mount (artifactfs unmount will still work by path): {e}");
     }
-    let control = super::control::Control::new(
-        fs.clone(),
-        fs.reader().clone(),
-        cache.clone(),
-        store.id().to_string(),
-        r.mountpoint.clone(),
-    );
-    rt.spawn(control.serve(registry::socket_path(&r.mountpoint)));
+    if let Some(l) = listener {
+        rt.spawn(control.serve(l));
+    }
     let done = Arc::new(AtomicBool::new(false));
     rt.spawn(on_signal(
         r.mountpoint.clone(),
