@@ -29,6 +29,8 @@ struct Counts {
 pub struct IoModes {
     enabled: AtomicBool,
     inodes: Mutex<HashMap<u64, Counts>>,
+    /// Woken whenever a handle closes.
+    closed: tokio::sync::Notify,
 }
 
 /// The mode an open got.
@@ -43,6 +45,7 @@ impl IoModes {
         IoModes {
             enabled: AtomicBool::new(enabled),
             inodes: Mutex::new(HashMap::new()),
+            closed: tokio::sync::Notify::new(),
         }
     }
 
@@ -100,6 +103,27 @@ impl IoModes {
                 m.remove(&ino);
             }
         }
+        drop(m);
+        self.closed.notify_waiters();
+    }
+
+    /// Waits up to `limit` for the ordinary handles of `ino` to close. The kernel sends a
+    /// handle's `RELEASE` in the background after `close` returns, so a program that closes a
+    /// file and opens it again (or the next program in a pipeline) often opens before the
+    /// daemon hears of the close; without the wait that open could not be passthrough.
+    /// Returns whether none is left.
+    pub async fn ordinary_closed(&self, ino: u64, limit: std::time::Duration) -> bool {
+        let none = || !self.inodes.lock().get(&ino).is_some_and(|c| c.ordinary > 0);
+        let wait = async {
+            loop {
+                let woken = self.closed.notified();
+                if none() {
+                    return;
+                }
+                woken.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
     }
 
     /// A passthrough open the kernel could not be given: it is served as an ordinary one.
@@ -138,6 +162,24 @@ mod tests {
         // Other inodes are independent.
         io.open_ordinary(8).unwrap();
         assert!(io.open_passthrough(9));
+    }
+
+    #[tokio::test]
+    async fn an_open_waits_briefly_for_releases_still_on_their_way() {
+        let io = std::sync::Arc::new(IoModes::new(true));
+        io.open_ordinary(3).unwrap();
+        let limit = std::time::Duration::from_secs(5);
+        let closer = io.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            closer.close(3, Mode::Ordinary);
+        });
+        assert!(io.ordinary_closed(3, limit).await, "the release came");
+        assert!(io.open_passthrough(3));
+        io.open_ordinary(4).unwrap();
+        let t = std::time::Instant::now();
+        assert!(!io.ordinary_closed(4, std::time::Duration::from_millis(20)).await);
+        assert!(t.elapsed() < std::time::Duration::from_secs(1), "bounded");
     }
 
     #[test]

@@ -288,6 +288,10 @@ struct DirHandle {
     valid_until: Instant,
 }
 
+/// How long an open that could be passthrough waits for the releases of ordinary handles
+/// already closed (see [`iomode::IoModes::ordinary_closed`]).
+const PASSTHROUGH_WAIT: Duration = Duration::from_millis(5);
+
 /// Lookups answered by `HEAD` in a directory before it is listed as a whole.
 const HEADS_BEFORE_LISTING: u32 = 2;
 
@@ -1037,7 +1041,7 @@ impl ArtifactFs {
         let (path, etag, size) = self.file_version(ino).await?;
         let version = self.reader.open_version(&path, &etag, size);
         self.prefetch_siblings(ino, size);
-        if let Some((pin, file)) = self.passthrough_for(ino, &version) {
+        if let Some((pin, file)) = self.passthrough_for(ino, &version).await {
             return Ok(OpenReply {
                 fh: self.add_handle(ino, Some(version), Some(pin)),
                 keep_cache: false,
@@ -1051,7 +1055,11 @@ impl ArtifactFs {
     /// Whether a read-only open of `version` may be passthrough: the version complete and
     /// checked in the cache, passthrough on, and no ordinary open of the inode. Claims the
     /// passthrough mode for the inode when it says yes.
-    fn passthrough_for(&self, ino: u64, version: &Arc<Version>) -> Option<(crate::cache::WholePin, std::fs::File)> {
+    async fn passthrough_for(
+        &self,
+        ino: u64,
+        version: &Arc<Version>,
+    ) -> Option<(crate::cache::WholePin, std::fs::File)> {
         if !self.io.enabled() {
             return None;
         }
@@ -1071,7 +1079,12 @@ impl ArtifactFs {
                 return None;
             }
         };
-        self.io.open_passthrough(ino).then_some((pin, file))
+        if self.io.open_passthrough(ino) {
+            return Some((pin, file));
+        }
+        // Ordinary handles hold the inode; most often ones already closed whose release has
+        // not arrived yet.
+        (self.io.ordinary_closed(ino, PASSTHROUGH_WAIT).await && self.io.open_passthrough(ino)).then_some((pin, file))
     }
 
     /// The kernel could not take the passthrough open `fh`: it becomes an ordinary one. With

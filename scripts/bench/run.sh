@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# artifactfs beside the machine's limits and the peers users would pick (rclone, httpdirfs,
+# s3fs), one run, cases interleaved: see scripts/bench/peers.py. Needs root and /dev/fuse, and
+# the already built target/release/artifactfs (and target/release/examples/bench_servers for
+# the S3 test server; without it s3fs is reported as failing). Does not build anything.
+#
+# Environment: BENCH_SIZE_MIB (1024), BENCH_FOUR_MIB (= SIZE), BENCH_FILES (10000),
+# BENCH_ROUNDS (5), BENCH_DIR (/tmp/afs-bench-peers), BENCH_KEEP (0), BENCH_CASE_TIMEOUT (600),
+# BENCH_FIO_RUNTIME (10), BENCH_OUT_DIR (target/bench), BENCH_CHART (docs/bench-peers.png).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+[ "$(id -u)" = 0 ] || { echo "run as root (page cache drops and mounts need it)" >&2; exit 1; }
+
+missing=()
+for tool in curl:curl fusermount3:fuse3 nginx:nginx-extras rclone:rclone httpdirfs:httpdirfs s3fs:s3fs fio:fio; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
+done
+# WebDAV listings (PROPFIND) for rclone come from nginx-extras' dav_ext module.
+[ -e /usr/lib/nginx/modules/ngx_http_dav_ext_module.so ] || missing+=(nginx-extras)
+# The chart: the system Python's matplotlib if the python3 on PATH has none.
+PY=python3
+if ! python3 -c 'import matplotlib' 2>/dev/null; then
+    if [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import matplotlib' 2>/dev/null; then
+        PY=/usr/bin/python3
+    else
+        missing+=(python3-matplotlib)
+        PY=/usr/bin/python3
+    fi
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    # Packages must not start their services (nginx on port 80) on this machine.
+    policy_made=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+        policy_made=1
+    fi
+    install() { DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"; }
+    install "${missing[@]}" || { apt-get update -qq && install "${missing[@]}"; }
+    [ -z "$policy_made" ] || rm -f /usr/sbin/policy-rc.d
+fi
+if ! "$PY" -c 'import matplotlib' 2>/dev/null; then
+    "$PY" -m pip install --quiet matplotlib || echo "matplotlib missing: the chart will be skipped" >&2
+fi
+[ -x target/release/artifactfs ] || [ -n "${ARTIFACTFS_BIN:-}" ] || {
+    echo "target/release/artifactfs is not built (cargo build --release)" >&2; exit 1; }
+[ -x target/release/examples/bench_servers ] || \
+    echo "note: target/release/examples/bench_servers is not built: s3fs will be reported as failing" >&2
+exec "$PY" scripts/bench/peers.py "$@"
