@@ -113,7 +113,7 @@ impl IoModes {
     /// daemon hears of the close; without the wait that open could not be passthrough.
     /// Returns whether none is left.
     pub async fn ordinary_closed(&self, ino: u64, limit: std::time::Duration) -> bool {
-        let none = || !self.inodes.lock().get(&ino).is_some_and(|c| c.ordinary > 0);
+        let none = || self.inodes.lock().get(&ino).is_none_or(|c| c.ordinary == 0);
         let wait = async {
             loop {
                 let woken = self.closed.notified();
