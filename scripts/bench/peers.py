@@ -52,10 +52,11 @@ FIO_RUNTIME = int(os.environ.get("BENCH_FIO_RUNTIME", "10"))
 OUT_DIR = os.path.abspath(os.environ.get("BENCH_OUT_DIR", os.path.join(ROOT, "target", "bench")))
 CHART = os.path.abspath(os.environ.get("BENCH_CHART", os.path.join(ROOT, "docs", "bench-peers.png")))
 BIN_SRC = os.environ.get("ARTIFACTFS_BIN", os.path.join(ROOT, "target", "release", "artifactfs"))
-EXAMPLE = os.path.join(ROOT, "target", "release", "examples", "bench_servers")
+EXAMPLE = os.environ.get("BENCH_SERVERS_BIN", os.path.join(ROOT, "target", "release", "examples", "bench_servers"))
 
 SIZE = SIZE_MIB << 20
 FOUR = FOUR_MIB << 20
+CAL = min(SIZE, 32 << 20)  # bytes read by the httpdirfs calibration
 GIB = 1 << 30
 TOOLS = ["artifactfs", "rclone", "httpdirfs", "s3fs"]
 COLS = ["limit"] + TOOLS
@@ -72,10 +73,11 @@ BUF = bytearray(1 << 20)
 def child_mode(argv):
     mode, path = argv[1], argv[2]
     if mode == "--cat":
+        limit = int(argv[3]) if len(argv) > 3 else None
         n = 0
         t = time.perf_counter()
         with open(path, "rb", buffering=0) as f:
-            while True:
+            while limit is None or n < limit:
                 k = f.readinto(BUF)
                 if not k:
                     break
@@ -358,7 +360,10 @@ def start_nginx():
         os.makedirs(os.path.join(ng, d), exist_ok=True)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
+    sock.listen(511)
+    # Non-blocking, as nginx expects of a socket it inherits (it does not set it itself): with
+    # a blocking one, a worker stalls in accept() with its keep-alive connections waiting.
+    sock.setblocking(False)
     port = sock.getsockname()[1]
     module = "/usr/lib/nginx/modules/ngx_http_dav_ext_module.so"
     if not os.path.exists(module):
@@ -455,6 +460,17 @@ def start_s3(md5):
         os.link(os.path.join(DATA, name), dst)
         with open(os.path.join(root, f".bucket-{enc(bucket)}.object-{enc(name)}.internal.json"), "w") as f:
             json.dump({"e_tag": digest}, f)
+    # Folder keys ("tree", "tree/", "tree/d000", ...): s3s-fs answers a HEAD of a key that is a
+    # folder on its disk with 500 (it tries to hash the folder), which s3fs retries for seconds
+    # per folder; with these sidecars it answers 200 with the content type of a folder marker
+    # (what `s3fs mkdir` or a console "create folder" makes on S3).
+    folders = sorted({os.path.dirname(n) for n in md5 if "/" in n} | {"tree"})
+    for d in folders:
+        for k in (d, d + "/"):
+            with open(os.path.join(root, f".bucket-{enc(bucket)}.object-{enc(k)}.internal.json"), "w") as f:
+                json.dump({"e_tag": "d41d8cd98f00b204e9800998ecf8427e"}, f)
+            with open(os.path.join(root, f".bucket-{enc(bucket)}.object-{enc(k)}.metadata.json"), "w") as f:
+                json.dump({"content_type": "application/x-directory"}, f)
     passwd = os.path.join(WORK, "s3fs.passwd")
     with open(passwd, "w") as f:
         f.write(f"{key}:{secret}\n")
@@ -499,6 +515,7 @@ CACHE_SEQ = [0]
 class Mounted:
     def __init__(self, tool, mnt, cache, pid, proc=None):
         self.tool, self.mnt, self.cache, self.pid, self.proc = tool, mnt, cache, pid, proc
+        self.dead = None
 
     def path(self, name):
         return os.path.join(self.mnt, name)
@@ -600,7 +617,9 @@ def force_unmount(mnt, m=None):
 def unmount(m, keep_cache=False):
     ok = True
     try:
-        if m.tool == "artifactfs":
+        if m.dead or not is_mounted(m.mnt):
+            pass  # aborted after a timeout: only the process is left to end
+        elif m.tool == "artifactfs":
             run([BIN, "unmount", m.mnt], timeout=180, what="artifactfs unmount")
         else:
             try:
@@ -645,9 +664,16 @@ def fail(case, col, reason):
     log(f"FAIL {case} / {col}: {reason}")
 
 
+CURRENT = [None]  # the mount a with_mount body runs on
+
+
 def rec(case, col, fn):
     """Runs one measurement; a failure is recorded (with its reason), never raised."""
     if (case, col) in SKIP:
+        return None
+    m = CURRENT[0]
+    if m is not None and m.dead:
+        fail(case, col, f"not run: {m.dead}")
         return None
     try:
         v = fn()
@@ -655,6 +681,8 @@ def rec(case, col, fn):
         fail(case, col, str(e))
         if e.timeout:
             SKIP[(case, col)] = f"{e} (not retried in later rounds)"
+            if m is not None:
+                m.dead = f"the mount was aborted after `{case}` timed out"
         return None
     except Exception as e:  # noqa: BLE001
         fail(case, col, f"{type(e).__name__}: {e}")
@@ -678,17 +706,20 @@ def with_mount(tool, cases, body, cache=None, keep_cache=False, passthrough=True
         for c in live:
             fail(c, tool, f"mount failed: {type(e).__name__}: {e}")
         return
+    CURRENT[0] = m
     try:
         body(m)
     except Fail as e:
         for c in live:
             fail(c, tool, str(e))
     finally:
+        CURRENT[0] = None
         unmount(m, keep_cache=keep_cache)
 
 
-def cat(path, expect, mnt=None):
-    out = json.loads(run([sys.executable, os.path.abspath(__file__), "--cat", path], mnt=mnt, what="read").stdout)
+def cat(path, expect, mnt=None, limit=None):
+    args = [sys.executable, os.path.abspath(__file__), "--cat", path] + ([str(limit)] if limit else [])
+    out = json.loads(run(args, mnt=mnt, what="read").stdout)
     if out["bytes"] != expect:
         raise Fail(f"short read: {out['bytes']} of {expect} bytes")
     return out["t"]
@@ -703,7 +734,7 @@ def ttfb(path, mnt=None):
 
 def fio(path, jobs, mnt=None):
     c = run(["fio", "--name=rand", f"--filename={path}", "--readonly", "--ioengine=psync", "--rw=randread",
-             "--bs=4k", "--randrepeat=0", "--direct=0", "--time_based", f"--runtime={FIO_RUNTIME}",
+             "--bs=4k", "--randrepeat=0", "--direct=0", "--invalidate=0", "--time_based", f"--runtime={FIO_RUNTIME}",
              f"--numjobs={jobs}", "--group_reporting", "--output-format=json"],
             timeout=FIO_RUNTIME + TIMEOUT, mnt=mnt, what="fio")
     text = c.stdout.decode(errors="replace")
@@ -992,7 +1023,9 @@ def round_mem(tool):
 
 
 def calibrate_httpdirfs():
-    """httpdirfs with and without its cache: one cold read each, the faster one is used."""
+    """httpdirfs with and without its cache: one cold read of the first CAL bytes of the big file
+    each (without its cache httpdirfs makes one request per kernel read, each ~0.1 s: a whole
+    GiB would take ~15 min), the faster one is used in the rounds."""
     global HTTPDIRFS_CACHE
     got = {}
     for variant in (True, False):
@@ -1001,7 +1034,7 @@ def calibrate_httpdirfs():
 
         def go(m, key=key):
             drop_caches()
-            got[key] = cat(m.path(BIG), SIZE, m.mnt)
+            got[key] = CAL / cat(m.path(BIG), CAL, m.mnt, limit=CAL) / (1 << 20)
 
         try:
             m = mount("httpdirfs")
@@ -1012,9 +1045,9 @@ def calibrate_httpdirfs():
         except Fail as e:
             got[key] = f"failed: {e}"
         log(f"httpdirfs calibration, {key}: {got[key]}")
-    times = {k: v for k, v in got.items() if isinstance(v, float)}
-    HTTPDIRFS_CACHE = (not times) or min(times, key=times.get) == "with --cache"
-    return {"cold_read_s": got, "chosen": "with --cache" if HTTPDIRFS_CACHE else "without cache"}
+    speeds = {k: v for k, v in got.items() if isinstance(v, float)}
+    HTTPDIRFS_CACHE = (not speeds) or max(speeds, key=speeds.get) == "with --cache"
+    return {"cold_read_mib_s": got, "bytes": CAL, "chosen": "with --cache" if HTTPDIRFS_CACHE else "without cache"}
 
 
 def prime():
@@ -1255,7 +1288,7 @@ def machine():
         "fuse_max_pages_limit": first(["cat", "/proc/sys/fs/fuse/max_pages_limit"]),
         "versions": {
             "artifactfs": first([BIN, "--version"]), "rclone": first(["rclone", "version"]),
-            "httpdirfs": first(["httpdirfs", "--version"]), "s3fs": first(["s3fs", "--version"]),
+            "httpdirfs": httpdirfs_version(), "s3fs": first(["s3fs", "--version"]),
             "nginx": first(["nginx", "-v"]), "curl": first(["curl", "--version"]), "fio": first(["fio", "--version"]),
             "s3s-fs": s3s, "python": sys.version.split()[0],
         },
@@ -1264,14 +1297,22 @@ def machine():
     }
 
 
+def httpdirfs_version():
+    try:
+        out = subprocess.run(["httpdirfs", "--version"], capture_output=True, text=True, timeout=30)
+        return next(line for line in (out.stdout + out.stderr).splitlines() if "HTTPDirFS" in line).strip()
+    except Exception:  # noqa: BLE001
+        return "not available"
+
+
 def chart(path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [("cold read", "cold_read", SIZE), ("warm, page cache kept", "warm_kept", SIZE),
-              ("warm, page cache dropped", "warm_dropped", SIZE), ("write (until on server)", "write", SIZE),
-              ("4 readers, aggregate", "four_read", 4 * FOUR)]
+    groups = [("cold read", "cold_read", SIZE), ("warm,\npage cache kept", "warm_kept", SIZE),
+              ("warm,\npage cache dropped", "warm_dropped", SIZE), ("write\n(until on server)", "write", SIZE),
+              ("4 readers,\naggregate", "four_read", 4 * FOUR)]
     colors = {"limit": "#888888", "artifactfs": "#1f77b4", "rclone": "#ff7f0e", "httpdirfs": "#2ca02c",
               "s3fs": "#d62728"}
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.5), gridspec_kw={"width_ratios": [5, 2, 3]})
@@ -1288,7 +1329,7 @@ def chart(path):
                     elif FAILS.get(case, {}).get(col):
                         text = "fail"
                     else:
-                        text = "–"
+                        continue
                     ax.text(x, 0.02, text, ha="center", va="bottom", rotation=90, fontsize=7,
                             transform=ax.get_xaxis_transform(), color=colors[col])
                     continue
@@ -1307,9 +1348,10 @@ def chart(path):
 
     bars(axes[0], [(g, c) for g, c, _ in groups], speed, "GiB/s (higher is better)")
     axes[0].set_title(f"Throughput, {SIZE_MIB} MiB files")
-    bars(axes[1], [("1 job", "fio1"), ("4 jobs", "fio4")], lambda c, col: med(c, col), "IOPS (higher is better)")
+    bars(axes[1], [("1 job", "fio1"), ("4 jobs", "fio4")], lambda c, col: med(c, col), "IOPS (higher is better)",
+         log=False)
     axes[1].set_title("4 KiB random reads (fio), cached file")
-    bars(axes[2], [("ls -lR cold", "ls_cold"), ("ls -lR warm", "ls_warm"), ("cat every file cold", "small_cold")],
+    bars(axes[2], [("ls -lR\ncold", "ls_cold"), ("ls -lR\nwarm", "ls_warm"), ("cat every\nfile, cold", "small_cold")],
          lambda c, col: med(c, col), "seconds (lower is better)")
     axes[2].set_title(f"{FILES} files of 4 KiB")
     from matplotlib.patches import Patch
@@ -1328,17 +1370,19 @@ def report(info, calib, elapsed):
         f"4 × {FOUR_MIB} MiB for the 4 readers. Ratios are speed ratios against the column's reference "
         "(above 1× the tool is faster); ✓/✗ mark artifactfs's targets.",
         "Cold = a fresh mount with an empty cache directory and the page cache dropped (also the servers').",
-        f"httpdirfs {calib['chosen']} (calibration cold reads: "
-        + ", ".join(f"{k} {v:.2f} s" if isinstance(v, float) else f"{k} {v}" for k, v in calib["cold_read_s"].items())
+        f"httpdirfs {calib['chosen']} (calibration, cold read of the first {calib['bytes'] >> 20} MiB: "
+        + ", ".join(f"{k} {v:.0f} MiB/s" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in calib["cold_read_mib_s"].items())
         + "); `--no-range-check` (1.2.5 finds nginx lacks ranges without it).",
         "rclone `mount :webdav: --vfs-cache-mode full` (other flags default: it uploads a closed file after "
         "`--vfs-write-back` 5 s, hence its write is timed until the file is complete on nginx; `cp` alone in "
         "the next row). s3fs with `use_cache` (its local cache), over s3s-fs "
         f"{info['versions']['s3s-fs']} (GETs in 4 KiB pieces: see the server row).",
         "Memory: peak of the daemon process sampled every 100 ms; VmRSS includes file-backed pages of mapped cache "
-        "files. fio: `--ioengine=psync --rw=randread --bs=4k --randrepeat=0 --direct=0 --time_based "
-        f"--runtime={FIO_RUNTIME} --group_reporting` over the file after the warm reads (fio's default "
-        "`invalidate=1` applies).",
+        "files. fio: `--ioengine=psync --rw=randread --bs=4k --randrepeat=0 --direct=0 --invalidate=0 "
+        f"--time_based --runtime={FIO_RUNTIME} --group_reporting` over the file after the warm reads "
+        "(`--invalidate=0`: fio's default drops the file's page cache first, which empties a local file's "
+        "cache but not a passthrough file's backing cache).",
     ]
     if R.get("passthrough_files", {}).get("artifactfs"):
         pt = R["passthrough_files"]["artifactfs"]

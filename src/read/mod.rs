@@ -719,7 +719,7 @@ impl Version {
         let asked = file.chunk_range(*next).start..file.chunk_range(flight.chunks.end - 1).end;
         // Disk blocks for the whole run at once: one extent, not one per chunk (a file read
         // later straight from the cache then reads as fast as a file written in one go).
-        file.reserve(&asked)?;
+        file.reserve(&asked, flight.background || flight.chunks.end - flight.chunks.start > 1)?;
         let whole = r.whole_file.load(Ordering::Acquire);
         let resp = r
             .store
