@@ -897,7 +897,13 @@ def round_local():
 def round_tree(tool):
     def ls(m):
         drop_caches()
-        rec("ls_cold", tool, lambda: run(["ls", "-lR", m.path("tree")], mnt=m.mnt, quiet=True, what="ls -lR").elapsed)
+        v = rec("ls_cold", tool, lambda: run(["ls", "-lR", m.path("tree")], mnt=m.mnt, quiet=True, what="ls -lR").elapsed)
+        if v is None:
+            if not m.dead:
+                fail("ls_warm", tool, "needs the cold `ls -lR`, which failed or timed out")
+            else:
+                rec("ls_warm", tool, lambda: None)
+            return
         rec("ls_warm", tool, lambda: run(["ls", "-lR", m.path("tree")], mnt=m.mnt, quiet=True, what="ls -lR").elapsed)
 
     with_mount(tool, ["ls_cold", "ls_warm"], ls)
@@ -1094,7 +1100,7 @@ def failure_text(case, col):
     if not reasons:
         return None
     first = reasons[0]
-    return esc(f"FAIL: {first[:140]}" + (f" ({len(reasons)} rounds)" if len(reasons) > 1 else ""))
+    return esc(f"FAIL: {first[:100]}" + (f" ({len(reasons)} rounds)" if len(reasons) > 1 else ""))
 
 
 def cell(case, col, show, ratio=None, target=None):
@@ -1280,6 +1286,7 @@ def machine():
     except (OSError, ValueError, IndexError):
         pass
     git = first(["git", "-C", ROOT, "log", "-1", "--format=%h %s"])
+    git = git if len(git) <= 90 else git[:87] + "..."
     dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.strip()
     return {
@@ -1289,7 +1296,7 @@ def machine():
         "versions": {
             "artifactfs": first([BIN, "--version"]), "rclone": first(["rclone", "version"]),
             "httpdirfs": httpdirfs_version(), "s3fs": first(["s3fs", "--version"]),
-            "nginx": first(["nginx", "-v"]), "curl": first(["curl", "--version"]), "fio": first(["fio", "--version"]),
+            "nginx": first(["nginx", "-v"]), "curl": " ".join(first(["curl", "--version"]).split()[:2]), "fio": first(["fio", "--version"]),
             "s3s-fs": s3s, "python": sys.version.split()[0],
         },
         "commit": git + (" (with uncommitted changes)" if dirty else ""),
