@@ -3,6 +3,7 @@
 # needed for those). Installs what a fresh Debian machine lacks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/apt-install.sh
 missing=()
 for tool in fusermount3:fuse3 python3:python3 tar:tar curl:curl sha256sum:coreutils rsync:rsync; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || missing+=("${tool#*:}")
@@ -11,17 +12,7 @@ done
 # Apache mod_dav (partial PUT).
 [ -e /usr/lib/nginx/modules/ngx_http_dav_ext_module.so ] || missing+=(nginx-extras)
 [ -e /usr/lib/apache2/modules/mod_dav_fs.so ] || missing+=(apache2)
-if [ ${#missing[@]} -gt 0 ]; then
-    # Packages must not start their services (port 80) on this machine.
-    policy_made=""
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-        policy_made=1
-    fi
-    install() { DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"; }
-    install "${missing[@]}" || { apt-get update -qq && install "${missing[@]}"; }
-    [ -z "$policy_made" ] || rm -f /usr/sbin/policy-rc.d
-fi
+apt_install "${missing[@]}"
 [ -e /dev/fuse ] || { echo "no /dev/fuse: the end-to-end tests need FUSE" >&2; exit 1; }
 # Tests a remote cannot run are skipped by name, with the capability it lacks: listed below.
 export AFS_SKIPPED

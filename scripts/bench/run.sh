@@ -9,6 +9,7 @@
 # BENCH_FIO_RUNTIME (10), BENCH_OUT_DIR (target/bench), BENCH_CHART (docs/bench-peers.png).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/apt-install.sh
 [ "$(id -u)" = 0 ] || { echo "run as root (page cache drops and mounts need it)" >&2; exit 1; }
 
 missing=()
@@ -27,17 +28,7 @@ if ! python3 -c 'import matplotlib' 2>/dev/null; then
         PY=/usr/bin/python3
     fi
 fi
-if [ ${#missing[@]} -gt 0 ]; then
-    # Packages must not start their services (nginx on port 80) on this machine.
-    policy_made=""
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-        policy_made=1
-    fi
-    install() { DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"; }
-    install "${missing[@]}" || { apt-get update -qq && install "${missing[@]}"; }
-    [ -z "$policy_made" ] || rm -f /usr/sbin/policy-rc.d
-fi
+apt_install "${missing[@]}"
 if ! "$PY" -c 'import matplotlib' 2>/dev/null; then
     "$PY" -m pip install --quiet matplotlib || echo "matplotlib missing: the chart will be skipped" >&2
 fi
