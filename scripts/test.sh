@@ -18,6 +18,8 @@ apt_install "${missing[@]}"
 export AFS_SKIPPED
 AFS_SKIPPED=$(mktemp)
 trap 'rm -f "$AFS_SKIPPED"' EXIT
+# One build on a clean clone: incremental state would only take disk.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 cargo test --locked --all-targets
 if [ -s "$AFS_SKIPPED" ]; then
     echo "skipped: $(wc -l < "$AFS_SKIPPED") remote-specific tests (the remote lacks what they need):"

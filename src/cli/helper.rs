@@ -326,7 +326,7 @@ mod tests {
         let a = mount_args(&[
             "-v",
             "-o",
-            "max-cache-size=2G",
+            "max-cache-size=2G,cache_min_free=0",
             "s3://b/p",
             "-t",
             "fuse.artifactfs",
@@ -336,6 +336,7 @@ mod tests {
         ]);
         assert_eq!(a.first, "s3://b/p");
         assert_eq!(a.max_cache_size.map(|s| s.0), Some(2 << 30));
+        assert_eq!(a.cache_min_free, Some(0));
         assert_eq!(a.endpoint_url.as_deref(), Some("http://127.0.0.1:9000"));
         assert_eq!(a.region.as_deref(), Some("eu-1"));
         assert!(a.allow_other);
@@ -403,7 +404,7 @@ mod tests {
         let sample = |name: &str| match name {
             "SIZE" => "1G",
             "DURATION" | "DELAY" => "2s",
-            "N" => "2",
+            "N" | "PERCENT" => "2",
             "BOOL" => "true",
             "KIND" => "webdav",
             "STYLE" => "path",

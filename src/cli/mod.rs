@@ -153,6 +153,10 @@ pub struct MountArgs {
     /// Most bytes the cache keeps, e.g. 20G.
     #[arg(long, value_name = "SIZE", value_parser = ByteSize::parse)]
     pub max_cache_size: Option<ByteSize>,
+    /// Percent of the cache's disk kept free; the cache shrinks below its size limit to keep
+    /// it [default: 5; 0: no such limit].
+    #[arg(long, value_name = "PERCENT")]
+    pub cache_min_free: Option<u32>,
     /// How long metadata is trusted before it is revalidated, e.g. 60s.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub metadata_ttl: Option<Duration>,

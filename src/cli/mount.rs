@@ -59,6 +59,9 @@ pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
     if let Some(s) = a.max_cache_size {
         cfg.cache.max_size = s;
     }
+    if let Some(p) = a.cache_min_free {
+        cfg.cache.min_free_percent = p;
+    }
     if let Some(t) = a.metadata_ttl {
         cfg.metadata.ttl = t;
     }

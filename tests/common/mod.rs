@@ -114,6 +114,17 @@ pub struct MountOpts {
     pub env: Vec<(String, String)>,
 }
 
+/// `--cache-min-free 0` unless `args` set it: how full the test machine's disk happens to be
+/// (CI machines run with little room left) must not shrink the cache a test counts on. The
+/// tests of the free-space rule set it themselves.
+fn host_disk_independent(args: &[String]) -> Vec<&'static str> {
+    if args.iter().any(|a| a == "--cache-min-free") {
+        vec![]
+    } else {
+        vec!["--cache-min-free", "0"]
+    }
+}
+
 impl Mount {
     pub fn new(url: &str) -> Mount {
         Mount::with(url, MountOpts::default())
@@ -133,6 +144,7 @@ impl Mount {
             .arg("--cache-dir")
             .arg(&cache)
             .args(&opts.args)
+            .args(host_disk_independent(&opts.args))
             .env("RUST_LOG", "artifactfs=debug,info")
             .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
@@ -350,13 +362,24 @@ impl Place {
     }
 
     pub fn mount_with_cache(&self, url: &str, cache: &Path) -> Output {
-        afs(&["mount", url, s(&self.mnt), "--cache-dir", s(cache)])
+        afs(&[
+            "mount",
+            url,
+            s(&self.mnt),
+            "--cache-dir",
+            s(cache),
+            "--cache-min-free",
+            "0",
+        ])
     }
 
     /// The same with `extra` flags and environment (`ARTIFACTFS_TOKEN` only from `env`).
     pub fn mount_with(&self, url: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
         let mut args = vec!["mount", url, s(&self.mnt), "--cache-dir", s(&self.cache)];
         args.extend_from_slice(extra);
+        if !extra.contains(&"--cache-min-free") {
+            args.extend_from_slice(&["--cache-min-free", "0"]);
+        }
         Command::new(bin())
             .args(&args)
             .env_remove("ARTIFACTFS_TOKEN")
