@@ -71,6 +71,24 @@ impl IoModes {
         Ok(())
     }
 
+    /// [`open_ordinary`](Self::open_ordinary), waiting up to `limit` for passthrough handles
+    /// to close first. The kernel leaves passthrough mode when the last reader closes, but
+    /// tells the daemon (`RELEASE`) in the background: `cat f; echo x >> f` would otherwise
+    /// fail with `ETXTBSY` now and then. A reader that really holds the file costs the writer
+    /// `limit` before the refusal.
+    pub async fn open_ordinary_within(&self, ino: u64, limit: std::time::Duration) -> Result<(), FsError> {
+        let wait = async {
+            loop {
+                let woken = self.closed.notified();
+                match self.open_ordinary(ino) {
+                    Err(FsError::Busy) => woken.await,
+                    done => return done,
+                }
+            }
+        };
+        tokio::time::timeout(limit, wait).await.unwrap_or(Err(FsError::Busy))
+    }
+
     /// A read-only open of a version complete in the cache: passthrough unless ordinary
     /// opens hold the inode (then `false`, and the caller opens it the ordinary way).
     pub fn open_passthrough(&self, ino: u64) -> bool {
@@ -180,6 +198,26 @@ mod tests {
         let t = std::time::Instant::now();
         assert!(!io.ordinary_closed(4, std::time::Duration::from_millis(20)).await);
         assert!(t.elapsed() < std::time::Duration::from_secs(1), "bounded");
+    }
+
+    #[tokio::test]
+    async fn a_writer_waits_briefly_for_passthrough_releases_on_their_way() {
+        let io = std::sync::Arc::new(IoModes::new(true));
+        assert!(io.open_passthrough(5));
+        let closer = io.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            closer.close(5, Mode::Passthrough);
+        });
+        let limit = std::time::Duration::from_secs(5);
+        io.open_ordinary_within(5, limit).await.unwrap();
+        assert!(!io.open_passthrough(5), "the writer holds it now");
+        // A reader that stays: refused once the wait is over.
+        assert!(io.open_passthrough(6));
+        let t = std::time::Instant::now();
+        let short = std::time::Duration::from_millis(30);
+        assert!(matches!(io.open_ordinary_within(6, short).await, Err(FsError::Busy)));
+        assert!(t.elapsed() >= short && t.elapsed() < limit);
     }
 
     #[test]

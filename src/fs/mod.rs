@@ -291,6 +291,9 @@ struct DirHandle {
 /// How long an open that could be passthrough waits for the releases of ordinary handles
 /// already closed (see [`iomode::IoModes::ordinary_closed`]).
 const PASSTHROUGH_WAIT: Duration = Duration::from_millis(5);
+/// How long an open for writing (or a truncation) waits for passthrough readers' `RELEASE`s
+/// before it fails with `ETXTBSY` (see [`iomode::IoModes::open_ordinary_within`]).
+const RELEASE_WAIT: Duration = Duration::from_secs(1);
 
 /// Lookups answered by `HEAD` in a directory before it is listed as a whole.
 const HEADS_BEFORE_LISTING: u32 = 2;
@@ -1021,7 +1024,7 @@ impl ArtifactFs {
             i.local.clone()
         };
         if local.is_some() || write || truncate {
-            self.io.open_ordinary(ino)?;
+            self.io.open_ordinary_within(ino, RELEASE_WAIT).await?;
             let prepared = async {
                 if write || truncate {
                     self.ensure_local(ino).await?;
@@ -1048,7 +1051,7 @@ impl ArtifactFs {
                 passthrough: Some(file),
             });
         }
-        self.io.open_ordinary(ino)?;
+        self.io.open_ordinary_within(ino, RELEASE_WAIT).await?;
         Ok(OpenReply::ordinary(self.add_handle(ino, Some(version), None)))
     }
 

@@ -781,7 +781,7 @@ impl ArtifactFs {
             }
             // Held for the change: refused while the kernel reads the file straight from the
             // cache, and no such reader starts meanwhile.
-            self.io.open_ordinary(ino)?;
+            self.io.open_ordinary_within(ino, super::RELEASE_WAIT).await?;
             let truncated = async {
                 let l = self.ensure_local(ino).await?;
                 let mut st = l.state.lock().await;
