@@ -51,6 +51,7 @@ pub struct Metrics {
     fetched: Counter,
     sent: Counter,
     retries: Counter,
+    revalidated: Counter,
     /// Longer than this is logged as slow (milliseconds; 0: never).
     slow_ms: AtomicU64,
     totals: Mutex<BTreeMap<(&'static str, &'static str), OpTotals>>,
@@ -83,6 +84,7 @@ impl Metrics {
             fetched: Counter::default(),
             sent: Counter::default(),
             retries: Counter::default(),
+            revalidated: Counter::default(),
             slow_ms: AtomicU64::new(1000),
             totals: Mutex::new(BTreeMap::new()),
             registry: Mutex::new(None),
@@ -121,6 +123,11 @@ impl Metrics {
             "retries",
             "Requests tried again after a transient failure",
             m.retries.clone(),
+        );
+        r.register(
+            "revalidated_folders",
+            "Folder listings checked again in the background (metadata.revalidate_interval)",
+            m.revalidated.clone(),
         );
         *m.registry.lock() = Some(r);
         m
@@ -193,6 +200,11 @@ impl Metrics {
         self.retries.inc();
     }
 
+    /// A background revalidation round looked at `n` folders.
+    pub fn revalidated(&self, n: u64) {
+        self.revalidated.inc_by(n);
+    }
+
     /// Where `/metrics` is served, if it is.
     pub fn endpoint(&self) -> Option<std::net::SocketAddr> {
         *self.endpoint.lock()
@@ -213,6 +225,7 @@ impl Metrics {
             "fetched_bytes": self.fetched.get(),
             "sent_bytes": self.sent.get(),
             "retries": self.retries.get(),
+            "revalidated_folders": self.revalidated.get(),
             "operations": self
                 .totals
                 .lock()

@@ -433,6 +433,75 @@ on_remotes! {
             assert!(pages >= 3, "the listing came in pages");
         }
     }
+
+    fn remote_changes_reach_the_kernel_within_the_revalidation_interval(r) needs [] {
+        r.write("d/a.txt", b"one");
+        r.write("d/b.txt", b"bee");
+        let m = r.mount_with(MountOpts {
+            args: ["--metadata-ttl", "1s", "--revalidate-interval", "1s", "--metrics-addr", "127.0.0.1:0"]
+                .map(String::from)
+                .to_vec(),
+            ..MountOpts::default()
+        });
+        let names = |m: &Mount| {
+            let mut n: Vec<String> = std::fs::read_dir(m.path("d"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            n.sort();
+            n
+        };
+        // ls -R: both folders listed.
+        assert_eq!(std::fs::read_dir(&m.mnt).unwrap().count(), 1);
+        assert_eq!(names(&m), ["a.txt", "b.txt"]);
+        assert_eq!(std::fs::read(m.path("d/a.txt")).unwrap(), b"one");
+        let asked = |m: &Mount| {
+            metric(m, "artifactfs_fuse_calls_total{op=\"lookup\"}")
+                + metric(m, "artifactfs_fuse_calls_total{op=\"getattr\"}")
+        };
+        // Across three TTLs and rounds, the kernel answers stat itself: its entries are
+        // trusted for long because the rounds keep them honest. (After a readdir or a read
+        // the kernel asks once for the atime it dropped: a stat first.)
+        for f in ["d", "d/a.txt", "d/b.txt"] {
+            std::fs::metadata(m.path(f)).unwrap();
+        }
+        let (before, rounds) = (asked(&m), metric(&m, "artifactfs_revalidated_folders_total"));
+        for _ in 0..30 {
+            for f in ["d", "d/a.txt", "d/b.txt"] {
+                std::fs::metadata(m.path(f)).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(
+            asked(&m),
+            before,
+            "stat reached the daemon: the kernel's TTLs are short\n{}",
+            metrics_of(&m.mnt)
+        );
+        // Two held folders (the root and d), about one round a second.
+        let checked = metric(&m, "artifactfs_revalidated_folders_total") - rounds;
+        assert!((3..=12).contains(&checked), "{checked} folders revalidated in 3 s");
+
+        // Changes on the remote reach the kernel within about one interval, although it was
+        // told to trust its entries for an hour.
+        r.write("d/a.txt", b"two, longer");
+        std::fs::remove_file(r.path("d/b.txt")).unwrap();
+        r.write("d/c.txt", b"sea");
+        let start = Instant::now();
+        loop {
+            let a = std::fs::read(m.path("d/a.txt")).unwrap_or_default();
+            let seen = a == b"two, longer" && !m.path("d/b.txt").exists() && m.path("d/c.txt").exists();
+            if seen {
+                break;
+            }
+            assert!(a == b"one" || a == b"two, longer", "mixed bytes: {a:?}");
+            assert!(start.elapsed() < Duration::from_secs(5), "changes not seen after 5 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(names(&m), ["a.txt", "c.txt"]);
+        assert_eq!(std::fs::read(m.path("d/c.txt")).unwrap(), b"sea");
+        eprintln!("changes seen after {:?}", start.elapsed());
+    }
 }
 
 /// nginx's HTML index (no WebDAV): sizes exact, times to the minute; every file opens and
@@ -465,9 +534,14 @@ fn an_nginx_html_index_mounts_and_reads() {
 
 /// The daemon's count of FUSE `READ` requests, from its metrics endpoint.
 fn fuse_reads(m: &Mount) -> u64 {
+    metric(m, "artifactfs_fuse_calls_total{op=\"read\"}")
+}
+
+/// One value of the mount's Prometheus metrics (0 when not there yet).
+fn metric(m: &Mount, series: &str) -> u64 {
     metrics_of(&m.mnt)
         .lines()
-        .find_map(|l| l.strip_prefix("artifactfs_fuse_calls_total{op=\"read\"} "))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
 }
 

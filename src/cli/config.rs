@@ -295,6 +295,9 @@ pub struct MetadataSection {
     #[serde(with = "humantime_serde")]
     pub negative_ttl: Duration,
     pub stale_if_error: bool,
+    /// Folders the kernel holds are listed again this often in the background; "0s": never.
+    #[serde(with = "humantime_serde")]
+    pub revalidate_interval: Duration,
 }
 
 impl Default for MetadataSection {
@@ -304,6 +307,7 @@ impl Default for MetadataSection {
             ttl: d.metadata_ttl,
             negative_ttl: d.negative_ttl,
             stale_if_error: d.stale_if_error,
+            revalidate_interval: Duration::from_secs(60),
         }
     }
 }

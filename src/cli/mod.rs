@@ -160,6 +160,10 @@ pub struct MountArgs {
     /// How long metadata is trusted before it is revalidated, e.g. 60s.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub metadata_ttl: Option<Duration>,
+    /// How often folders the kernel holds are listed again in the background, e.g. 60s [0s:
+    /// never; then expired entries are revalidated when next used].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub revalidate_interval: Option<Duration>,
     /// Requests to the remote in flight at once [default: by kind of remote, see
     /// `[performance]`: built-in server 16, S3 8, web servers 4].
     #[arg(long, value_name = "N")]

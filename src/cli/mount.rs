@@ -65,6 +65,9 @@ pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
     if let Some(t) = a.metadata_ttl {
         cfg.metadata.ttl = t;
     }
+    if let Some(t) = a.revalidate_interval {
+        cfg.metadata.revalidate_interval = t;
+    }
     if let Some(l) = &a.log_level {
         cfg.log.level = l.clone();
     }
@@ -323,6 +326,7 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
             metadata_ttl: cfg.metadata.ttl,
             negative_ttl: cfg.metadata.negative_ttl,
             stale_if_error: cfg.metadata.stale_if_error,
+            revalidate_interval: Some(cfg.metadata.revalidate_interval).filter(|d| !d.is_zero()),
             uid: cfg.mount.uid.unwrap_or(uid),
             gid: cfg.mount.gid.unwrap_or(gid),
             file_mode: cfg.mount.file_mode.unwrap_or(if read_only { 0o444 } else { 0o644 }),
@@ -388,6 +392,7 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
     let session = fuser::Session::new(FuseAdapter::new(fs.clone(), rt.handle().clone()), &r.mountpoint, &fc)
         .map_err(|e| format!("cannot mount at {}: {e}", r.mountpoint.display()))?;
     fs.set_invalidator(ChannelInvalidator::start(session.notifier()));
+    fs.start_revalidation(rt.handle());
     if cfg.mount.kernel_readahead.0 > 0 {
         set_kernel_readahead(&r.mountpoint, cfg.mount.kernel_readahead.0);
     }

@@ -15,6 +15,7 @@ pub mod iomode;
 mod mutate;
 pub mod name;
 mod prefetch;
+mod revalidate;
 #[cfg(test)]
 mod tests;
 mod writeback;
@@ -72,6 +73,10 @@ pub struct FsConfig {
     pub prefetch_small_files: u64,
     /// At most this many bytes of a folder's small files are fetched ahead.
     pub prefetch_folder_bytes: u64,
+    /// Folders the kernel holds are listed again in the background this often, and the
+    /// kernel is given long TTLs for what they hold (`None`: no background revalidation;
+    /// TTLs are `metadata_ttl`, and an expired entry is revalidated when next used).
+    pub revalidate_interval: Option<Duration>,
 }
 
 impl Default for FsConfig {
@@ -94,6 +99,7 @@ impl Default for FsConfig {
             passthrough: true,
             prefetch_small_files: 256 << 10,
             prefetch_folder_bytes: 64 << 20,
+            revalidate_interval: None,
         }
     }
 }
@@ -254,6 +260,11 @@ struct DirState {
     refresh: Arc<tokio::sync::Mutex<()>>,
     /// The listing whose small files were prefetched (each listing once).
     prefetched: Option<Arc<BTreeMap<ValidName, Child>>>,
+    /// When the remote last confirmed (or sent) `entries`.
+    listed_at: Option<Instant>,
+    /// How long the remote said the listing is good (`Cache-Control: max-age`): then that,
+    /// not `metadata.ttl` nor background revalidation, decides.
+    max_age: Option<Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -535,12 +546,27 @@ impl ArtifactFs {
     /// Lists `dir` again if its listing is missing or expired. Returns its entries, or `None`
     /// when the directory was never listed and `may_skip` says a `HEAD` should do.
     async fn listing(&self, dir: u64, may_skip: bool) -> Result<Option<Arc<BTreeMap<ValidName, Child>>>, FsError> {
+        self.listing_since(dir, may_skip, None).await
+    }
+
+    /// [`listing`](Self::listing), also listing again a listing the remote confirmed before
+    /// `since` (background revalidation).
+    async fn listing_since(
+        &self,
+        dir: u64,
+        may_skip: bool,
+        since: Option<Instant>,
+    ) -> Result<Option<Arc<BTreeMap<ValidName, Child>>>, FsError> {
+        let fresh = |d: &DirState| {
+            d.valid_until.is_some_and(|u| u > Instant::now())
+                && since.is_none_or(|s| d.listed_at.is_some_and(|l| l >= s))
+        };
         let lock = {
             let mut t = self.table.lock();
             let d = t.dirs.entry(dir).or_default();
-            match (&d.entries, d.valid_until) {
-                (Some(e), Some(until)) if until > Instant::now() => return Ok(Some(e.clone())),
-                (None, _) if may_skip && d.heads < HEADS_BEFORE_LISTING => return Ok(None),
+            match &d.entries {
+                Some(e) if fresh(d) => return Ok(Some(e.clone())),
+                None if may_skip && d.heads < HEADS_BEFORE_LISTING => return Ok(None),
                 _ => d.refresh.clone(),
             }
         };
@@ -554,8 +580,8 @@ impl ArtifactFs {
                 None => return Err(FsError::NotFound),
             };
             let d = t.dirs.entry(dir).or_default();
-            if let (Some(e), Some(until)) = (&d.entries, d.valid_until)
-                && until > Instant::now()
+            if let Some(e) = &d.entries
+                && fresh(d)
             {
                 return Ok(Some(e.clone()));
             }
@@ -565,9 +591,10 @@ impl ArtifactFs {
         match self.store.list(&path, validator.as_deref()).await {
             Ok(Revalidated::NotModified) => {
                 let mut t = self.table.lock();
-                let until = Instant::now() + self.cfg.metadata_ttl;
                 let d = t.dirs.entry(dir).or_default();
+                let until = Instant::now() + self.listing_ttl(d.max_age);
                 d.valid_until = Some(until);
+                d.listed_at = Some(Instant::now());
                 let entries = d.entries.clone();
                 // The children are as valid as their listing.
                 if let Some(e) = &entries {
@@ -583,8 +610,7 @@ impl ArtifactFs {
                 Ok(entries)
             }
             Ok(Revalidated::Modified(listing)) => {
-                let ttl = listing.max_age.unwrap_or(self.cfg.metadata_ttl);
-                let until = Instant::now() + ttl;
+                let until = Instant::now() + self.listing_ttl(listing.max_age);
                 let mut entries = BTreeMap::new();
                 for e in &listing.entries {
                     match ValidName::from_remote(&e.name) {
@@ -623,7 +649,14 @@ impl ArtifactFs {
                 };
                 for name in names {
                     let p = join_path(&path, name.as_str());
-                    let Some(&ino) = t.by_path.get(&p) else { continue };
+                    let Some(&ino) = t.by_path.get(&p) else {
+                        // New here since the last listing: the kernel may remember it absent.
+                        if old.as_ref().is_some_and(|o| !o.contains_key(name)) {
+                            t.negative.remove(&p);
+                            self.invalidate_entry(dir, name.as_str());
+                        }
+                        continue;
+                    };
                     match entries.get(name) {
                         Some(c) if t.inodes.get(&ino).is_some_and(|i| i.same_version(c)) => {
                             if let Some(i) = t.inodes.get_mut(&ino) {
@@ -642,6 +675,8 @@ impl ArtifactFs {
                 d.entries = Some(entries.clone());
                 d.validator = listing.validator;
                 d.valid_until = Some(until);
+                d.listed_at = Some(Instant::now());
+                d.max_age = listing.max_age;
                 d.heads = 0;
                 Ok(Some(entries))
             }
@@ -668,9 +703,14 @@ impl ArtifactFs {
 
     fn entry_of(&self, t: &Table, ino: u64) -> Result<Entry, FsError> {
         let i = t.inodes.get(&ino).ok_or(FsError::NotFound)?;
+        let ttl = if self.kept_honest(t, i) {
+            revalidate::KERNEL_TTL
+        } else {
+            Self::ttl_left(i.valid_until)
+        };
         Ok(Entry {
             attr: self.attr_of(ino, i),
-            ttl: Self::ttl_left(i.valid_until),
+            ttl,
         })
     }
 
@@ -830,7 +870,7 @@ impl ArtifactFs {
                 if !i.current {
                     e.ttl = Duration::ZERO;
                 } else if ino == ROOT {
-                    e.ttl = self.cfg.metadata_ttl;
+                    e.ttl = self.root_ttl();
                 }
                 return Ok(e);
             }

@@ -51,6 +51,16 @@ fn env_write_back(delay: Duration) -> Env {
 }
 
 fn env_full(mem: MemoryStore, ttl: Duration, read_only: bool, write_back: Option<Duration>) -> Env {
+    env_tuned(mem, |c| {
+        c.metadata_ttl = ttl;
+        c.negative_ttl = ttl;
+        c.read_only = read_only;
+        c.write_back = write_back;
+    })
+}
+
+/// A filesystem whose configuration `tune` changes from the default.
+fn env_tuned(mem: MemoryStore, tune: impl FnOnce(&mut FsConfig)) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let mem = Arc::new(mem);
     let faulty = FaultyStore::new(mem.clone());
@@ -74,14 +84,11 @@ fn env_full(mem: MemoryStore, ttl: Duration, read_only: bool, write_back: Option
         },
         Handle::current(),
     );
-    let cfg = FsConfig {
-        metadata_ttl: ttl,
-        negative_ttl: ttl,
-        read_only,
+    let mut cfg = FsConfig {
         staging_dir: dir.path().join("pending"),
-        write_back,
         ..FsConfig::default()
     };
+    tune(&mut cfg);
     let fs = ArtifactFs::new(reader, cfg.clone());
     let inval = Arc::new(Recorder::default());
     fs.set_invalidator(inval.clone());
@@ -216,6 +223,76 @@ async fn deleted_files_disappear_after_the_ttl() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(matches!(resolve(&e.fs, "d/f").await, Err(FsError::NotFound)));
     assert!(matches!(e.fs.open(f.attr.ino, false, false).await, Err(FsError::Stale)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_revalidation_tells_the_kernel_what_changed_and_earns_long_ttls() {
+    let e = env_tuned(MemoryStore::new(), |c| {
+        c.revalidate_interval = Some(Duration::from_secs(60));
+        c.metadata_ttl = Duration::from_millis(100);
+    });
+    e.mem.insert("d/a", vec![1u8; 10]);
+    e.mem.insert("d/b", vec![2u8; 10]);
+    e.mem.insert("e/x", vec![3u8; 10]);
+    // ls -R of the root and d.
+    e.fs.releasedir(e.fs.opendir(ROOT).await.unwrap());
+    let d = resolve(&e.fs, "d").await.unwrap();
+    e.fs.releasedir(e.fs.opendir(d.attr.ino).await.unwrap());
+    let a = resolve(&e.fs, "d/a").await.unwrap();
+    assert_eq!(
+        a.ttl,
+        revalidate::KERNEL_TTL,
+        "a listed folder's entries are kept honest"
+    );
+    let b = resolve(&e.fs, "d/b").await.unwrap();
+    // Known through a HEAD only (folder e never listed): the ordinary TTL.
+    assert_eq!(d.ttl, revalidate::KERNEL_TTL);
+    let x = resolve(&e.fs, "e/x").await.unwrap();
+    assert!(x.ttl <= Duration::from_millis(100), "{:?}", x.ttl);
+    // Listings are trusted across rounds, whatever metadata.ttl says.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let lists = e.mem.stats.lists.load(Ordering::Relaxed);
+    assert_eq!(e.fs.getattr(a.attr.ino).await.unwrap().attr.size, 10);
+    assert_eq!(
+        e.mem.stats.lists.load(Ordering::Relaxed),
+        lists,
+        "no request in the foreground"
+    );
+
+    e.mem.insert("d/a", vec![9u8; 20]);
+    e.mem.remove("d/b");
+    e.mem.insert("d/c", vec![4u8; 5]);
+    e.inval.0.lock().clear();
+    // The root and d (held by the kernel and listed); e was never listed.
+    assert_eq!(e.fs.revalidate_round().await, 2);
+    let told: Vec<String> = e
+        .inval
+        .0
+        .lock()
+        .iter()
+        .filter(|(p, _)| *p == d.attr.ino)
+        .map(|(_, n)| n.clone())
+        .collect();
+    for name in ["a", "b", "c"] {
+        assert!(
+            told.contains(&name.to_string()),
+            "the kernel was not told of {name}: {told:?}"
+        );
+    }
+    let a2 = resolve(&e.fs, "d/a").await.unwrap();
+    assert_ne!(a2.attr.ino, a.attr.ino, "a new version is a new inode");
+    assert_eq!(cat(&e.fs, "d/a").await.unwrap(), vec![9u8; 20]);
+    assert!(matches!(resolve(&e.fs, "d/b").await, Err(FsError::NotFound)));
+    assert!(matches!(e.fs.open(b.attr.ino, false, false).await, Err(FsError::Stale)));
+    assert_eq!(resolve(&e.fs, "d/c").await.unwrap().attr.size, 5);
+
+    // Nothing changed: a round tells the kernel nothing. A folder the kernel forgot is not
+    // revalidated.
+    e.inval.0.lock().clear();
+    let held = e.fs.table.lock().inodes[&d.attr.ino].lookups;
+    e.fs.forget(d.attr.ino, held);
+    assert_eq!(e.fs.revalidate_round().await, 1, "only the root is left");
+    assert!(e.inval.0.lock().is_empty(), "{:?}", e.inval.0.lock());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
