@@ -45,7 +45,25 @@ pub struct ServerCapabilities {
     /// `?afs=chunks`, `?afs=has-chunks` and parts that reference a chunk by hash.
     #[serde(default)]
     pub content_chunks: bool,
+    /// `?afs=bundle`: a folder's small files in one response.
+    #[serde(default)]
+    pub bundles: bool,
 }
+
+/// The header line of one file in a bundle (`GET /dir/?afs=bundle`), followed by `size`
+/// bytes of content.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BundleHeader {
+    pub name: String,
+    pub size: u64,
+    /// The file's tag (unquoted), computed from the bytes that follow.
+    pub etag: String,
+    pub mtime_ns: i64,
+}
+
+/// Largest file a bundle holds, and most content bytes in one bundle.
+pub const BUNDLE_MAX_FILE: u64 = 1 << 20;
+pub const BUNDLE_MAX_TOTAL: u64 = 64 << 20;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
@@ -126,6 +144,12 @@ pub struct ServerStats {
     /// Bytes of parts the server took from a base range or a known chunk.
     #[serde(default)]
     pub parts_copied_bytes: u64,
+    /// `?afs=bundle` requests, and the files they sent (their bytes count in
+    /// `file_bytes_sent`).
+    #[serde(default)]
+    pub bundles: u64,
+    #[serde(default)]
+    pub bundled_files: u64,
 }
 
 /// Content-defined chunking (FastCDC 2020) shared by the server's chunk index and clients

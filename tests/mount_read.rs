@@ -781,6 +781,41 @@ fn opening_a_small_file_fetches_its_folders_small_files_ahead() {
     let after = server.stats();
     assert_eq!(after.gets, fetched.gets, "reading the prefetched files sent requests");
     assert_eq!(after.digests, before.digests, "small files need no digests");
+    // The built-in server sends them in one bundle: one request, not 299.
+    assert_eq!(fetched.bundles - before.bundles, 1, "{fetched:?}");
+    assert_eq!(fetched.bundled_files - before.bundled_files, 299);
+    assert_eq!(fetched.gets - before.gets, 1, "only the file opened: {fetched:?}");
+    drop(m);
+
+    // Folders listed beside it: the next three are fetched ahead too (find, tar and cp -r
+    // go through them in order), the rest when reached.
+    for d in 0..6 {
+        for f in 0..20u64 {
+            store.write(&format!("seq/d{d}/f{f:02}"), &bytes(500 + f as usize, f + 10 * d));
+        }
+    }
+    let m = Mount::new(&server.url());
+    let listed = Command::new("ls").arg("-R").arg(m.path("seq")).output().unwrap();
+    assert!(listed.status.success());
+    let before = server.stats();
+    assert_eq!(std::fs::read(m.path("seq/d1/f00")).unwrap(), bytes(500, 10));
+    let end = Instant::now() + Duration::from_secs(20);
+    while server.stats().bundled_files - before.bundled_files < 19 + 3 * 20 {
+        assert!(Instant::now() < end, "folders ahead not fetched: {:?}", server.stats());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let now = server.stats();
+    assert_eq!(now.bundles - before.bundles, 4, "d1 and the three after it: {now:?}");
+    assert_eq!(now.bundled_files - before.bundled_files, 19 + 3 * 20);
+    let gets = now.gets;
+    for d in 2..5u64 {
+        for f in 0..20u64 {
+            let got = std::fs::read(m.path(&format!("seq/d{d}/f{f:02}"))).unwrap();
+            assert!(got == bytes(500 + f as usize, f + 10 * d), "seq/d{d}/f{f:02}");
+        }
+    }
+    assert_eq!(server.stats().gets, gets, "the folders ahead were read from the cache");
     drop(m);
 
     // Turned off: opening one file fetches that file only.

@@ -107,7 +107,9 @@ impl ArtifactFs {
             && i.local.is_none()
             && !i.pending_create
             && !i.path.is_empty()
-            && t.dirs.get(&i.parent).is_some_and(|d| d.entries.is_some() && d.max_age.is_none())
+            && t.dirs
+                .get(&i.parent)
+                .is_some_and(|d| d.entries.is_some() && d.max_age.is_none())
             && Self::held(t, i.parent)
     }
 

@@ -133,6 +133,41 @@ pub struct Reader {
     versions: Mutex<HashMap<(String, ETag), Weak<Version>>>,
     /// Versions we wrote, and which bytes they share with the version they were written from.
     lineage: Mutex<HashMap<(String, ETag), Lineage>>,
+    /// Versions on their way in a folder's bundle: a reader waits for the bundle rather than
+    /// fetching the same bytes again. Woken as bundled files land.
+    bundled: Mutex<HashMap<(String, ETag), watch::Receiver<()>>>,
+}
+
+/// How long a reader waits for a bundle to bring the file it reads before fetching it itself.
+const BUNDLE_WAIT: Duration = Duration::from_secs(2);
+
+/// Versions announced as coming in one bundle ([`Reader::expect_bundle`]). Dropping it
+/// releases those that did not land.
+pub struct BundleGuard {
+    reader: Arc<Reader>,
+    keys: Vec<(String, ETag)>,
+    landed: watch::Sender<()>,
+}
+
+impl BundleGuard {
+    /// These versions are in the cache now (or will not come): their readers go on.
+    pub fn landed(&self, versions: &[(String, ETag)]) {
+        let mut map = self.reader.bundled.lock();
+        for k in versions {
+            map.remove(k);
+        }
+        drop(map);
+        self.landed.send_replace(());
+    }
+}
+
+impl Drop for BundleGuard {
+    fn drop(&mut self) {
+        let mut map = self.reader.bundled.lock();
+        for k in &self.keys {
+            map.remove(k);
+        }
+    }
 }
 
 /// A version we uploaded equals the version it was written from on `same`: those bytes can
@@ -178,7 +213,40 @@ impl Reader {
             whole_file: AtomicBool::new(!ranged),
             versions: Mutex::new(HashMap::new()),
             lineage: Mutex::new(HashMap::new()),
+            bundled: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Announces `versions` as coming in one bundle, until the guard says they landed or is
+    /// dropped.
+    pub fn expect_bundle(self: &Arc<Self>, versions: Vec<(String, ETag)>) -> BundleGuard {
+        let (tx, rx) = watch::channel(());
+        let mut map = self.bundled.lock();
+        for k in &versions {
+            map.insert(k.clone(), rx.clone());
+        }
+        drop(map);
+        BundleGuard {
+            reader: self.clone(),
+            keys: versions,
+            landed: tx,
+        }
+    }
+
+    /// Waits (at most [`BUNDLE_WAIT`]) while a bundle brings `(path, etag)`.
+    async fn wait_for_bundle(&self, path: &str, etag: &ETag) {
+        let key = (path.to_string(), etag.clone());
+        let Some(mut rx) = self.bundled.lock().get(&key).cloned() else {
+            return;
+        };
+        let wait = async {
+            while self.bundled.lock().contains_key(&key) {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(BUNDLE_WAIT, wait).await;
     }
 
     pub fn store(&self) -> &DynStore {
@@ -307,6 +375,23 @@ impl Reader {
 
     /// The version `(path, etag)` when it is being read, its cache file is on disk, or it was
     /// written by us from another.
+    /// Whether `(path, etag)` is being read or has bytes in the cache (blocking: may look
+    /// at the disk).
+    pub fn knows_version(&self, path: &str, etag: &ETag, size: u64) -> bool {
+        let key = (path.to_string(), etag.clone());
+        if self.versions.lock().get(&key).is_some_and(|v| v.strong_count() > 0) {
+            return true;
+        }
+        self.cache.as_ref().is_some_and(|c| {
+            c.has_version(&VersionKey {
+                remote: self.store.id().to_string(),
+                path: path.to_string(),
+                etag: etag.as_str().to_string(),
+                size,
+            })
+        })
+    }
+
     fn cached_version(self: &Arc<Self>, path: &str, etag: &ETag, size: u64) -> Option<Arc<Version>> {
         let key = (path.to_string(), etag.clone());
         if let Some(v) = self.versions.lock().get(&key).and_then(Weak::upgrade) {
@@ -440,6 +525,18 @@ impl Version {
             let counter = if on_disk { &c.hit_bytes } else { &c.miss_bytes };
             counter.fetch_add(range.end - range.start, Ordering::Relaxed)
         });
+        // On its way in a bundle: wait for it rather than fetch it again.
+        if self
+            .reader
+            .bundled
+            .lock()
+            .contains_key(&(self.path.clone(), self.etag.clone()))
+        {
+            self.reader.wait_for_bundle(&self.path, &self.etag).await;
+            if let Some(r) = file.read_with(range.clone(), |b| (reply.take().expect("reply unused"))(Ok(b))) {
+                return r;
+            }
+        }
         // Fetch what the read needs and what readahead wants in one plan, so the first
         // request covers both.
         let union = range.start..prefetch.end.max(range.end);
@@ -602,6 +699,41 @@ impl Version {
             tracing::trace!(path = %self.path, chunk = i, "chunk copied from the version it was written from");
         }
         ok
+    }
+
+    /// Puts all of this version's bytes, fetched some other way (a folder's bundle), in the
+    /// cache, checked against the tag where the tag says what the bytes are. Only for a
+    /// version of one chunk nobody holds or fetches yet; returns whether it took them.
+    pub fn fill_whole(&self, data: &[u8]) -> Result<bool, ReadError> {
+        let Some(file) = &self.file else { return Ok(false) };
+        if data.len() as u64 != self.size || self.size == 0 || file.chunks() != 1 {
+            return Ok(false);
+        }
+        // Under the flights' lock, as `inherit`: no fetch of the chunk starts meanwhile (a
+        // reader finds it present once the lock is free).
+        let flights = self.flights.lock();
+        if file.is_present(0) || flights.iter().any(|f| f.chunks.contains(&0)) {
+            return Ok(false);
+        }
+        let Ok(mut w) = file.begin_chunk(0, self.reader.cfg.verify) else {
+            // Claimed by a fetch meanwhile.
+            return Ok(false);
+        };
+        w.write(data)?;
+        if self.checked_by_tag(file) {
+            let tag = self.etag.as_str().trim_matches('"');
+            let (size, cs) = (self.size, file.chunk_size());
+            w.finish_with(|d| crate::protocol::etag_from_digests(size, cs, &[*d]) == tag)?;
+        } else {
+            w.finish(None)?;
+        }
+        drop(flights);
+        self.reader
+            .count(|c| c.fetched_bytes.fetch_add(self.size, Ordering::Relaxed));
+        if let Err(e) = file.persist(false) {
+            tracing::warn!("{e}");
+        }
+        Ok(true)
     }
 
     /// Takes the answer of a `GET` made before this version was known ([`Reader::open_current`])

@@ -79,7 +79,10 @@ pub fn runs(wanted: Range<u64>, max_chunks: u64, mut missing: impl FnMut(u64) ->
             i += 1;
             continue;
         }
+        // `missing` is asked once per chunk: it may change between two calls (a fetch landing),
+        // and a run must never be empty.
         let start = i;
+        i += 1;
         while i < wanted.end && i - start < max_chunks && missing(i) {
             i += 1;
         }

@@ -54,7 +54,7 @@ pub struct DirCache {
 impl DirCache {
     /// The folder's names, sorted, without non-UTF-8 names (warned) and without the state
     /// folder at the root. Blocking.
-    fn sorted_names(&self, dir: &Path, at_root: bool) -> Result<Arc<Vec<String>>, ServerError> {
+    pub(super) fn sorted_names(&self, dir: &Path, at_root: bool) -> Result<Arc<Vec<String>>, ServerError> {
         let shown = || dir.display().to_string();
         let key = dir_key(dir).map_err(|e| ServerError::io(shown(), e))?;
         if let Some((k, names)) = self.map.lock().get(dir)
@@ -222,7 +222,7 @@ fn page_blocking(
 
 /// The entry for `name` in `dir`, its digest key, canonical path and identity; `None` for
 /// what a listing leaves out (and for names that vanished meanwhile).
-fn stat_entry(root: &Root, dir: &Resolved, name: &str) -> Option<(ListEntry, PathBuf, PathBuf, Identity)> {
+pub(super) fn stat_entry(root: &Root, dir: &Resolved, name: &str) -> Option<(ListEntry, PathBuf, PathBuf, Identity)> {
     let path = dir.canon.join(name);
     let lmeta = std::fs::symlink_metadata(&path).ok()?;
     let (meta, rel, canon) = if lmeta.file_type().is_symlink() {

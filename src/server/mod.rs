@@ -14,6 +14,7 @@
 
 pub mod auth;
 mod body;
+mod bundle;
 mod chunks;
 mod digests;
 mod durable;
@@ -524,7 +525,7 @@ async fn dispatch(ctx: &Arc<Ctx>, req: Request) -> Result<Response, ServerError>
         }
         return dispatch_write(ctx, method, query, req_path, claims, req).await;
     }
-    if !matches!(query.op, Op::Plain | Op::List | Op::Digests | Op::Chunks) {
+    if !matches!(query.op, Op::Plain | Op::List | Op::Digests | Op::Chunks | Op::Bundle) {
         return Err(ServerError::MethodNotAllowed);
     }
     let root = Arc::clone(&ctx.root);
@@ -544,6 +545,11 @@ async fn dispatch(ctx: &Arc<Ctx>, req: Request) -> Result<Response, ServerError>
             let scope = claims.map(Arc::new);
             listing::serve_listing(ctx, headers, dir, shown, query.limit, query.after, scope).await
         }
+        (Target::Dir(dir), Op::Bundle) if method == Method::GET => {
+            let limits = bundle::Limits::new(query.max_file, query.max_total);
+            bundle::serve_bundle(ctx, dir, query.after, limits, claims.map(Arc::new)).await
+        }
+        (Target::File(..), Op::Bundle) => Err(ServerError::BadRequest(format!("{shown} is a file, not a folder"))),
         (Target::Dir(_), Op::Digests | Op::Chunks) => {
             Err(ServerError::BadRequest(format!("{shown} is a folder, not a file")))
         }
@@ -699,6 +705,7 @@ fn server_info(writable: bool) -> ServerInfo {
             writes: writable,
             partial_writes: writable,
             content_chunks: writable,
+            bundles: true,
         },
     }
 }

@@ -18,6 +18,8 @@ pub enum Op {
     List,
     Digests,
     Chunks,
+    /// A folder's small files in one response.
+    Bundle,
     HasChunks,
     Mkdir,
     Move,
@@ -50,6 +52,9 @@ pub struct Query {
     pub part: Option<u32>,
     pub copy: Option<(u64, u64)>,
     pub chunk: Option<String>,
+    /// `max_file=` and `max_total=` of `bundle`.
+    pub max_file: Option<u64>,
+    pub max_total: Option<u64>,
 }
 
 impl Query {
@@ -66,6 +71,8 @@ impl Query {
             part: None,
             copy: None,
             chunk: None,
+            max_file: None,
+            max_total: None,
         };
         let Some(raw) = raw else {
             return Ok(q);
@@ -84,6 +91,7 @@ impl Query {
                         "list" => Op::List,
                         "digests" => Op::Digests,
                         "chunks" => Op::Chunks,
+                        "bundle" => Op::Bundle,
                         "has-chunks" => Op::HasChunks,
                         "mkdir" => Op::Mkdir,
                         "move" => Op::Move,
@@ -146,6 +154,8 @@ impl Query {
                     })?);
                 }
                 "chunk" => q.chunk = Some(value.into_owned()),
+                "max_file" => q.max_file = Some(number(key, &value)?),
+                "max_total" => q.max_total = Some(number(key, &value)?),
                 _ => {}
             }
         }

@@ -25,6 +25,8 @@ pub struct Stats {
     writes: AtomicU64,
     bytes_received: AtomicU64,
     parts_copied_bytes: AtomicU64,
+    bundles: AtomicU64,
+    bundled_files: AtomicU64,
 }
 
 /// One counter that handlers bump.
@@ -38,6 +40,8 @@ pub(crate) enum Counter {
     NotModified,
     PreconditionFailed,
     Writes,
+    Bundles,
+    BundledFiles,
 }
 
 impl Stats {
@@ -57,6 +61,8 @@ impl Stats {
             writes: self.writes.load(Relaxed),
             bytes_received: self.bytes_received.load(Relaxed),
             parts_copied_bytes: self.parts_copied_bytes.load(Relaxed),
+            bundles: self.bundles.load(Relaxed),
+            bundled_files: self.bundled_files.load(Relaxed),
         }
     }
 
@@ -80,6 +86,8 @@ impl Stats {
             &self.writes,
             &self.bytes_received,
             &self.parts_copied_bytes,
+            &self.bundles,
+            &self.bundled_files,
         ] {
             c.store(0, Relaxed);
         }
@@ -96,6 +104,8 @@ impl Stats {
             Counter::NotModified => &self.not_modified,
             Counter::PreconditionFailed => &self.precondition_failed,
             Counter::Writes => &self.writes,
+            Counter::Bundles => &self.bundles,
+            Counter::BundledFiles => &self.bundled_files,
         };
         c.fetch_add(1, Relaxed);
     }

@@ -728,6 +728,8 @@ async fn stats_count_exactly() {
             writes: 0,
             bytes_received: 0,
             parts_copied_bytes: 0,
+            bundles: 0,
+            bundled_files: 0,
         }
     );
     // Over HTTP, the stats request counts itself.

@@ -5,13 +5,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use http::StatusCode;
 use reqwest::Url;
 use reqwest::header::{ACCEPT_ENCODING, CONTENT_LENGTH, ETAG, IF_MATCH, IF_NONE_MATCH, RANGE};
 
 use super::http::{self as h, BearerToken, HttpConfig};
 use super::{
-    Capabilities, Digests, DirEntry, ETag, GetResponse, Head, Listing, ObjectMeta, PartReceipt, PartSource,
+    BundleFile, Capabilities, Digests, DirEntry, ETag, GetResponse, Head, Listing, ObjectMeta, PartReceipt, PartSource,
     Revalidated, Store, StoreError, StoreResult, UploadId, WriteCondition,
 };
 use crate::protocol::{self, DigestList, KIND_HEADER, ListPage, ServerInfo};
@@ -245,6 +247,76 @@ impl ArtifactStore {
     }
 }
 
+/// The files of a bundle body: a JSON header line, then that many bytes, again and again
+/// (`docs/PROTOCOL.md`). A body cut inside a record ends with an error after the whole
+/// records before it.
+fn bundle_files(
+    what: String,
+    body: BoxStream<'static, StoreResult<Bytes>>,
+) -> BoxStream<'static, StoreResult<BundleFile>> {
+    struct State {
+        body: BoxStream<'static, StoreResult<Bytes>>,
+        buf: bytes::BytesMut,
+        header: Option<protocol::BundleHeader>,
+        what: String,
+        done: bool,
+    }
+    type Item = (StoreResult<BundleFile>, State);
+    fn fail(mut s: State, e: StoreError) -> Option<Item> {
+        s.done = true;
+        Some((Err(e), s))
+    }
+    fn bad(s: State, why: &str) -> Option<Item> {
+        let e = StoreError::Protocol(format!("{}: {why}", s.what));
+        fail(s, e)
+    }
+    let state = State {
+        body,
+        buf: bytes::BytesMut::new(),
+        header: None,
+        what,
+        done: false,
+    };
+    futures_util::stream::unfold(state, |mut s| async move {
+        while !s.done {
+            match s.header.take() {
+                None => {
+                    if let Some(nl) = s.buf.iter().position(|&b| b == b'\n') {
+                        let line = s.buf.split_to(nl + 1);
+                        match serde_json::from_slice::<protocol::BundleHeader>(&line[..nl]) {
+                            Ok(h) if h.size <= protocol::BUNDLE_MAX_FILE => s.header = Some(h),
+                            Ok(h) => return bad(s, &format!("a bundle file of {} bytes", h.size)),
+                            Err(e) => return bad(s, &format!("bad bundle header: {e}")),
+                        }
+                        continue;
+                    }
+                    if s.buf.len() > 64 << 10 {
+                        return bad(s, "bundle header line too long");
+                    }
+                }
+                Some(h) if s.buf.len() as u64 >= h.size => {
+                    let data = s.buf.split_to(h.size as usize).freeze();
+                    let file = BundleFile {
+                        name: h.name,
+                        etag: ETag::from_bare(&h.etag),
+                        data,
+                    };
+                    return Some((Ok(file), s));
+                }
+                Some(h) => s.header = Some(h),
+            }
+            match s.body.next().await {
+                Some(Ok(piece)) => s.buf.extend_from_slice(&piece),
+                Some(Err(e)) => return fail(s, e),
+                None if s.header.is_none() && s.buf.is_empty() => return None,
+                None => return bad(s, "bundle body cut inside a file"),
+            }
+        }
+        None
+    })
+    .boxed()
+}
+
 fn with_condition(r: reqwest::RequestBuilder, cond: &WriteCondition) -> reqwest::RequestBuilder {
     match cond {
         WriteCondition::None => r,
@@ -300,6 +372,7 @@ impl Store for ArtifactStore {
             min_part_size: 0,
             max_parts: 10_000,
             complete_listings: true,
+            bundles: c.bundles,
         }
     }
 
@@ -396,6 +469,37 @@ impl Store for ArtifactStore {
         let etag = h::header_str(resp.headers(), ETAG.as_str()).map(ETag::new);
         let body = h::body_stream(what, resp);
         Ok(GetResponse { etag, content, body })
+    }
+
+    async fn bundle(
+        &self,
+        dir: &str,
+        after: Option<&str>,
+        max_file: u64,
+        max_total: u64,
+    ) -> StoreResult<Option<BoxStream<'static, StoreResult<BundleFile>>>> {
+        if !self.info.capabilities.bundles {
+            return Ok(None);
+        }
+        let mut url = self.url_for(dir, true);
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair(protocol::QUERY_KEY, "bundle");
+            q.append_pair("max_file", &max_file.to_string());
+            q.append_pair("max_total", &max_total.to_string());
+            if let Some(a) = after {
+                q.append_pair("after", a);
+            }
+        }
+        let what = format!("GET {url}");
+        let resp = h::send(&self.cfg, &what, || {
+            self.client.get(url.clone()).header(ACCEPT_ENCODING, "identity")
+        })
+        .await?;
+        if resp.status() != StatusCode::OK {
+            return Err(self.fail(&what, resp).await);
+        }
+        Ok(Some(bundle_files(what.clone(), h::body_stream(what, resp))))
     }
 
     async fn digests(&self, path: &str, etag: &ETag) -> StoreResult<Option<Digests>> {

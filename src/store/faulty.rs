@@ -9,10 +9,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use parking_lot::Mutex;
 
 use super::{
-    Capabilities, Digests, DynStore, ETag, GetResponse, Head, Listing, ObjectMeta, PartReceipt, PartSource,
+    BundleFile, Capabilities, Digests, DynStore, ETag, GetResponse, Head, Listing, ObjectMeta, PartReceipt, PartSource,
     Revalidated, Store, StoreError, StoreResult, UploadId, WriteCondition,
 };
 
@@ -263,6 +264,17 @@ impl Store for FaultyStore {
 
     async fn chunks(&self, path: &str, etag: &ETag) -> StoreResult<Vec<crate::protocol::CdcChunk>> {
         self.inner.chunks(path, etag).await
+    }
+
+    async fn bundle(
+        &self,
+        dir: &str,
+        after: Option<&str>,
+        max_file: u64,
+        max_total: u64,
+    ) -> StoreResult<Option<BoxStream<'static, StoreResult<BundleFile>>>> {
+        self.fail(Op::Get)?;
+        self.inner.bundle(dir, after, max_file, max_total).await
     }
 
     async fn has_chunks(&self, hashes: &[[u8; 32]]) -> StoreResult<Vec<bool>> {

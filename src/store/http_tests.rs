@@ -159,6 +159,7 @@ async fn ranged_reads_ask_for_identity_encoding_and_carry_the_version() {
                     writes: false,
                     partial_writes: false,
                     content_chunks: false,
+                    bundles: false,
                 },
             })
             .into_response()
@@ -191,4 +192,107 @@ async fn ranged_reads_ask_for_identity_encoding_and_carry_the_version() {
     assert_eq!(headers["accept-encoding"], "identity");
     assert_eq!(headers["range"], "bytes=10-14");
     assert_eq!(headers["if-match"], "\"v1\"");
+}
+
+/// A folder's small files in one request from the built-in server: in name order, with the
+/// tag a `HEAD` gives, within the sizes asked for, counted by the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_brings_a_folders_small_files_in_one_request() {
+    use crate::store::{BundleFile, Head, Revalidated, Store};
+    use futures_util::StreamExt;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let files: [(&str, usize); 4] = [("d/a", 100), ("d/b", 3000), ("d/big", 2 << 20), ("d/c", 10)];
+    std::fs::create_dir_all(root.join("d/sub")).unwrap();
+    for (i, (name, len)) in files.iter().enumerate() {
+        std::fs::write(root.join(name), crate::testing::noise(*len, i as u64)).unwrap();
+    }
+    let server = crate::server::ServerHandle::start(crate::server::ServerConfig::local(root.clone())).unwrap();
+    let store = crate::store::artifact::ArtifactStore::connect(&server.url(), quick(), None)
+        .await
+        .unwrap();
+    let get = |after: Option<&'static str>, max_total: u64| {
+        let store = &store;
+        async move {
+            let files = store
+                .bundle("d", after, 1 << 20, max_total)
+                .await
+                .unwrap()
+                .expect("bundles");
+            files.map(|f| f.unwrap()).collect::<Vec<_>>().await
+        }
+    };
+    let all = get(None, 64 << 20).await;
+    let names: Vec<&str> = all.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"], "small files only, in name order");
+    for f in &all {
+        let path = format!("d/{}", f.name);
+        assert_eq!(f.data, std::fs::read(root.join(&path)).unwrap(), "{path}");
+        let Revalidated::Modified(Head::File(meta)) = store.head(&path, None).await.unwrap() else {
+            panic!("{path} is a file")
+        };
+        assert_eq!(meta.etag, Some(f.etag.clone()), "{path}: the tag a HEAD gives");
+    }
+    let names = |v: Vec<BundleFile>| v.into_iter().map(|f| f.name).collect::<Vec<_>>();
+    assert_eq!(names(get(Some("a"), 64 << 20).await), ["b", "c"]);
+    assert_eq!(
+        names(get(None, 3100).await),
+        ["a", "b"],
+        "stops before going past max_total"
+    );
+    let stats = server.stats().snapshot();
+    assert_eq!((stats.bundles, stats.bundled_files), (3, 7));
+    assert_eq!(stats.gets, 0);
+}
+
+#[tokio::test]
+async fn a_bundle_cut_inside_a_file_ends_in_an_error_after_the_whole_files() {
+    use crate::store::Store;
+    use futures_util::StreamExt;
+    let (_s, url) = serve(vec![
+        |_| {
+            axum::Json(crate::protocol::ServerInfo {
+                protocol: crate::protocol::PROTOCOL.into(),
+                server: "scripted".into(),
+                chunk_size: 1 << 20,
+                max_list_limit: 1000,
+                capabilities: crate::protocol::ServerCapabilities {
+                    ranges: true,
+                    listing_etags: true,
+                    digests: true,
+                    writes: false,
+                    partial_writes: false,
+                    content_chunks: false,
+                    bundles: true,
+                },
+            })
+            .into_response()
+        },
+        |_| {
+            let body = "{\"name\":\"x\",\"size\":3,\"etag\":\"t1\",\"mtime_ns\":0}\nabc{\"name\":\"y\",\"size\":10,\"etag\":\"t2\",\"mtime_ns\":0}\nabcd";
+            (StatusCode::OK, body).into_response()
+        },
+    ])
+    .await;
+    let store = crate::store::artifact::ArtifactStore::connect(&url, quick(), None)
+        .await
+        .unwrap();
+    let got: Vec<_> = store
+        .bundle("d", None, 1 << 20, 1 << 20)
+        .await
+        .unwrap()
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(got.len(), 2);
+    let x = got[0].as_ref().unwrap();
+    assert_eq!(
+        (x.name.as_str(), &x.data[..], x.etag.as_str()),
+        ("x", &b"abc"[..], "\"t1\"")
+    );
+    assert!(
+        matches!(&got[1], Err(StoreError::Protocol(m)) if m.contains("cut")),
+        "{:?}",
+        got[1]
+    );
 }

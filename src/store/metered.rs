@@ -9,10 +9,11 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 
 use super::limited::Limit;
 use super::{
-    Capabilities, Digests, DynStore, ETag, GetResponse, Head, Listing, ObjectMeta, PartReceipt, PartSource,
+    BundleFile, Capabilities, Digests, DynStore, ETag, GetResponse, Head, Listing, ObjectMeta, PartReceipt, PartSource,
     Revalidated, Store, StoreKind, StoreResult, UploadId, WriteCondition,
 };
 use crate::metrics;
@@ -137,6 +138,35 @@ impl Store for MeteredStore {
 
     async fn chunks(&self, path: &str, etag: &ETag) -> StoreResult<Vec<crate::protocol::CdcChunk>> {
         timed("chunks", path, self.inner.chunks(path, etag)).await
+    }
+
+    async fn bundle(
+        &self,
+        dir: &str,
+        after: Option<&str>,
+        max_file: u64,
+        max_total: u64,
+    ) -> StoreResult<Option<BoxStream<'static, StoreResult<BundleFile>>>> {
+        let Some(files) = timed("bundle", dir, self.inner.bundle(dir, after, max_file, max_total)).await? else {
+            return Ok(None);
+        };
+        let down = self.down.clone();
+        Ok(Some(
+            files
+                .then(move |file| {
+                    let down = down.clone();
+                    async move {
+                        if let Ok(f) = &file {
+                            if let Some(l) = &down {
+                                l.take(f.data.len() as u64).await;
+                            }
+                            metrics::get().fetched(f.data.len() as u64);
+                        }
+                        file
+                    }
+                })
+                .boxed(),
+        ))
     }
 
     async fn has_chunks(&self, hashes: &[[u8; 32]]) -> StoreResult<Vec<bool>> {

@@ -94,6 +94,8 @@ pub struct Capabilities {
     /// Listings show every name. When false (some WebDAV servers leave out names starting
     /// with a dot), a dot name missing from a listing is asked about on its own.
     pub complete_listings: bool,
+    /// A folder's small files come in one request ([`Store::bundle`]).
+    pub bundles: bool,
 }
 
 impl Capabilities {
@@ -112,6 +114,7 @@ impl Capabilities {
             min_part_size: 5 << 20,
             max_parts: 10_000,
             complete_listings: true,
+            bundles: false,
         }
     }
 }
@@ -170,6 +173,15 @@ pub enum Content {
 }
 
 /// A streaming `GET` response.
+/// One file of a bundle ([`Store::bundle`]): its name in the folder, its version and all of
+/// its bytes.
+#[derive(Debug, Clone)]
+pub struct BundleFile {
+    pub name: String,
+    pub etag: ETag,
+    pub data: Bytes,
+}
+
 pub struct GetResponse {
     pub etag: Option<ETag>,
     pub content: Content,
@@ -358,6 +370,19 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// The content-defined chunks of version `etag` (`content_chunks`).
     async fn chunks(&self, _path: &str, _etag: &ETag) -> StoreResult<Vec<crate::protocol::CdcChunk>> {
         Err(StoreError::Unsupported("chunk lists"))
+    }
+
+    /// The small files of folder `dir` in one request: names after `after`, in name order,
+    /// each of at most `max_file` bytes, at most `max_total` bytes in all. `None`: the remote
+    /// has no such request (the default).
+    async fn bundle(
+        &self,
+        _dir: &str,
+        _after: Option<&str>,
+        _max_file: u64,
+        _max_total: u64,
+    ) -> StoreResult<Option<BoxStream<'static, StoreResult<BundleFile>>>> {
+        Ok(None)
     }
 
     /// Which of these chunk hashes the remote holds, in any file (`content_chunks`).

@@ -229,6 +229,7 @@ impl Store for S3Store {
             min_part_size: MIN_PART,
             max_parts: MAX_PARTS,
             complete_listings: true,
+            bundles: false,
         }
     }
 

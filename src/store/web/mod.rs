@@ -656,6 +656,7 @@ impl Store for WebStore {
             max_parts: 10_000,
             // nginx's WebDAV module lists no dot names (see WEB.md).
             complete_listings: false,
+            bundles: false,
         }
     }
 
