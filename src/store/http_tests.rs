@@ -142,41 +142,42 @@ async fn a_body_that_stalls_fails_after_the_read_timeout_instead_of_hanging() {
     assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
 }
 
+/// The `?afs=info` answer of a read-only artifact server, with or without digests and
+/// bundles.
+fn scripted_info(bundles: bool) -> Response {
+    axum::Json(crate::protocol::ServerInfo {
+        protocol: crate::protocol::PROTOCOL.into(),
+        server: "scripted".into(),
+        chunk_size: 1 << 20,
+        max_list_limit: 1000,
+        capabilities: crate::protocol::ServerCapabilities {
+            ranges: true,
+            listing_etags: true,
+            digests: bundles,
+            writes: false,
+            partial_writes: false,
+            content_chunks: false,
+            bundles,
+        },
+    })
+    .into_response()
+}
+
 #[tokio::test]
 async fn ranged_reads_ask_for_identity_encoding_and_carry_the_version() {
     use crate::store::{ETag, Store};
-    let (s, url) = serve(vec![
-        |_| {
-            axum::Json(crate::protocol::ServerInfo {
-                protocol: crate::protocol::PROTOCOL.into(),
-                server: "scripted".into(),
-                chunk_size: 1 << 20,
-                max_list_limit: 1000,
-                capabilities: crate::protocol::ServerCapabilities {
-                    ranges: true,
-                    listing_etags: true,
-                    digests: false,
-                    writes: false,
-                    partial_writes: false,
-                    content_chunks: false,
-                    bundles: false,
-                },
-            })
+    let (s, url) = serve(vec![|_| scripted_info(false), |_| {
+        (
+            StatusCode::PARTIAL_CONTENT,
+            [
+                ("content-range", "bytes 10-14/100"),
+                ("etag", "\"v1\""),
+                ("content-length", "5"),
+            ],
+            "abcde",
+        )
             .into_response()
-        },
-        |_| {
-            (
-                StatusCode::PARTIAL_CONTENT,
-                [
-                    ("content-range", "bytes 10-14/100"),
-                    ("etag", "\"v1\""),
-                    ("content-length", "5"),
-                ],
-                "abcde",
-            )
-                .into_response()
-        },
-    ])
+    }])
     .await;
     let store = crate::store::artifact::ArtifactStore::connect(&url, quick(), None)
         .await
@@ -250,24 +251,7 @@ async fn a_bundle_cut_inside_a_file_ends_in_an_error_after_the_whole_files() {
     use crate::store::Store;
     use futures_util::StreamExt;
     let (_s, url) = serve(vec![
-        |_| {
-            axum::Json(crate::protocol::ServerInfo {
-                protocol: crate::protocol::PROTOCOL.into(),
-                server: "scripted".into(),
-                chunk_size: 1 << 20,
-                max_list_limit: 1000,
-                capabilities: crate::protocol::ServerCapabilities {
-                    ranges: true,
-                    listing_etags: true,
-                    digests: true,
-                    writes: false,
-                    partial_writes: false,
-                    content_chunks: false,
-                    bundles: true,
-                },
-            })
-            .into_response()
-        },
+        |_| scripted_info(true),
         |_| {
             let body = "{\"name\":\"x\",\"size\":3,\"etag\":\"t1\",\"mtime_ns\":0}\nabc{\"name\":\"y\",\"size\":10,\"etag\":\"t2\",\"mtime_ns\":0}\nabcd";
             (StatusCode::OK, body).into_response()
