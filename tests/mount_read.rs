@@ -498,8 +498,16 @@ on_remotes! {
             assert!(start.elapsed() < Duration::from_secs(5), "changes not seen after 5 s");
             std::thread::sleep(Duration::from_millis(50));
         }
-        assert_eq!(names(&m), ["a.txt", "c.txt"]);
+        assert_eq!(names(&m), ["a.txt", "c.txt"], "the kernel's kept listing was dropped");
         assert_eq!(std::fs::read(m.path("d/c.txt")).unwrap(), b"sea");
+        // The kernel keeps the listing itself: listing again asks the daemon for no entries.
+        let listed = |m: &Mount| {
+            metric(m, "artifactfs_fuse_calls_total{op=\"readdir\"}")
+                + metric(m, "artifactfs_fuse_calls_total{op=\"readdirplus\"}")
+        };
+        let before = listed(&m);
+        assert_eq!(names(&m), ["a.txt", "c.txt"]);
+        assert_eq!(listed(&m), before, "readdir reached the daemon for a kept listing");
         eprintln!("changes seen after {:?}", start.elapsed());
     }
 }

@@ -540,8 +540,18 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let fs = self.fs.clone();
-        self.run("opendir", async move { fs.opendir(ino.0).await }, move |r| match r {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+        let run = async move {
+            let fh = fs.opendir(ino.0).await?;
+            Ok((fh, fs.kernel_may_keep_listing(ino.0)))
+        };
+        self.run("opendir", run, move |r| match r {
+            // A folder kept honest by background revalidation: the kernel keeps its listing
+            // (until a round finds it changed and invalidates it).
+            Ok((fh, true)) => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Ok((fh, false)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno("opendir", &e)),
         });
     }
@@ -620,19 +630,34 @@ impl fuser::Filesystem for FuseAdapter {
 /// Sends kernel invalidations from a thread of its own: a notification written from a request
 /// thread can deadlock against the kernel waiting for that very request.
 pub struct ChannelInvalidator {
-    tx: parking_lot::Mutex<mpsc::Sender<(u64, String)>>,
+    tx: parking_lot::Mutex<mpsc::Sender<Inval>>,
+}
+
+/// One kernel invalidation.
+enum Inval {
+    /// The dentry `name` in folder `parent`.
+    Entry(u64, String),
+    /// The cached contents (a folder's cached listing) and attributes of an inode.
+    Inode(u64),
 }
 
 impl ChannelInvalidator {
     pub fn start(notifier: Notifier) -> Arc<Self> {
-        let (tx, rx) = mpsc::channel::<(u64, String)>();
+        let (tx, rx) = mpsc::channel::<Inval>();
         let spawned = std::thread::Builder::new()
             .name("afs-invalidate".into())
             .spawn(move || {
-                for (parent, name) in rx {
-                    if let Err(e) = notifier.inval_entry(INodeNo(parent), OsStr::new(&name)) {
-                        // ENOENT: the kernel had no such dentry; nothing to forget.
-                        tracing::debug!("invalidate {name:?} in {parent}: {e}");
+                for inval in rx {
+                    let (r, what) = match inval {
+                        Inval::Entry(parent, name) => (
+                            notifier.inval_entry(INodeNo(parent), OsStr::new(&name)),
+                            format!("{name:?} in {parent}"),
+                        ),
+                        Inval::Inode(ino) => (notifier.inval_inode(INodeNo(ino), 0, 0), format!("inode {ino}")),
+                    };
+                    if let Err(e) = r {
+                        // ENOENT: the kernel had no such dentry or inode; nothing to forget.
+                        tracing::debug!("invalidate {what}: {e}");
                     }
                 }
             });
@@ -647,6 +672,10 @@ impl ChannelInvalidator {
 
 impl Invalidator for ChannelInvalidator {
     fn entry(&self, parent: u64, name: &str) {
-        let _ = self.tx.lock().send((parent, name.to_string()));
+        let _ = self.tx.lock().send(Inval::Entry(parent, name.to_string()));
+    }
+
+    fn inode(&self, ino: u64) {
+        let _ = self.tx.lock().send(Inval::Inode(ino));
     }
 }

@@ -168,6 +168,8 @@ impl OpenReply {
 pub trait Invalidator: Send + Sync {
     /// The kernel should forget the dentry `name` in directory `parent`.
     fn entry(&self, parent: u64, name: &str);
+    /// The kernel should forget what it keeps of inode `ino`'s contents (a folder's listing).
+    fn inode(&self, ino: u64);
 }
 
 /// What a listing says of one child.
@@ -439,6 +441,12 @@ impl ArtifactFs {
         }
     }
 
+    fn invalidate_inode(&self, ino: u64) {
+        if let Some(inv) = self.invalidator.get() {
+            inv.inode(ino);
+        }
+    }
+
     fn attr_of(&self, ino: u64, i: &Inode) -> Attr {
         let (perm, nlink) = match i.kind {
             Kind::File => (self.cfg.file_mode, 1),
@@ -670,6 +678,10 @@ impl ArtifactFs {
                         }
                         _ => self.supersede(&mut t, ino),
                     }
+                }
+                // A listing the kernel may keep (`FOPEN_CACHE_DIR`) that changed: it drops it.
+                if old.as_ref().is_some_and(|o| **o != *entries) {
+                    self.invalidate_inode(dir);
                 }
                 let d = t.dirs.entry(dir).or_default();
                 d.entries = Some(entries.clone());

@@ -85,6 +85,17 @@ impl ArtifactFs {
         n
     }
 
+    /// Whether the kernel may keep folder `ino`'s listing (`FOPEN_CACHE_DIR`): rounds keep
+    /// it honest, and invalidate it when it changes.
+    pub fn kernel_may_keep_listing(&self, ino: u64) -> bool {
+        let t = self.table.lock();
+        self.interval().is_some()
+            && t.dirs
+                .get(&ino)
+                .is_some_and(|d| d.entries.is_some() && d.max_age.is_none())
+            && Self::held(&t, ino)
+    }
+
     /// How often rounds run: `revalidate_interval`, or `metadata_ttl` when that is shorter
     /// (the TTL is the longest a change may go unseen).
     fn interval(&self) -> Option<Duration> {

@@ -35,6 +35,11 @@ impl Invalidator for Recorder {
     fn entry(&self, parent: u64, name: &str) {
         self.0.lock().push((parent, name.to_string()));
     }
+
+    /// Recorded with an empty name.
+    fn inode(&self, ino: u64) {
+        self.0.lock().push((ino, String::new()));
+    }
 }
 
 fn env_with(mem: MemoryStore, ttl: Duration) -> Env {
@@ -279,6 +284,12 @@ async fn background_revalidation_tells_the_kernel_what_changed_and_earns_long_tt
             "the kernel was not told of {name}: {told:?}"
         );
     }
+    assert!(
+        told.contains(&String::new()),
+        "the kernel keeps d's old listing: {told:?}"
+    );
+    assert!(e.fs.kernel_may_keep_listing(d.attr.ino));
+    assert!(!e.fs.kernel_may_keep_listing(x.attr.ino), "never listed");
     let a2 = resolve(&e.fs, "d/a").await.unwrap();
     assert_ne!(a2.attr.ino, a.attr.ino, "a new version is a new inode");
     assert_eq!(cat(&e.fs, "d/a").await.unwrap(), vec![9u8; 20]);
