@@ -12,10 +12,12 @@
 //! one) is listed first, in the background.
 
 use std::collections::HashMap;
+use std::ops::Bound;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
 
+use super::name::ValidName;
 use super::{ArtifactFs, Kind, ROOT, Table};
 use crate::read::Reader;
 use crate::store::{DynStore, ETag, join_path};
@@ -74,9 +76,13 @@ impl ArtifactFs {
         ) else {
             return Vec::new();
         };
+        // A range of the sorted listing, not a walk from its start: this runs at every open
+        // of a small file.
+        let Ok(me) = ValidName::from_remote(&d.name) else {
+            return Vec::new();
+        };
         siblings
-            .iter()
-            .skip_while(|(name, _)| name.as_str() <= d.name.as_str())
+            .range((Bound::Excluded(&me), Bound::Unbounded))
             .filter(|(_, c)| c.kind == Kind::Dir)
             .take(n)
             .map_while(|(name, _)| {
@@ -170,6 +176,11 @@ const FOLDERS_AHEAD: usize = 3;
 const BATCH_FILES: usize = 16;
 const FILLS: usize = 4;
 
+/// The last component of a remote path (a bundle names files by it).
+fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or_default()
+}
+
 /// Puts bundled files in the cache (blocking). Returns those it could not.
 fn fill(reader: &Arc<Reader>, files: Vec<((String, ETag, u64), bytes::Bytes)>) -> Vec<(String, ETag, u64)> {
     let mut refused = Vec::new();
@@ -199,10 +210,9 @@ async fn by_bundle(
         let (reader, mut wanted, mut after) = (reader.clone(), plan.wanted.clone(), plan.opened.clone());
         let opened = after.clone();
         let known = tokio::task::spawn_blocking(move || {
-            let name = |p: &str| p.rsplit('/').next().unwrap_or_default().to_string();
             let n = wanted
                 .iter()
-                .take_while(|(p, e, size)| name(p) > opened && reader.knows_version(p, e, *size))
+                .take_while(|(p, e, size)| file_name(p) > opened.as_str() && reader.knows_version(p, e, *size))
                 .count();
             let known: Vec<_> = wanted.drain(..n).collect();
             (wanted, known)
@@ -212,7 +222,7 @@ async fn by_bundle(
         };
         guard.landed(&known.iter().map(|(p, e, _)| (p.clone(), e.clone())).collect::<Vec<_>>());
         if let Some((p, ..)) = known.last() {
-            after = p.rsplit('/').next().unwrap_or_default().to_string();
+            after = file_name(p).to_string();
         }
         (wanted, after)
     };
@@ -228,10 +238,9 @@ async fn by_bundle(
             return wanted;
         }
     };
-    let mut wanted: HashMap<String, (String, ETag, u64)> = wanted
-        .into_iter()
-        .map(|w| (w.0.rsplit('/').next().unwrap_or_default().to_string(), w))
-        .collect();
+    let order: Vec<String> = wanted.iter().map(|w| file_name(&w.0).to_string()).collect();
+    let mut wanted: HashMap<String, (String, ETag, u64)> =
+        wanted.into_iter().map(|w| (file_name(&w.0).to_string(), w)).collect();
     // Batches of files taken from the bundle, then put in the cache by a few blocking tasks
     // at once (creating cache files waits on the disk).
     let mut refused = Vec::new();
@@ -276,9 +285,8 @@ async fn by_bundle(
         refused.extend(done.unwrap_or_default());
     }
     for r in refused {
-        wanted.insert(r.0.rsplit('/').next().unwrap_or_default().to_string(), r);
+        wanted.insert(file_name(&r.0).to_string(), r);
     }
-    let mut left: Vec<_> = wanted.into_values().collect();
-    left.sort();
-    left
+    // What is left, in the plan's order.
+    order.into_iter().filter_map(|n| wanted.remove(&n)).collect()
 }

@@ -233,11 +233,12 @@ impl Reader {
         }
     }
 
-    /// Waits (at most [`BUNDLE_WAIT`]) while a bundle brings `(path, etag)`.
-    async fn wait_for_bundle(&self, path: &str, etag: &ETag) {
+    /// Waits (at most [`BUNDLE_WAIT`]) while a bundle brings `(path, etag)`. Returns whether
+    /// one was on its way.
+    async fn wait_for_bundle(&self, path: &str, etag: &ETag) -> bool {
         let key = (path.to_string(), etag.clone());
         let Some(mut rx) = self.bundled.lock().get(&key).cloned() else {
-            return;
+            return false;
         };
         let wait = async {
             while self.bundled.lock().contains_key(&key) {
@@ -247,6 +248,7 @@ impl Reader {
             }
         };
         let _ = tokio::time::timeout(BUNDLE_WAIT, wait).await;
+        true
     }
 
     pub fn store(&self) -> &DynStore {
@@ -526,16 +528,10 @@ impl Version {
             counter.fetch_add(range.end - range.start, Ordering::Relaxed)
         });
         // On its way in a bundle: wait for it rather than fetch it again.
-        if self
-            .reader
-            .bundled
-            .lock()
-            .contains_key(&(self.path.clone(), self.etag.clone()))
+        if self.reader.wait_for_bundle(&self.path, &self.etag).await
+            && let Some(r) = file.read_with(range.clone(), |b| (reply.take().expect("reply unused"))(Ok(b)))
         {
-            self.reader.wait_for_bundle(&self.path, &self.etag).await;
-            if let Some(r) = file.read_with(range.clone(), |b| (reply.take().expect("reply unused"))(Ok(b))) {
-                return r;
-            }
+            return r;
         }
         // Fetch what the read needs and what readahead wants in one plan, so the first
         // request covers both.

@@ -13,8 +13,8 @@ use reqwest::header::{ACCEPT_ENCODING, CONTENT_LENGTH, ETAG, IF_MATCH, IF_NONE_M
 
 use super::http::{self as h, BearerToken, HttpConfig};
 use super::{
-    BundleFile, Capabilities, Digests, DirEntry, ETag, GetResponse, Head, Listing, ObjectMeta, PartReceipt, PartSource,
-    Revalidated, Store, StoreError, StoreResult, UploadId, WriteCondition,
+    BundleFile, BundleStream, Capabilities, Digests, DirEntry, ETag, GetResponse, Head, Listing, ObjectMeta,
+    PartReceipt, PartSource, Revalidated, Store, StoreError, StoreResult, UploadId, WriteCondition,
 };
 use crate::protocol::{self, DigestList, KIND_HEADER, ListPage, ServerInfo};
 
@@ -250,10 +250,7 @@ impl ArtifactStore {
 /// The files of a bundle body: a JSON header line, then that many bytes, again and again
 /// (`docs/PROTOCOL.md`). A body cut inside a record ends with an error after the whole
 /// records before it.
-fn bundle_files(
-    what: String,
-    body: BoxStream<'static, StoreResult<Bytes>>,
-) -> BoxStream<'static, StoreResult<BundleFile>> {
+fn bundle_files(what: String, body: BoxStream<'static, StoreResult<Bytes>>) -> BundleStream {
     struct State {
         body: BoxStream<'static, StoreResult<Bytes>>,
         buf: bytes::BytesMut,
@@ -477,7 +474,7 @@ impl Store for ArtifactStore {
         after: Option<&str>,
         max_file: u64,
         max_total: u64,
-    ) -> StoreResult<Option<BoxStream<'static, StoreResult<BundleFile>>>> {
+    ) -> StoreResult<Option<BundleStream>> {
         if !self.info.capabilities.bundles {
             return Ok(None);
         }

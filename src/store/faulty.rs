@@ -9,12 +9,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use futures_util::stream::BoxStream;
 use parking_lot::Mutex;
 
 use super::{
-    BundleFile, Capabilities, Digests, DynStore, ETag, GetResponse, Head, Listing, ObjectMeta, PartReceipt, PartSource,
-    Revalidated, Store, StoreError, StoreResult, UploadId, WriteCondition,
+    BundleStream, Capabilities, Digests, DynStore, ETag, GetResponse, Head, Listing, ObjectMeta, PartReceipt,
+    PartSource, Revalidated, Store, StoreError, StoreResult, UploadId, WriteCondition,
 };
 
 /// Which store call a fault applies to.
@@ -272,7 +271,7 @@ impl Store for FaultyStore {
         after: Option<&str>,
         max_file: u64,
         max_total: u64,
-    ) -> StoreResult<Option<BoxStream<'static, StoreResult<BundleFile>>>> {
+    ) -> StoreResult<Option<BundleStream>> {
         self.fail(Op::Get)?;
         self.inner.bundle(dir, after, max_file, max_total).await
     }

@@ -9,12 +9,11 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use futures_util::stream::BoxStream;
 
 use super::limited::Limit;
 use super::{
-    BundleFile, Capabilities, Digests, DynStore, ETag, GetResponse, Head, Listing, ObjectMeta, PartReceipt, PartSource,
-    Revalidated, Store, StoreKind, StoreResult, UploadId, WriteCondition,
+    BundleStream, Capabilities, Digests, DynStore, ETag, GetResponse, Head, Listing, ObjectMeta, PartReceipt,
+    PartSource, Revalidated, Store, StoreKind, StoreResult, UploadId, WriteCondition,
 };
 use crate::metrics;
 
@@ -146,7 +145,7 @@ impl Store for MeteredStore {
         after: Option<&str>,
         max_file: u64,
         max_total: u64,
-    ) -> StoreResult<Option<BoxStream<'static, StoreResult<BundleFile>>>> {
+    ) -> StoreResult<Option<BundleStream>> {
         let Some(files) = timed("bundle", dir, self.inner.bundle(dir, after, max_file, max_total)).await? else {
             return Ok(None);
         };

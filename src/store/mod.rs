@@ -182,6 +182,9 @@ pub struct BundleFile {
     pub data: Bytes,
 }
 
+/// The files of a bundle, as they arrive.
+pub type BundleStream = BoxStream<'static, StoreResult<BundleFile>>;
+
 pub struct GetResponse {
     pub etag: Option<ETag>,
     pub content: Content,
@@ -381,7 +384,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         _after: Option<&str>,
         _max_file: u64,
         _max_total: u64,
-    ) -> StoreResult<Option<BoxStream<'static, StoreResult<BundleFile>>>> {
+    ) -> StoreResult<Option<BundleStream>> {
         Ok(None)
     }
 
