@@ -14,10 +14,24 @@ done
 [ -e /usr/lib/apache2/modules/mod_dav_fs.so ] || missing+=(apache2)
 apt_install "${missing[@]}"
 [ -e /dev/fuse ] || { echo "no /dev/fuse: the end-to-end tests need FUSE" >&2; exit 1; }
+# Every test's temp dirs (mount points, caches, served folders) go under one folder of this
+# run, so the check at the end looks at this run's mounts only: a mount someone else left on
+# the machine (or a run killed before its guards could unmount) is not ours to judge.
+run_tmp=$(mktemp -d "${TMPDIR:-/tmp}/artifactfs-test.XXXXXX")
+export TMPDIR=$run_tmp
 # Tests a remote cannot run are skipped by name, with the capability it lacks: listed below.
 export AFS_SKIPPED
-AFS_SKIPPED=$(mktemp)
-trap 'rm -f "$AFS_SKIPPED"' EXIT
+AFS_SKIPPED=$(mktemp "${run_tmp}.skipped.XXXXXX")
+ours() { awk -v dir="$run_tmp/" 'index($5, dir) == 1 { print $5 }' /proc/self/mountinfo; }
+cleanup() {
+    rm -f "$AFS_SKIPPED"
+    # Never remove a folder with a mount in it: detach what is left first.
+    for m in $(ours); do umount -l "$m" 2>/dev/null || true; done
+    [ -z "$(ours)" ] && rm -rf "$run_tmp"
+}
+trap cleanup EXIT
+others=$(grep -c "fuse.artifactfs" /proc/self/mountinfo || true)
+[ "$others" = 0 ] || echo "note: $others artifactfs mount(s) not of this run are on the machine; they are left alone" >&2
 # One build on a clean clone: incremental state would only take disk.
 export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
 cargo test --locked --all-targets
@@ -25,9 +39,10 @@ if [ -s "$AFS_SKIPPED" ]; then
     echo "skipped: $(wc -l < "$AFS_SKIPPED") remote-specific tests (the remote lacks what they need):"
     sort "$AFS_SKIPPED" | sed 's/^/  /'
 fi
-# Nothing of ours may stay mounted.
-if grep -q "fuse.artifactfs\|artifactfs:" /proc/self/mountinfo; then
-    echo "a test left an artifactfs mount behind:" >&2
-    grep "artifactfs" /proc/self/mountinfo >&2
+# Nothing of this run may stay mounted.
+left=$(ours)
+if [ -n "$left" ]; then
+    echo "a test left a mount behind:" >&2
+    echo "$left" | sed 's/^/  /' >&2
     exit 1
 fi
