@@ -18,6 +18,8 @@ apt_install "${missing[@]}"
 # run, so the check at the end looks at this run's mounts only: a mount someone else left on
 # the machine (or a run killed before its guards could unmount) is not ours to judge.
 run_tmp=$(mktemp -d "${TMPDIR:-/tmp}/artifactfs-test.XXXXXX")
+# Web servers the tests start drop to their own user, which must be able to pass through it.
+chmod 755 "$run_tmp"
 export TMPDIR=$run_tmp
 # Tests a remote cannot run are skipped by name, with the capability it lacks: listed below.
 export AFS_SKIPPED
