@@ -683,3 +683,70 @@ fn unmount_with_the_remote_unreachable_ends_in_time_and_the_next_mount_sends_the
         assert_eq!(hash_file(&m2.path(name)).unwrap(), hash(data), "{name}");
     }
 }
+
+/// Pages of `f`'s first `len` bytes that the kernel holds in its page cache (`mincore` over a
+/// mapping, which faults nothing in).
+fn resident_pages(f: &std::fs::File, len: usize) -> usize {
+    use std::os::fd::AsRawFd;
+    let page = 4096;
+    let pages = len.div_ceil(page);
+    // SAFETY: a read-only shared mapping of an open file, unmapped before returning; mincore
+    // writes one byte per page into a vector of that many bytes.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(addr, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        let mut vec = vec![0u8; pages];
+        let rc = libc::mincore(addr, len, vec.as_mut_ptr());
+        libc::munmap(addr, len);
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        vec.iter().filter(|b| **b & 1 == 1).count()
+    }
+}
+
+/// A write-only handle that replaces a file's content (`cp`, `>`, `open(p, "wb")`) writes
+/// around the kernel's page cache: the bytes go to the daemon once, not also into page-cache
+/// copies nobody reads. A reader open meanwhile, and its mapping, still see the new bytes.
+#[test]
+fn replacing_a_file_writes_around_the_page_cache_and_readers_see_the_new_bytes() {
+    let store = Store::new();
+    store.write("f.bin", b"old content\n");
+    let server = store.serve();
+    let m = Mount::new(&server.url());
+    let reader = std::fs::File::open(m.path("f.bin")).unwrap();
+    let mut old = Vec::new();
+    (&reader).read_to_end(&mut old).unwrap();
+    assert_eq!(old, b"old content\n");
+    let new = bytes(8 * MIB, 41);
+    let mut w = std::fs::File::create(m.path("f.bin")).unwrap();
+    for piece in new.chunks(MIB) {
+        w.write_all(piece).unwrap();
+    }
+    close(w).unwrap();
+    assert_eq!(hash(&std::fs::read(store.path("f.bin")).unwrap()), hash(&new));
+    // Nothing of the 8 MiB went into the mount's page cache on the way.
+    assert_eq!(
+        resident_pages(&reader, new.len()),
+        0,
+        "pages of the write stayed cached"
+    );
+    // The reader opened before sees the new bytes, by read and through a mapping.
+    let mut seen = vec![0u8; new.len()];
+    reader.read_exact_at(&mut seen, 0).unwrap();
+    assert!(seen == new, "the open reader sees the new bytes");
+    assert_eq!(hash(&std::fs::read(m.path("f.bin")).unwrap()), hash(&new));
+    // A file created new is written the same way.
+    std::fs::write(m.path("g.bin"), &new[..3 * MIB]).unwrap();
+    let g = std::fs::File::open(m.path("g.bin")).unwrap();
+    assert_eq!(resident_pages(&g, 3 * MIB), 0);
+    assert_eq!(
+        hash(&std::fs::read(store.path("g.bin")).unwrap()),
+        hash(&new[..3 * MIB])
+    );
+}

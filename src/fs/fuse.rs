@@ -160,6 +160,15 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
+/// Whether an open replaces the file's content through a write-only handle (`cp`, `>`, `curl
+/// -o`, Python's `open(p, "wb")`): such a handle writes around the page cache
+/// (`FOPEN_DIRECT_IO`). Nothing reads through it, and keeping what it writes in the page cache
+/// would cost a copy into freshly allocated pages per byte, and a second copy of the file in
+/// memory beside the staging file (a new 1 GiB file: 1 GiB of page cache nobody reads).
+fn replaces_content(flags: i32) -> bool {
+    flags & libc::O_ACCMODE == libc::O_WRONLY && flags & libc::O_TRUNC != 0
+}
+
 fn file_type(k: Kind) -> FileType {
     match k {
         Kind::File => FileType::RegularFile,
@@ -176,6 +185,10 @@ impl fuser::Filesystem for FuseAdapter {
             // O_TRUNC arrives with the open, not as a separate truncation: `cp` over a file
             // makes one new version.
             InitFlags::FUSE_ATOMIC_O_TRUNC,
+            // Handles that replace a file's content write around the page cache
+            // (`FOPEN_DIRECT_IO`, see `replaces_content`); with this flag the kernel also drops
+            // cached pages of the range such a write changes, so other readers stay coherent.
+            InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP,
         ] {
             if let Err(missing) = config.add_capabilities(flags) {
                 tracing::debug!("kernel lacks {missing:?}");
@@ -289,6 +302,9 @@ impl fuser::Filesystem for FuseAdapter {
                     if o.keep_cache || o.passthrough.is_some() {
                         f |= FopenFlags::FOPEN_KEEP_CACHE;
                     }
+                    if replaces_content(flags.0) {
+                        f |= FopenFlags::FOPEN_DIRECT_IO;
+                    }
                     reply.opened(FileHandle(o.fh), f)
                 }
                 Err(e) => reply.error(errno("open", &e)),
@@ -400,22 +416,21 @@ impl fuser::Filesystem for FuseAdapter {
         name: &OsStr,
         _mode: u32,
         _umask: u32,
-        _flags: i32,
+        flags: i32,
         reply: fuser::ReplyCreate,
     ) {
         let fs = self.fs.clone();
         let name = name.to_os_string();
+        // A new file has no content to keep: write-only handles write around the page cache.
+        let open_flags = match replaces_content(flags | libc::O_TRUNC) {
+            true => FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_DIRECT_IO,
+            false => FopenFlags::FOPEN_KEEP_CACHE,
+        };
         self.run(
             "create",
             async move { fs.create(parent.0, &name).await },
             move |r| match r {
-                Ok((e, o)) => reply.created(
-                    &e.ttl,
-                    &file_attr(&e.attr),
-                    Generation(0),
-                    FileHandle(o.fh),
-                    FopenFlags::FOPEN_KEEP_CACHE,
-                ),
+                Ok((e, o)) => reply.created(&e.ttl, &file_attr(&e.attr), Generation(0), FileHandle(o.fh), open_flags),
                 Err(e) => reply.error(errno("create", &e)),
             },
         );
