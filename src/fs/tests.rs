@@ -496,3 +496,41 @@ fn listing_times_to_the_minute_match_the_precise_time_of_that_minute() {
     assert!(!super::listed_time_matches(at(1_800_000_123), at(1_800_000_124)));
     assert!(!super::listed_time_matches(at(minute), at(minute + 60)));
 }
+
+/// A file read whole through an ordinary handle: once its last handle is released, the
+/// kernel is told to drop the inode's page cache (the next open is passthrough, and the kernel
+/// would otherwise drop those pages during that open, in the reader's time). A file not
+/// complete keeps its pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_read_whole_has_its_page_cache_dropped_at_the_last_release() {
+    let e = env(Duration::from_secs(60));
+    let data = crate::testing::noise(40 * MIB, 12);
+    e.mem.insert("big", data.clone());
+    let f = resolve(&e.fs, "big").await.unwrap();
+    let dropped = |e: &Env| e.inval.0.lock().iter().any(|(p, n)| *p == f.attr.ino && n.is_empty());
+    // One chunk far from the start (a random read: no readahead): not complete.
+    let o = e.fs.open(f.attr.ino, false, false).await.unwrap();
+    assert!(o.passthrough.is_none());
+    let at = 30 * MIB as u64;
+    assert_eq!(
+        read_fh(&e.fs, o.fh, at, 100).await.unwrap(),
+        &data[at as usize..][..100]
+    );
+    e.fs.release_handle(o.fh).await.unwrap();
+    assert!(!dropped(&e), "an incomplete file keeps its pages");
+    // Read whole by two handles: only the last release drops the pages.
+    let a = e.fs.open(f.attr.ino, false, false).await.unwrap();
+    let b = e.fs.open(f.attr.ino, false, false).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < data.len() {
+        seen.extend(read_fh(&e.fs, a.fh, seen.len() as u64, 1 << 20).await.unwrap());
+    }
+    assert!(seen == data);
+    e.fs.release_handle(a.fh).await.unwrap();
+    assert!(!dropped(&e), "another handle still reads through the page cache");
+    e.fs.release_handle(b.fh).await.unwrap();
+    assert!(dropped(&e), "the last release of a complete file drops its pages");
+    let p = e.fs.open(f.attr.ino, false, false).await.unwrap();
+    assert!(p.passthrough.is_some(), "the next open is passthrough");
+    e.fs.release_handle(p.fh).await.unwrap();
+}
