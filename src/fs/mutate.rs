@@ -156,6 +156,11 @@ pub(super) async fn read_all(v: &Arc<Version>, range: Range<u64>) -> Result<Byte
     Ok(out.into())
 }
 
+/// Files from this size have their page cache dropped at the last ordinary close once
+/// complete (see `release_handle`): dropping 64 MiB of pages in an `open` costs about
+/// 2.5 ms, far more than the attribute request the drop costs later.
+const DROP_PAGES_MIN: u64 = 64 << 20;
+
 impl ArtifactFs {
     fn writable(&self) -> Result<(), FsError> {
         if self.cfg.read_only {
@@ -752,12 +757,15 @@ impl ArtifactFs {
         if !still_open
             && mode == super::iomode::Mode::Ordinary
             && self.io.enabled()
-            && h.version.get().is_some_and(|v| v.is_complete())
+            && h.version
+                .get()
+                .is_some_and(|v| v.size >= DROP_PAGES_MIN && v.is_complete())
         {
             // The version is complete: the next open reads the cache file through passthrough,
             // and the kernel drops the inode's page cache as that open enters passthrough
             // mode, in the opener's time (40 ms for the 1 GiB a cold `cat` left). Dropped now,
-            // by the notifier thread, nobody waits for it.
+            // by the notifier thread, nobody waits for it. (The kernel then asks for the
+            // attributes again, once: not worth it for small files.)
             self.invalidate_inode(h.ino);
         }
         if !still_open {

@@ -497,14 +497,14 @@ fn listing_times_to_the_minute_match_the_precise_time_of_that_minute() {
     assert!(!super::listed_time_matches(at(minute), at(minute + 60)));
 }
 
-/// A file read whole through an ordinary handle: once its last handle is released, the
+/// A large file read whole through an ordinary handle: once its last handle is released, the
 /// kernel is told to drop the inode's page cache (the next open is passthrough, and the kernel
 /// would otherwise drop those pages during that open, in the reader's time). A file not
 /// complete keeps its pages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_read_whole_has_its_page_cache_dropped_at_the_last_release() {
     let e = env(Duration::from_secs(60));
-    let data = crate::testing::noise(40 * MIB, 12);
+    let data = crate::testing::noise(72 * MIB, 12);
     e.mem.insert("big", data.clone());
     let f = resolve(&e.fs, "big").await.unwrap();
     let dropped = |e: &Env| e.inval.0.lock().iter().any(|(p, n)| *p == f.attr.ino && n.is_empty());
@@ -533,4 +533,9 @@ async fn a_file_read_whole_has_its_page_cache_dropped_at_the_last_release() {
     let p = e.fs.open(f.attr.ino, false, false).await.unwrap();
     assert!(p.passthrough.is_some(), "the next open is passthrough");
     e.fs.release_handle(p.fh).await.unwrap();
+    // A small file keeps its pages (and the kernel its attributes, which the drop would cost).
+    e.mem.insert("small", data[..MIB].to_vec());
+    let s = resolve(&e.fs, "small").await.unwrap();
+    assert_eq!(cat(&e.fs, "small").await.unwrap(), &data[..MIB]);
+    assert!(!e.inval.0.lock().iter().any(|(p, n)| *p == s.attr.ino && n.is_empty()));
 }
