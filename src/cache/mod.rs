@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
 pub use file::{CacheFile, ChunkError, ChunkWriter, VersionKey, WholePin};
@@ -107,6 +107,27 @@ struct IdleEntry {
     verified: Option<Vec<u64>>,
 }
 
+/// A version in the `open` map.
+#[derive(Debug)]
+enum Slot {
+    Open(Weak<CacheFile>),
+    /// Its files are being opened or closed (metadata written) by one thread.
+    Busy,
+}
+
+impl Slot {
+    fn upgrade(&self) -> Option<Arc<CacheFile>> {
+        match self {
+            Slot::Open(w) => w.upgrade(),
+            Slot::Busy => None,
+        }
+    }
+}
+
+/// How long a thread waits for another to finish opening or closing a version before it
+/// goes ahead anyway (a bound, not a timing anyone relies on).
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// State shared by the cache and its open files.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -120,7 +141,11 @@ pub(crate) struct Shared {
     used: AtomicU64,
     clock: AtomicU32,
     idle: Mutex<HashMap<PathBuf, IdleEntry>>,
-    open: Mutex<HashMap<PathBuf, Weak<CacheFile>>>,
+    /// Versions open, or being opened or closed, by data path. The lock is held only to look
+    /// at and change this map, never across the files' I/O: a version being opened or closed
+    /// is `Busy`, and whoever wants it waits on `open_changed` (other versions go on).
+    open: Mutex<HashMap<PathBuf, Slot>>,
+    open_changed: Condvar,
     pressure: tokio::sync::Notify,
     pub(crate) counters: LiveCounters,
 }
@@ -153,18 +178,28 @@ impl Shared {
             .sum()
     }
 
-    /// Called when the last user of an open version lets go of it. Runs under the `open`
-    /// lock so it cannot interleave with a new open of the same version.
+    /// Called when the last user of an open version lets go of it. The version is `Busy`
+    /// while its metadata is written, so a new open of it waits for that (it would otherwise
+    /// find the chunks this instance holds missing, and fetch them again).
     fn closed(&self, f: &CacheFile) {
-        let mut open = self.open.lock();
-        match open.get(&f.data_path) {
-            // Opened again while this instance was being dropped: the new one owns it now.
-            Some(w) if w.strong_count() > 0 => return,
-            Some(_) => {
-                open.remove(&f.data_path);
+        {
+            let mut open = self.open.lock();
+            match open.get(&f.data_path) {
+                // Opened again while this instance was being dropped: the new one owns it now.
+                Some(Slot::Open(w)) if w.strong_count() > 0 => return,
+                Some(Slot::Busy) => return,
+                Some(Slot::Open(_)) | None => {
+                    open.insert(f.data_path.clone(), Slot::Busy);
+                }
             }
-            None => {}
         }
+        self.close_files(f);
+        self.open.lock().remove(&f.data_path);
+        self.open_changed.notify_all();
+    }
+
+    /// The I/O of [`Shared::closed`], with the version marked `Busy`.
+    fn close_files(&self, f: &CacheFile) {
         let bytes = Self::present_bytes(f);
         if f.retired.load(Ordering::Acquire) {
             remove_entry(&f.data_path, &f.meta_path);
@@ -195,6 +230,24 @@ impl Shared {
                 verified: Some(f.verified_words()),
             },
         );
+    }
+
+    /// Waits (the `open` lock held on return) until no thread opens or closes the version
+    /// at `data`, at most [`BUSY_WAIT`].
+    fn settled<'a>(&'a self, data: &Path) -> parking_lot::MutexGuard<'a, HashMap<PathBuf, Slot>> {
+        let deadline = std::time::Instant::now() + BUSY_WAIT;
+        let mut open = self.open.lock();
+        loop {
+            let busy = match open.get(data) {
+                Some(Slot::Busy) => true,
+                // Its last holder is letting go right now: its `closed` comes next.
+                Some(Slot::Open(w)) => w.strong_count() == 0,
+                None => false,
+            };
+            if !busy || self.open_changed.wait_until(&mut open, deadline).timed_out() {
+                return open;
+            }
+        }
     }
 }
 
@@ -238,6 +291,7 @@ impl Cache {
             clock: AtomicU32::new(1),
             idle: Mutex::new(HashMap::new()),
             open: Mutex::new(HashMap::new()),
+            open_changed: Condvar::new(),
             pressure: tokio::sync::Notify::new(),
             counters: LiveCounters::default(),
         });
@@ -346,54 +400,72 @@ impl Cache {
     /// Whether a version has a cache file (open, or on disk from before).
     pub fn has_version(&self, key: &VersionKey) -> bool {
         let (_, data, _) = self.paths(key);
-        let open = self.shared.open.lock().get(&data).is_some_and(|w| w.strong_count() > 0);
+        let open = match self.shared.open.lock().get(&data) {
+            Some(Slot::Open(w)) => w.strong_count() > 0,
+            Some(Slot::Busy) => true,
+            None => false,
+        };
         open || data.exists()
     }
 
     /// The cache file of a version, shared by everyone who has it open.
     pub fn open_version(&self, key: VersionKey) -> Result<Arc<CacheFile>, CacheError> {
         let (remote_dir, data, meta) = self.paths(&key);
-        let mut open = self.shared.open.lock();
-        let mut waited = 0;
-        loop {
-            match open.get(&data).map(|w| (w.upgrade(), w.strong_count())) {
-                Some((Some(f), _)) => {
-                    // Wanted again: a version that came back is current again.
-                    f.retired.store(false, Ordering::Release);
-                    return Ok(f);
-                }
-                // Its last holder is letting go right now: its metadata is not on disk yet.
-                // Opening it anew before that would find the chunks it holds missing (and
-                // fetch them again); wait for it to be closed.
-                Some((None, 0)) if waited < 2000 => {
-                    drop(open);
-                    std::thread::sleep(std::time::Duration::from_micros(250));
-                    waited += 1;
-                    open = self.shared.open.lock();
-                }
-                _ => break,
+        {
+            let mut open = self.shared.settled(&data);
+            if let Some(f) = open.get(&data).and_then(Slot::upgrade) {
+                // Wanted again: a version that came back is current again.
+                f.retired.store(false, Ordering::Release);
+                return Ok(f);
             }
+            open.insert(data.clone(), Slot::Busy);
         }
+        // Opened with the version `Busy`: other versions open and close meanwhile.
+        let opened = self.open_files(&key, &remote_dir, &data, meta);
+        {
+            let mut open = self.shared.open.lock();
+            match &opened {
+                Ok(f) => open.insert(data, Slot::Open(Arc::downgrade(f))),
+                Err(_) => open.remove(&data),
+            };
+        }
+        self.shared.open_changed.notify_all();
+        opened
+    }
+
+    /// The I/O of [`Cache::open_version`].
+    fn open_files(
+        &self,
+        key: &VersionKey,
+        remote_dir: &Path,
+        data: &Path,
+        meta: PathBuf,
+    ) -> Result<Arc<CacheFile>, CacheError> {
         let remote_file = remote_dir.join("remote.json");
         if !remote_file.exists() {
-            fs::create_dir_all(&remote_dir).map_err(|e| CacheError::io(&remote_dir, e))?;
+            fs::create_dir_all(remote_dir).map_err(|e| CacheError::io(remote_dir, e))?;
             let body = serde_json::json!({ "remote": key.remote }).to_string();
             fs::write(&remote_file, body).map_err(|e| CacheError::io(&remote_file, e))?;
         }
-        let idle = self.shared.idle.lock().remove(&data);
+        let idle = self.shared.idle.lock().remove(data);
         if idle.is_none() && !data.exists() {
-            self.remember_version(&key);
+            self.remember_version(key);
         }
         let before = idle.as_ref().map(|e| e.bytes).unwrap_or(0);
         let verified = idle.and_then(|e| e.verified);
-        let f = Arc::new(CacheFile::open(self.shared.clone(), key, data.clone(), meta, verified)?);
+        let f = Arc::new(CacheFile::open(
+            self.shared.clone(),
+            key.clone(),
+            data.to_path_buf(),
+            meta,
+            verified,
+        )?);
         let now = Shared::present_bytes(&f);
         if now >= before {
             self.shared.add_used(now - before);
         } else {
             self.shared.sub_used(before - now);
         }
-        open.insert(data, Arc::downgrade(&f));
         Ok(f)
     }
 
@@ -402,8 +474,8 @@ impl Cache {
     pub fn retire(&self, key: &VersionKey) {
         let (_, data, meta) = self.paths(key);
         // Held throughout, so the version cannot be opened while its files go.
-        let open = self.shared.open.lock();
-        if let Some(f) = open.get(&data).and_then(Weak::upgrade) {
+        let open = self.shared.settled(&data);
+        if let Some(f) = open.get(&data).and_then(Slot::upgrade) {
             f.retired.store(true, std::sync::atomic::Ordering::Release);
             // `f` may be the last reference; its drop takes the lock.
             drop(open);
@@ -441,9 +513,10 @@ impl Cache {
                 break;
             }
             // Held while the files go, so the version cannot be opened meanwhile.
-            let _open = s.open.lock();
-            if s.idle.lock().remove(&data).is_none() {
-                continue; // opened meanwhile
+            let open = s.open.lock();
+            // Opened meanwhile, or being opened.
+            if open.contains_key(&data) || s.idle.lock().remove(&data).is_none() {
+                continue;
             }
             remove_entry(&data, &meta);
             s.sub_used(bytes);
@@ -451,7 +524,7 @@ impl Cache {
             s.counters.evicted_versions.fetch_add(1, Ordering::Relaxed);
         }
         if s.used.load(Ordering::Acquire) > max {
-            let open: Vec<Arc<CacheFile>> = s.open.lock().values().filter_map(Weak::upgrade).collect();
+            let open: Vec<Arc<CacheFile>> = s.open.lock().values().filter_map(Slot::upgrade).collect();
             let mut chunks: Vec<(u32, usize, u64)> = Vec::new();
             // Files held whole (read by the kernel directly) keep all their chunks.
             for (fi, f) in open.iter().enumerate().filter(|(_, f)| !f.is_pinned()) {
@@ -518,8 +591,8 @@ impl Cache {
             .collect();
         let mut freed = 0;
         for (data, meta, bytes) in old {
-            let _open = s.open.lock();
-            if s.idle.lock().remove(&data).is_none() {
+            let open = s.open.lock();
+            if open.contains_key(&data) || s.idle.lock().remove(&data).is_none() {
                 continue;
             }
             remove_entry(&data, &meta);
@@ -555,7 +628,7 @@ impl Cache {
 
     /// Saves the metadata of every open version and the counters.
     pub fn persist(&self) {
-        let open: Vec<Arc<CacheFile>> = self.shared.open.lock().values().filter_map(Weak::upgrade).collect();
+        let open: Vec<Arc<CacheFile>> = self.shared.open.lock().values().filter_map(Slot::upgrade).collect();
         for f in open {
             if let Err(e) = f.persist(true) {
                 tracing::warn!("{e}");
@@ -892,6 +965,78 @@ mod tests {
         let len = w.remaining() as usize;
         w.write(&vec![i as u8; len]).unwrap();
         w.finish(None).unwrap();
+    }
+
+    /// A version being opened or closed holds up only itself: another version opens at once,
+    /// and the same version waits until the other thread is done, then is shared.
+    #[test]
+    fn a_version_busy_on_disk_holds_up_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cache(dir.path());
+        let (_, data, _) = c.paths(&key("\"v1\"", 10_000));
+        // Another thread's open of v1 is under way.
+        c.shared.open.lock().insert(data.clone(), Slot::Busy);
+        let t = std::time::Instant::now();
+        let other = c.open_version(key("\"v2\"", 10_000)).unwrap();
+        assert!(t.elapsed() < BUSY_WAIT / 2, "another version waited for v1");
+        let waiter = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let t = std::time::Instant::now();
+                (c.open_version(key("\"v1\"", 10_000)).unwrap(), t.elapsed())
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // The other thread is done: its file is the one the waiter gets.
+        let mine = Arc::new(
+            CacheFile::open(
+                c.shared.clone(),
+                key("\"v1\"", 10_000),
+                data.clone(),
+                data.with_extension("meta"),
+                None,
+            )
+            .unwrap(),
+        );
+        c.shared
+            .open
+            .lock()
+            .insert(data.clone(), Slot::Open(Arc::downgrade(&mine)));
+        c.shared.open_changed.notify_all();
+        let (theirs, waited) = waiter.join().unwrap();
+        assert!(Arc::ptr_eq(&mine, &theirs), "the same version is shared");
+        assert!(
+            waited >= std::time::Duration::from_millis(90),
+            "v1 waited for its opener"
+        );
+        assert!(waited < BUSY_WAIT, "and no longer");
+        drop(other);
+    }
+
+    /// Many threads opening, filling and closing the same versions: every chunk written is
+    /// found by the next opener (no open reads metadata a close has not written yet).
+    #[test]
+    fn opens_and_closes_racing_on_one_version_lose_no_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = cache(dir.path());
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for round in 0..50u64 {
+                        let f = c.open_version(key("\"v1\"", 4096 * 256)).unwrap();
+                        let i = t * 50 + round;
+                        fill(&f, i);
+                        drop(f);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let f = c.open_version(key("\"v1\"", 4096 * 256)).unwrap();
+        assert_eq!(f.present_count(), 200, "every chunk written is there");
     }
 
     #[test]

@@ -263,10 +263,12 @@ impl Reader {
     /// cache file and its in-flight fetches.
     pub fn open_version(self: &Arc<Self>, path: &str, etag: &ETag, size: u64) -> Arc<Version> {
         let key = (path.to_string(), etag.clone());
-        let mut map = self.versions.lock();
-        if let Some(v) = map.get(&key).and_then(Weak::upgrade) {
+        if let Some(v) = self.versions.lock().get(&key).and_then(Weak::upgrade) {
             return v;
         }
+        // The cache file is opened without the map's lock (opening is disk I/O, and every
+        // open and close of every version takes that lock); the cache hands two openers of
+        // one version the same file, and the first to come back below wins.
         let file = match (&self.cache, size) {
             (Some(cache), 1..) => {
                 let vk = VersionKey {
@@ -285,6 +287,10 @@ impl Reader {
             }
             _ => None,
         };
+        let mut map = self.versions.lock();
+        if let Some(v) = map.get(&key).and_then(Weak::upgrade) {
+            return v;
+        }
         let lineage = self.lineage.lock().get(&key).cloned().map(|l| Inherited {
             lineage: l,
             from: std::sync::OnceLock::new(),
