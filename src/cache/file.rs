@@ -179,9 +179,6 @@ impl CacheFile {
     ) -> Result<Self, CacheError> {
         let chunk_size = shared.chunk_size;
         let nchunks = key.size.div_ceil(chunk_size);
-        if let Some(dir) = data_path.parent() {
-            fs::create_dir_all(dir).map_err(|e| CacheError::io(dir, e))?;
-        }
         let old = Meta::load(&meta_path).filter(|m| {
             m.format == META_FORMAT
                 && m.remote == key.remote
@@ -190,13 +187,24 @@ impl CacheFile {
                 && m.size == key.size
                 && m.chunk_size == chunk_size
         });
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&data_path)
-            .map_err(|e| CacheError::io(&data_path, e))?;
+        let open = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&data_path)
+        };
+        // The folder is made only when missing (the first version of its prefix): trying it
+        // first for every version cost a failing `mkdir` and a `stat` per file opened.
+        let file = match open() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match data_path.parent() {
+                Some(dir) => fs::create_dir_all(dir).and_then(|()| open()),
+                None => Err(e),
+            },
+            other => other,
+        }
+        .map_err(|e| CacheError::io(&data_path, e))?;
         let (present, checksums) = match old.as_ref().and_then(|m| {
             let present = Bitmap::from_hex(nchunks, &m.present)?;
             let raw = hex::decode(&m.checksums).ok()?;
@@ -223,11 +231,12 @@ impl CacheFile {
             None
         };
         let ticks = (0..nchunks).map(|_| AtomicU32::new(0)).collect();
-        let can_fallocate = match fallocate(&file, 0, 0) {
+        // Asked of the first file only: all live on the cache's filesystem.
+        let can_fallocate = *shared.can_fallocate.get_or_init(|| match fallocate(&file, 0, 0) {
             // A zero length is EINVAL where fallocate works at all, EOPNOTSUPP where it does not.
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => false,
             _ => true,
-        };
+        });
         Ok(CacheFile {
             key,
             data_path,

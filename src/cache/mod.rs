@@ -124,9 +124,29 @@ impl Slot {
     }
 }
 
-/// How long a thread waits for another to finish opening or closing a version before it
-/// goes ahead anyway (a bound, not a timing anyone relies on).
-const BUSY_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+/// A wait for another thread opening or closing a version is logged every this often.
+const BUSY_WARN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Ends a `Busy` slot however its thread's work ends (a panic included): the slot becomes
+/// what `done` says, or goes, and the waiters are woken.
+struct BusyGuard<'a> {
+    shared: &'a Shared,
+    data: &'a Path,
+    done: Option<Slot>,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        {
+            let mut open = self.shared.open.lock();
+            match self.done.take() {
+                Some(slot) => open.insert(self.data.to_path_buf(), slot),
+                None => open.remove(self.data),
+            };
+        }
+        self.shared.open_changed.notify_all();
+    }
+}
 
 /// State shared by the cache and its open files.
 #[derive(Debug)]
@@ -146,6 +166,8 @@ pub(crate) struct Shared {
     /// is `Busy`, and whoever wants it waits on `open_changed` (other versions go on).
     open: Mutex<HashMap<PathBuf, Slot>>,
     open_changed: Condvar,
+    /// Whether the cache's filesystem takes `fallocate` (found at the first file opened).
+    can_fallocate: std::sync::OnceLock<bool>,
     pressure: tokio::sync::Notify,
     pub(crate) counters: LiveCounters,
 }
@@ -193,9 +215,12 @@ impl Shared {
                 }
             }
         }
+        let _busy = BusyGuard {
+            shared: self,
+            data: &f.data_path,
+            done: None,
+        };
         self.close_files(f);
-        self.open.lock().remove(&f.data_path);
-        self.open_changed.notify_all();
     }
 
     /// The I/O of [`Shared::closed`], with the version marked `Busy`.
@@ -233,19 +258,40 @@ impl Shared {
     }
 
     /// Waits (the `open` lock held on return) until no thread opens or closes the version
-    /// at `data`, at most [`BUSY_WAIT`].
-    fn settled<'a>(&'a self, data: &Path) -> parking_lot::MutexGuard<'a, HashMap<PathBuf, Slot>> {
-        let deadline = std::time::Instant::now() + BUSY_WAIT;
+    /// at `data`. Not bounded: the thread at work always ends by changing the slot (also
+    /// when it fails or panics: [`BusyGuard`]), and going ahead without it would read
+    /// metadata not written yet, losing the chunks it records.
+    ///
+    /// Returns the version's open file, if any. Taken in the same look as the check: a file
+    /// whose last holder lets go between a check and an `upgrade` is being closed, and is
+    /// waited for like one marked `Busy`.
+    #[allow(clippy::type_complexity)]
+    fn settled<'a>(
+        &'a self,
+        data: &Path,
+    ) -> (
+        parking_lot::MutexGuard<'a, HashMap<PathBuf, Slot>>,
+        Option<Arc<CacheFile>>,
+    ) {
         let mut open = self.open.lock();
+        let mut waited = std::time::Duration::ZERO;
         loop {
-            let busy = match open.get(data) {
-                Some(Slot::Busy) => true,
-                // Its last holder is letting go right now: its `closed` comes next.
-                Some(Slot::Open(w)) => w.strong_count() == 0,
-                None => false,
-            };
-            if !busy || self.open_changed.wait_until(&mut open, deadline).timed_out() {
-                return open;
+            match open.get(data) {
+                None => return (open, None),
+                // Its last holder is letting go right now (its `closed` comes next), or a
+                // thread is opening or closing it.
+                Some(slot) => {
+                    if let Some(f) = slot.upgrade() {
+                        return (open, Some(f));
+                    }
+                }
+            }
+            if self.open_changed.wait_for(&mut open, BUSY_WARN).timed_out() {
+                waited += BUSY_WARN;
+                tracing::warn!(
+                    "waiting {waited:?} for another thread to open or close {}",
+                    data.display()
+                );
             }
         }
     }
@@ -292,6 +338,7 @@ impl Cache {
             idle: Mutex::new(HashMap::new()),
             open: Mutex::new(HashMap::new()),
             open_changed: Condvar::new(),
+            can_fallocate: std::sync::OnceLock::new(),
             pressure: tokio::sync::Notify::new(),
             counters: LiveCounters::default(),
         });
@@ -412,8 +459,8 @@ impl Cache {
     pub fn open_version(&self, key: VersionKey) -> Result<Arc<CacheFile>, CacheError> {
         let (remote_dir, data, meta) = self.paths(&key);
         {
-            let mut open = self.shared.settled(&data);
-            if let Some(f) = open.get(&data).and_then(Slot::upgrade) {
+            let (mut open, found) = self.shared.settled(&data);
+            if let Some(f) = found {
                 // Wanted again: a version that came back is current again.
                 f.retired.store(false, Ordering::Release);
                 return Ok(f);
@@ -421,16 +468,14 @@ impl Cache {
             open.insert(data.clone(), Slot::Busy);
         }
         // Opened with the version `Busy`: other versions open and close meanwhile.
-        let opened = self.open_files(&key, &remote_dir, &data, meta);
-        {
-            let mut open = self.shared.open.lock();
-            match &opened {
-                Ok(f) => open.insert(data, Slot::Open(Arc::downgrade(f))),
-                Err(_) => open.remove(&data),
-            };
-        }
-        self.shared.open_changed.notify_all();
-        opened
+        let mut busy = BusyGuard {
+            shared: &self.shared,
+            data: &data,
+            done: None,
+        };
+        let opened = self.open_files(&key, &remote_dir, &data, meta)?;
+        busy.done = Some(Slot::Open(Arc::downgrade(&opened)));
+        Ok(opened)
     }
 
     /// The I/O of [`Cache::open_version`].
@@ -474,8 +519,8 @@ impl Cache {
     pub fn retire(&self, key: &VersionKey) {
         let (_, data, meta) = self.paths(key);
         // Held throughout, so the version cannot be opened while its files go.
-        let open = self.shared.settled(&data);
-        if let Some(f) = open.get(&data).and_then(Slot::upgrade) {
+        let (open, found) = self.shared.settled(&data);
+        if let Some(f) = found {
             f.retired.store(true, std::sync::atomic::Ordering::Release);
             // `f` may be the last reference; its drop takes the lock.
             drop(open);
@@ -978,7 +1023,10 @@ mod tests {
         c.shared.open.lock().insert(data.clone(), Slot::Busy);
         let t = std::time::Instant::now();
         let other = c.open_version(key("\"v2\"", 10_000)).unwrap();
-        assert!(t.elapsed() < BUSY_WAIT / 2, "another version waited for v1");
+        assert!(
+            t.elapsed() < std::time::Duration::from_millis(90),
+            "another version waited for v1"
+        );
         let waiter = {
             let c = c.clone();
             std::thread::spawn(move || {
@@ -1009,7 +1057,6 @@ mod tests {
             waited >= std::time::Duration::from_millis(90),
             "v1 waited for its opener"
         );
-        assert!(waited < BUSY_WAIT, "and no longer");
         drop(other);
     }
 
