@@ -71,6 +71,18 @@ BUF = bytearray(1 << 20)
 # Child modes: reads timed inside a child process, so that a hung mount costs a kill, not the run.
 
 def child_mode(argv):
+    """Runs a child mode. A read the tool fails (EIO from a peer, a mount gone) exits 1 with
+    one line naming the error and where it happened, which the table shows as the reason;
+    not a Python traceback."""
+    try:
+        return child_mode_run(argv)
+    except OSError as e:
+        print(f"{argv[1][2:]} of {os.path.basename(argv[2])} failed: {e.strerror or e} (errno {e.errno})",
+              file=sys.stderr)
+        return 1
+
+
+def child_mode_run(argv):
     mode, path = argv[1], argv[2]
     if mode == "--cat":
         limit = int(argv[3]) if len(argv) > 3 else None
