@@ -549,7 +549,9 @@ impl Store for MemoryStore {
             self.stats.bytes_received.fetch_add(b.len() as u64, Ordering::Relaxed);
         }
         let data = match src {
-            PartSource::Bytes(b) => b,
+            // Received, as a remote would: the caller's buffer (often a mapping of a staging
+            // file) is not kept.
+            PartSource::Bytes(b) => bytes::Bytes::copy_from_slice(&b),
             PartSource::Chunk(hash) => {
                 let hex = hex::encode(hash);
                 let found = state.objects.values().find_map(|o| {
