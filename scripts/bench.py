@@ -15,6 +15,7 @@ Cases:
   version with 1 MiB changed, and the same saved through a temp file and `mv`
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -73,6 +74,7 @@ class Mount:
         self.mnt = mnt
         os.makedirs(mnt, exist_ok=True)
         self.log = open(os.path.join(WORK, "mount.log"), "ab")
+        self.log_start = self.log.seek(0, os.SEEK_END)
         self.proc = subprocess.Popen(
             [BIN, "mount", url, mnt, "--foreground", "--cache-dir", cache, "--max-cache-size", "8G"],
             stdout=subprocess.DEVNULL,
@@ -116,6 +118,15 @@ class Mount:
         sh(BIN, "unmount", self.mnt, stdout=subprocess.DEVNULL)
         self.proc.wait(timeout=30)
         self.log.close()
+        # A disk short of free space shrinks the cache below the artifact: the figures would
+        # then measure eviction. Said loudly rather than reported as if nothing happened.
+        with open(os.path.join(WORK, "mount.log"), errors="replace") as f:
+            f.seek(self.log_start)
+            if "short of free space" in f.read():
+                print("WARNING: the cache's disk was short of free space during this run "
+                      "(cache.min_free_percent): the cache was smaller than the artifact and the "
+                      f"figures include eviction; free some disk and run again ({WORK}/mount.log)",
+                      file=sys.stderr)
 
 
 def prepare():
@@ -265,6 +276,11 @@ def write_rounds(url, r):
             r["write_mount"].append(timed(lambda: sh("cp", src_b, dest)))
             settle(url, f"w-mount-{rnd}.bin")
             r["write_parallel"].append(stats(url)["max_active"])
+            # Only the last round's files are used afterwards: 2 GiB a round would otherwise
+            # fill the disk over a few runs (and the cache keeps its disk's free-space reserve).
+            for name in [f"w-curl-{rnd}.bin"] + ([f"w-mount-{rnd}.bin"] if rnd < ROUNDS - 1 else []):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(WORK, "store", name))
             print(f"write round {rnd + 1}/{ROUNDS}: mount {r['write_mount'][-1]:.3f} curl -T {r['write_curl'][-1]:.3f}", file=sys.stderr)
             del before
         # Bytes on the wire for partial updates of a cached artifact (the one just written).
