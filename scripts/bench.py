@@ -187,32 +187,43 @@ def run(url, big, local, store):
     mnt = os.path.join(WORK, "mnt")
     cache_fs_file = os.path.join(WORK, "curl-download.bin")
     for rnd in range(ROUNDS):
-        # 1. cold read through a new mount with a new cache
         cache = os.path.join(WORK, f"cache-{rnd}")
-        shutil.rmtree(cache, ignore_errors=True)
-        m = Mount(url, mnt, cache)
-        drop_caches()
-        sampler = m.sample()
-        cpu0 = m.cpu_seconds()
-        r["mount_cold"].append(timed(lambda: cat(os.path.join(mnt, "big.bin"))))
-        r["cpu_per_gib"].append((m.cpu_seconds() - cpu0) / (SIZE_MIB / 1024))
-        m.sampling = False
-        sampler.join()
-        anon, rss = max(anon, m.peak_anon), max(rss, m.peak_rss)
-        # 2. warm: the artifact is complete in the cache
-        r["warm_kept"].append(timed(lambda: cat(os.path.join(mnt, "big.bin"))))
-        drop_caches()
-        r["warm_dropped"].append(timed(lambda: cat(os.path.join(mnt, "big.bin"))))
-        m.close()
-        shutil.rmtree(cache, ignore_errors=True)
-        # 3. curl -o FILE into the cache's filesystem, and curl -o /dev/null
-        if os.path.exists(cache_fs_file):
+
+        def mount_cases():
+            nonlocal anon, rss
+            # 1. cold read through a new mount with a new cache
+            shutil.rmtree(cache, ignore_errors=True)
+            m = Mount(url, mnt, cache)
+            drop_caches()
+            sampler = m.sample()
+            cpu0 = m.cpu_seconds()
+            r["mount_cold"].append(timed(lambda: cat(os.path.join(mnt, "big.bin"))))
+            r["cpu_per_gib"].append((m.cpu_seconds() - cpu0) / (SIZE_MIB / 1024))
+            m.sampling = False
+            sampler.join()
+            anon, rss = max(anon, m.peak_anon), max(rss, m.peak_rss)
+            # 2. warm: the artifact is complete in the cache
+            r["warm_kept"].append(timed(lambda: cat(os.path.join(mnt, "big.bin"))))
+            drop_caches()
+            r["warm_dropped"].append(timed(lambda: cat(os.path.join(mnt, "big.bin"))))
+            m.close()
+            shutil.rmtree(cache, ignore_errors=True)
+
+        def curl_cases():
+            # 3. curl -o FILE into the cache's filesystem, and curl -o /dev/null
+            if os.path.exists(cache_fs_file):
+                os.unlink(cache_fs_file)
+            drop_caches()
+            r["curl_file"].append(timed(lambda: sh("curl", "-sf", "-o", cache_fs_file, f"{url}/big.bin")))
             os.unlink(cache_fs_file)
-        drop_caches()
-        r["curl_file"].append(timed(lambda: sh("curl", "-sf", "-o", cache_fs_file, f"{url}/big.bin")))
-        os.unlink(cache_fs_file)
-        drop_caches()
-        r["curl_null"].append(timed(lambda: sh("curl", "-sf", "-o", "/dev/null", f"{url}/big.bin")))
+            drop_caches()
+            r["curl_null"].append(timed(lambda: sh("curl", "-sf", "-o", "/dev/null", f"{url}/big.bin")))
+
+        # The order alternates (A B, B A, …): what a case leaves behind (memory just freed,
+        # blocks just deleted) helps or hinders the case after it, so a fixed order would
+        # favour one side in every round (see docs/BENCHMARKS.md).
+        for case in ((mount_cases, curl_cases) if rnd % 2 == 0 else (curl_cases, mount_cases)):
+            case()
         # 4. a local copy, page cache dropped and kept
         drop_caches()
         r["local_dropped"].append(timed(lambda: cat(local)))
@@ -269,20 +280,28 @@ def write_rounds(url, r):
             random_file(src_a, SIZE_MIB)
             random_file(src_b, SIZE_MIB)
             settle(url, None)
-            r["write_curl"].append(timed(lambda: sh("curl", "-sf", "-T", src_a, f"{url}/w-curl-{rnd}.bin", "-o", "/dev/null")))
-            settle(url, f"w-curl-{rnd}.bin")
-            before = stats(url)
             dest = os.path.join(mnt, f"w-mount-{rnd}.bin")
-            r["write_mount"].append(timed(lambda: sh("cp", src_b, dest)))
-            settle(url, f"w-mount-{rnd}.bin")
-            r["write_parallel"].append(stats(url)["max_active"])
+
+            def curl_case():
+                r["write_curl"].append(
+                    timed(lambda: sh("curl", "-sf", "-T", src_a, f"{url}/w-curl-{rnd}.bin", "-o", "/dev/null")))
+                settle(url, f"w-curl-{rnd}.bin")
+
+            def mount_case():
+                stats(url)
+                r["write_mount"].append(timed(lambda: sh("cp", src_b, dest)))
+                settle(url, f"w-mount-{rnd}.bin")
+                r["write_parallel"].append(stats(url)["max_active"])
+
+            # Alternating order, as for the reads.
+            for case in ((curl_case, mount_case) if rnd % 2 == 0 else (mount_case, curl_case)):
+                case()
             # Only the last round's files are used afterwards: 2 GiB a round would otherwise
             # fill the disk over a few runs (and the cache keeps its disk's free-space reserve).
             for name in [f"w-curl-{rnd}.bin"] + ([f"w-mount-{rnd}.bin"] if rnd < ROUNDS - 1 else []):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(WORK, "store", name))
             print(f"write round {rnd + 1}/{ROUNDS}: mount {r['write_mount'][-1]:.3f} curl -T {r['write_curl'][-1]:.3f}", file=sys.stderr)
-            del before
         # Bytes on the wire for partial updates of a cached artifact (the one just written).
         art = os.path.join(mnt, f"w-mount-{ROUNDS - 1}.bin")
         cat(art)
