@@ -684,32 +684,6 @@ fn unmount_with_the_remote_unreachable_ends_in_time_and_the_next_mount_sends_the
     }
 }
 
-/// Pages of `f`'s first `len` bytes that the kernel holds in its page cache (`mincore` over a
-/// mapping, which faults nothing in).
-fn resident_pages(f: &std::fs::File, len: usize) -> usize {
-    use std::os::fd::AsRawFd;
-    let page = 4096;
-    let pages = len.div_ceil(page);
-    // SAFETY: a read-only shared mapping of an open file, unmapped before returning; mincore
-    // writes one byte per page into a vector of that many bytes.
-    unsafe {
-        let addr = libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        );
-        assert_ne!(addr, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
-        let mut vec = vec![0u8; pages];
-        let rc = libc::mincore(addr, len, vec.as_mut_ptr());
-        libc::munmap(addr, len);
-        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-        vec.iter().filter(|b| **b & 1 == 1).count()
-    }
-}
-
 /// A write-only handle that replaces a file's content (`cp`, `>`, `open(p, "wb")`) writes
 /// around the kernel's page cache: the bytes go to the daemon once, not also into page-cache
 /// copies nobody reads. A reader open meanwhile, and its mapping, still see the new bytes.
@@ -732,7 +706,7 @@ fn replacing_a_file_writes_around_the_page_cache_and_readers_see_the_new_bytes()
     assert_eq!(hash(&std::fs::read(store.path("f.bin")).unwrap()), hash(&new));
     // Nothing of the 8 MiB went into the mount's page cache on the way.
     assert_eq!(
-        resident_pages(&reader, new.len()),
+        artifactfs::testing::resident_pages(&reader, new.len()),
         0,
         "pages of the write stayed cached"
     );
@@ -744,7 +718,7 @@ fn replacing_a_file_writes_around_the_page_cache_and_readers_see_the_new_bytes()
     // A file created new is written the same way.
     std::fs::write(m.path("g.bin"), &new[..3 * MIB]).unwrap();
     let g = std::fs::File::open(m.path("g.bin")).unwrap();
-    assert_eq!(resident_pages(&g, 3 * MIB), 0);
+    assert_eq!(artifactfs::testing::resident_pages(&g, 3 * MIB), 0);
     assert_eq!(
         hash(&std::fs::read(store.path("g.bin")).unwrap()),
         hash(&new[..3 * MIB])

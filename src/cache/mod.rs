@@ -209,6 +209,8 @@ impl Shared {
             match open.get(&f.data_path) {
                 // Opened again while this instance was being dropped: the new one owns it now.
                 Some(Slot::Open(w)) if w.strong_count() > 0 => return,
+                // Not reached: an opener waits for a slot whose holder lets go (`settled`)
+                // rather than marking it `Busy`.
                 Some(Slot::Busy) => return,
                 Some(Slot::Open(_)) | None => {
                     open.insert(f.data_path.clone(), Slot::Busy);

@@ -32,3 +32,30 @@ mod tests {
         assert_eq!(super::noise(13, 0).len(), 13);
     }
 }
+
+/// Pages of the first `len` bytes of `f` that the kernel holds in its page cache (`mincore`
+/// over a read-only mapping, which faults nothing in).
+pub fn resident_pages(f: &std::fs::File, len: usize) -> usize {
+    use std::os::fd::AsRawFd;
+    if len == 0 {
+        return 0;
+    }
+    // SAFETY: a read-only shared mapping of an open file, unmapped before returning; mincore
+    // writes one byte per page into a vector of that many bytes.
+    unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(addr, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        let mut vec = vec![0u8; len.div_ceil(4096)];
+        let rc = libc::mincore(addr, len, vec.as_mut_ptr());
+        libc::munmap(addr, len);
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        vec.iter().filter(|b| **b & 1 == 1).count()
+    }
+}

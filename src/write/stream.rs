@@ -331,7 +331,8 @@ mod tests {
         if !on_tmpfs(&path) {
             let mut cached = usize::MAX;
             for _ in 0..200 {
-                cached = resident_pages(&path);
+                let f = File::open(&path).unwrap();
+                cached = crate::testing::resident_pages(&f, data.len());
                 if cached == 0 {
                     break;
                 }
@@ -347,30 +348,6 @@ mod tests {
         let mut st: libc::statfs = unsafe { std::mem::zeroed() };
         // SAFETY: a valid C string and out-pointer.
         unsafe { libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type == libc::TMPFS_MAGIC }
-    }
-
-    /// Pages of the file at `p` in the page cache (`mincore` over a mapping).
-    fn resident_pages(p: &std::path::Path) -> usize {
-        use std::os::fd::AsRawFd;
-        let f = File::open(p).unwrap();
-        let len = f.metadata().unwrap().len() as usize;
-        // SAFETY: a read-only shared mapping of an open file, unmapped before returning;
-        // mincore writes one byte per page into a vector of that many bytes.
-        unsafe {
-            let addr = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            );
-            assert_ne!(addr, libc::MAP_FAILED);
-            let mut vec = vec![0u8; len.div_ceil(4096)];
-            assert_eq!(libc::mincore(addr, len, vec.as_mut_ptr()), 0);
-            libc::munmap(addr, len);
-            vec.iter().filter(|b| **b & 1 == 1).count()
-        }
     }
 
     #[test]
