@@ -22,17 +22,6 @@ pub fn noise(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn seeds_give_different_bytes() {
-        let a = super::noise(64, 2);
-        assert_ne!(a, super::noise(64, 3));
-        assert_eq!(a, super::noise(64, 2));
-        assert_eq!(super::noise(13, 0).len(), 13);
-    }
-}
-
 /// Pages of the first `len` bytes of `f` that the kernel holds in its page cache (`mincore`
 /// over a read-only mapping, which faults nothing in).
 pub fn resident_pages(f: &std::fs::File, len: usize) -> usize {
@@ -57,5 +46,16 @@ pub fn resident_pages(f: &std::fs::File, len: usize) -> usize {
         libc::munmap(addr, len);
         assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
         vec.iter().filter(|b| **b & 1 == 1).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn seeds_give_different_bytes() {
+        let a = super::noise(64, 2);
+        assert_ne!(a, super::noise(64, 3));
+        assert_eq!(a, super::noise(64, 2));
+        assert_eq!(super::noise(13, 0).len(), 13);
     }
 }
