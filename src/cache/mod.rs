@@ -1014,6 +1014,39 @@ mod tests {
         w.finish(None).unwrap();
     }
 
+    /// `will_need` has the kernel read in the chunks on disk, and leaves the holes alone: a
+    /// hole advised would be filled with zeros in the page cache, for the fetch to overwrite.
+    #[test]
+    fn will_need_reads_in_present_chunks_and_leaves_holes_alone() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let c = cache(dir.path());
+        let f = c.open_version(key("\"v1\"", 64 * 4096)).unwrap();
+        for i in 0..8 {
+            fill(&f, i);
+        }
+        let data = std::fs::File::open(f.data_path()).unwrap();
+        data.sync_all().unwrap();
+        // SAFETY: plain advice on an open descriptor.
+        unsafe { libc::posix_fadvise(data.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(crate::testing::resident_pages(&data, 64 * 4096), 0, "dropped");
+        f.will_need(2 * 4096..64 * 4096);
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while crate::testing::resident_pages(&data, 8 * 4096) < 6 && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(
+            crate::testing::resident_pages(&data, 8 * 4096),
+            6,
+            "chunks 2..8 read in, 0 and 1 (before the range) not"
+        );
+        assert_eq!(
+            crate::testing::resident_pages(&data, 64 * 4096),
+            6,
+            "no page of a hole in the page cache"
+        );
+    }
+
     /// A version being opened or closed holds up only itself: another version opens at once,
     /// and the same version waits until the other thread is done, then is shared.
     #[test]
