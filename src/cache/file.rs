@@ -423,21 +423,9 @@ impl CacheFile {
 
     /// Prepares chunk `i` for writing: reserves its disk blocks.
     pub fn begin_chunk(&self, i: u64, hash: bool) -> Result<ChunkWriter<'_>, CacheError> {
+        let writer = self.begin_reserved(i, hash)?;
         let range = self.chunk_range(i);
         let len = range.end - range.start;
-        if !self.claimed.set(i) {
-            return Err(CacheError::io(
-                &self.data_path,
-                io::Error::other(ChunkError::Busy { index: i }),
-            ));
-        }
-        let writer = ChunkWriter {
-            file: self,
-            index: i,
-            range: range.clone(),
-            written: 0,
-            hasher: hash.then(blake3::Hasher::new),
-        };
         if self.can_fallocate
             && let Err(e) = fallocate(&self.file, range.start, len)
         {
@@ -448,6 +436,27 @@ impl CacheFile {
             });
         }
         Ok(writer)
+    }
+
+    /// Prepares chunk `i` for writing, its disk blocks already reserved by
+    /// [`CacheFile::reserve`] (a fetch reserves its whole range at once: one `fallocate` per
+    /// request instead of one more per chunk, each taking the file's lock that the writes of
+    /// the other fetches wait on). Blocks freed meanwhile are allocated by the write itself,
+    /// which reports a full disk as [`CacheError::Full`] all the same.
+    pub fn begin_reserved(&self, i: u64, hash: bool) -> Result<ChunkWriter<'_>, CacheError> {
+        if !self.claimed.set(i) {
+            return Err(CacheError::io(
+                &self.data_path,
+                io::Error::other(ChunkError::Busy { index: i }),
+            ));
+        }
+        Ok(ChunkWriter {
+            file: self,
+            index: i,
+            range: self.chunk_range(i),
+            written: 0,
+            hasher: hash.then(blake3::Hasher::new),
+        })
     }
 
     /// Calls `f` with the bytes of `range` when every chunk under it is ready; `None` when one

@@ -773,6 +773,7 @@ impl Version {
         let v = self.clone();
         self.reader.rt.spawn(async move {
             let result = async {
+                file.reserve(&asked, false)?;
                 let digests = v.digests().await?;
                 let mut next = flight.chunks.start;
                 v.fill(&file, &flight, &mut next, digests.as_deref(), resp, &asked)
@@ -863,7 +864,8 @@ impl Version {
         self.fill(file, flight, next, digests, resp, &asked).await
     }
 
-    /// Writes the body of `resp` (asked for `asked`) into chunks `next..flight.chunks.end`.
+    /// Writes the body of `resp` (asked for `asked`, whose disk blocks the caller reserved)
+    /// into chunks `next..flight.chunks.end`.
     async fn fill(
         &self,
         file: &CacheFile,
@@ -877,7 +879,8 @@ impl Version {
         let mut skip = self.check_response(&resp, asked)?;
         let mut body = resp.body;
         let hash = r.cfg.verify;
-        let mut writer = file.begin_chunk(*next, hash)?;
+        // The caller reserved the disk blocks of `asked`.
+        let mut writer = file.begin_reserved(*next, hash)?;
         while let Some(piece) = body.next().await {
             // Background transfers hold back while a reader waits on another fetch (the
             // remote's and this machine's bandwidth go to the reader first).
@@ -915,7 +918,7 @@ impl Version {
                     if done == flight.chunks.end {
                         return Ok(());
                     }
-                    writer = file.begin_chunk(done, hash)?;
+                    writer = file.begin_reserved(done, hash)?;
                 }
             }
         }
