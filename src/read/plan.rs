@@ -59,6 +59,12 @@ impl Readahead {
         }
         let end = self.next.saturating_add(self.window).min(size);
         let start = self.next.max(self.issued).min(end);
+        // Once the window stops growing, each read frees only its own length of it: hand that
+        // out in steps of a quarter window, so ranged requests stay long (one 1 MiB request per
+        // 1 MiB read cost a request, a disk reservation and a response of overhead each).
+        if end < size && end - start < self.window / 4 {
+            return start..start;
+        }
         self.issued = self.issued.max(end);
         start..end
     }
@@ -107,7 +113,7 @@ mod tests {
         let size = 1 << 40;
         let mut windows = Vec::new();
         let mut handed = MIB;
-        for i in 0..8 {
+        for i in 0..5 {
             let r = ra.on_read(&(i * MIB..(i + 1) * MIB), size, &CFG, 2 * MIB);
             assert_eq!(r.start, handed, "each byte is handed out once, without gaps");
             assert_eq!(
@@ -118,7 +124,41 @@ mod tests {
             handed = r.end;
             windows.push(ra.window() / MIB);
         }
-        assert_eq!(windows, vec![4, 8, 16, 32, 64, 64, 64, 64]);
+        assert_eq!(windows, vec![4, 8, 16, 32, 64]);
+    }
+
+    #[test]
+    fn a_full_window_is_handed_out_in_quarter_window_steps() {
+        let mut ra = Readahead::default();
+        let size = 1 << 40;
+        let mut handed = 0;
+        for i in 0..200 {
+            let r = ra.on_read(&(i * MIB..(i + 1) * MIB), size, &CFG, 2 * MIB);
+            if !r.is_empty() {
+                if handed > 0 {
+                    assert_eq!(r.start, handed, "each byte is handed out once, without gaps");
+                }
+                if i > 5 {
+                    assert_eq!(r.end - r.start, 16 * MIB, "a quarter of the 64 MiB window at a time");
+                }
+                handed = r.end;
+            }
+            // From the fifth read on, the window is at its bound.
+            let ahead = handed - (i + 1) * MIB;
+            assert!(
+                i < 4 || (ahead > 64 * MIB - 16 * MIB && ahead <= 64 * MIB),
+                "never more than a quarter window short: {ahead} at read {i}"
+            );
+        }
+        // The tail of a file is handed out whatever its length.
+        let mut ra = Readahead::default();
+        let size = 70 * MIB;
+        let mut end = 0;
+        for i in 0..70 {
+            let r = ra.on_read(&(i * MIB..(i + 1) * MIB), size, &CFG, 2 * MIB);
+            end = end.max(r.end);
+        }
+        assert_eq!(end, size);
     }
 
     #[test]
