@@ -740,21 +740,25 @@ impl Store for WebStore {
             && meta.etag.as_ref() == Some(old)
         {
             // Same size, same second: the server's tag (mtime seconds and size) cannot tell
-            // the new bytes from the old. Written again in the next second, the tag differs.
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-            tokio::time::sleep(Duration::from_nanos(
-                1_000_000_000 - u64::from(now.subsec_nanos()) + 5_000_000,
-            ))
-            .await;
-            tracing::debug!(path, "rewritten so that its tag changes");
-            write_status(&what, self.send(&what, put).await?).await?;
-            let again = self.version_after_write(path).await?;
-            if again.etag.as_ref() == Some(old) {
-                return Err(StoreError::Protocol(format!(
-                    "{what}: the server's ETag did not change"
-                )));
+            // the new bytes from the old. Written again in a later second, the tag differs.
+            // The file's mtime comes from the kernel's coarse clock, which can lag ours by a
+            // tick or more, so this is tried up to three times.
+            for attempt in 1..=3 {
+                let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+                tokio::time::sleep(Duration::from_nanos(
+                    1_000_000_000 - u64::from(now.subsec_nanos()) + 20_000_000,
+                ))
+                .await;
+                tracing::debug!(path, attempt, "rewritten so that its tag changes");
+                write_status(&what, self.send(&what, put).await?).await?;
+                let again = self.version_after_write(path).await?;
+                if again.etag.as_ref() != Some(old) {
+                    return Ok(again);
+                }
             }
-            return Ok(again);
+            return Err(StoreError::Protocol(format!(
+                "{what}: the server's ETag did not change"
+            )));
         }
         Ok(meta)
     }
