@@ -155,7 +155,9 @@ impl ArtifactFs {
             // not on a runtime thread.
             tokio::task::spawn_blocking(move || {
                 for (path, etag, size) in left {
-                    reader.open_version(&path, &etag, size).prefetch(0..size);
+                    reader
+                        .open_version(&path, &etag, size)
+                        .prefetch(0..size, crate::read::Ahead::Bulk);
                 }
             });
         });

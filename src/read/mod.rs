@@ -112,6 +112,15 @@ impl Drop for Foreground<'_> {
     }
 }
 
+/// What a fetch that no reader waits on yet is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ahead {
+    /// A reader's readahead: competes with other readers' fetches as an equal.
+    Readahead,
+    /// Warm-up or a folder's small files: pauses its body while a reader waits.
+    Bulk,
+}
+
 /// Memory budget units (64 KiB).
 const UNIT: u64 = 64 << 10;
 
@@ -450,8 +459,13 @@ struct Progress {
 struct Flight {
     chunks: Range<u64>,
     progress: watch::Sender<Progress>,
-    /// Readahead or warm-up: no reader waits on it yet, so it yields to those that do.
+    /// Readahead or warm-up: no reader waits on it yet. It takes a background request slot
+    /// (at most half of the remote's).
     background: bool,
+    /// Bulk work (warm-up, a folder's small files): its body also pauses while a reader waits
+    /// on another fetch. Readahead does not: it is the near future of a reader streaming the
+    /// file, and pausing it for other readers stalled every reader of several files at once.
+    bulk: bool,
     /// A reader came to wait on it: it stops yielding.
     promote: tokio::sync::Notify,
     promoted: AtomicBool,
@@ -524,7 +538,7 @@ impl Version {
         if let Some(r) = file.read_with(range.clone(), |b| (reply.take().expect("reply unused"))(Ok(b))) {
             self.reader
                 .count(|c| c.hit_bytes.fetch_add(range.end - range.start, Ordering::Relaxed));
-            self.prefetch(prefetch);
+            self.prefetch(prefetch, Ahead::Readahead);
             return r;
         }
         // Bytes on disk that only need their check after a restart still count as hits.
@@ -542,7 +556,7 @@ impl Version {
         // Fetch what the read needs and what readahead wants in one plan, so the first
         // request covers both.
         let union = range.start..prefetch.end.max(range.end);
-        self.start_flights(file.chunks_of(&union), file.chunks_of(&range));
+        self.start_flights(file.chunks_of(&union), file.chunks_of(&range), Ahead::Readahead);
         loop {
             match self.ensure(&file, range.clone(), true).await {
                 Ok(()) => {
@@ -560,8 +574,9 @@ impl Version {
         }
     }
 
-    /// Fetches `bytes` into the cache in the background (readahead, warm-up).
-    pub fn prefetch(self: &Arc<Self>, bytes: Range<u64>) {
+    /// Fetches `bytes` into the cache in the background: a reader's readahead, or bulk work
+    /// (warm-up, small files) that makes way for readers ([`Ahead`]).
+    pub fn prefetch(self: &Arc<Self>, bytes: Range<u64>, ahead: Ahead) {
         let Some(file) = &self.file else { return };
         if bytes.is_empty() {
             return;
@@ -572,7 +587,7 @@ impl Version {
         if let Some(check) = verifier(file, chunks.clone()) {
             self.reader.rt.spawn_blocking(check);
         }
-        self.start_flights(chunks, 0..0);
+        self.start_flights(chunks, 0..0, ahead);
     }
 
     /// Waits until every chunk under `bytes` is ready, fetching what is missing.
@@ -597,8 +612,12 @@ impl Version {
                 if restarts > chunks.end - chunks.start + 2 {
                     return Err(ReadError::Integrity(format!("chunk {i} keeps disappearing")));
                 }
-                let urgent = if reader { i..chunks.end } else { 0..0 };
-                self.start_flights(i..chunks.end, urgent);
+                let (urgent, ahead) = if reader {
+                    (i..chunks.end, Ahead::Readahead)
+                } else {
+                    (0..0, Ahead::Bulk)
+                };
+                self.start_flights(i..chunks.end, urgent, ahead);
                 continue;
             };
             if reader && flight.background {
@@ -623,8 +642,8 @@ impl Version {
 
     /// Starts flights for the missing chunks of `chunks` that nobody fetches yet.
     /// Runs that reach into `urgent` have a reader waiting; the others are background work,
-    /// which never takes more than half of the remote's request slots.
-    fn start_flights(self: &Arc<Self>, chunks: Range<u64>, urgent: Range<u64>) {
+    /// which never takes more than half of the remote's request slots, of the kind `ahead`.
+    fn start_flights(self: &Arc<Self>, chunks: Range<u64>, urgent: Range<u64>, ahead: Ahead) {
         let Some(file) = &self.file else { return };
         let r = &self.reader;
         let whole = r.whole_file.load(Ordering::Acquire);
@@ -654,6 +673,7 @@ impl Version {
                 chunks: run,
                 progress: tx,
                 background,
+                bulk: background && ahead == Ahead::Bulk,
                 promote: tokio::sync::Notify::new(),
                 promoted: AtomicBool::new(false),
             });
@@ -764,6 +784,7 @@ impl Version {
                 chunks: chunks.clone(),
                 progress: tx,
                 background: false,
+                bulk: false,
                 promote: tokio::sync::Notify::new(),
                 promoted: AtomicBool::new(false),
             });
@@ -882,9 +903,9 @@ impl Version {
         // The caller reserved the disk blocks of `asked`.
         let mut writer = file.begin_reserved(*next, hash)?;
         while let Some(piece) = body.next().await {
-            // Background transfers hold back while a reader waits on another fetch (the
-            // remote's and this machine's bandwidth go to the reader first).
-            if flight.background && !flight.promoted.load(Ordering::Acquire) {
+            // Bulk transfers hold back while a reader waits on another fetch (the remote's
+            // and this machine's bandwidth go to the reader first).
+            if flight.bulk && !flight.promoted.load(Ordering::Acquire) {
                 let mut waited = 0;
                 while r.foreground.load(Ordering::Acquire) > 0 && waited < 100 {
                     tokio::time::sleep(Duration::from_millis(5)).await;

@@ -551,3 +551,63 @@ async fn readers_are_served_before_background_fetches() {
     );
     warming.await.unwrap().unwrap();
 }
+
+/// Waits until `v` is complete in the cache; returns how long that took, or `None` after `max`.
+async fn completed_within(v: &Arc<Version>, max: Duration) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < max {
+        if v.is_complete() {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readahead_goes_on_while_another_reader_waits_and_bulk_work_pauses() {
+    let e = env_with(
+        1 << 40,
+        ReadConfig {
+            max_request: MIB,
+            ..fast_retries()
+        },
+    );
+    let a = data(MIB as usize, 50);
+    let ta = e.mem.insert("a", a.clone());
+    let b = data(4 * MIB as usize, 51);
+    let tb = e.mem.insert("b", b.clone());
+    let c = data(4 * MIB as usize, 52);
+    let tc = e.mem.insert("c", c.clone());
+    let (va, vb, vc) = (
+        open(&e, "a", &ta, a.len()),
+        open(&e, "b", &tb, b.len()),
+        open(&e, "c", &tc, c.len()),
+    );
+    // A reader of `a` waits on a slow remote for 1.5 s.
+    e.faulty.inject(Fault::Delay(Duration::from_millis(1500)), 1);
+    let slow = tokio::spawn(async move {
+        let ra = Mutex::new(Readahead::default());
+        read(&va, &ra, 0, 4096).await.map(|b| b == a[..4096])
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        e.reader.foreground.load(Ordering::Acquire),
+        1,
+        "the reader's fetch is in flight"
+    );
+    // Meanwhile the readahead of another reader lands at once; bulk work waits for the reader.
+    vb.prefetch(0..b.len() as u64, Ahead::Readahead);
+    vc.prefetch(0..c.len() as u64, Ahead::Bulk);
+    let took = completed_within(&vb, Duration::from_millis(1000)).await;
+    assert!(took.is_some(), "readahead paused for another reader's fetch");
+    assert!(!vc.is_complete(), "bulk work went on while a reader waited");
+    assert!(slow.await.unwrap().unwrap(), "the slow reader got its bytes");
+    assert!(
+        completed_within(&vc, Duration::from_secs(5)).await.is_some(),
+        "bulk work goes on once the reader is served"
+    );
+    let ra = Mutex::new(Readahead::default());
+    assert_eq!(read(&vb, &ra, 0, 4 << 20).await.unwrap(), b);
+    assert_eq!(read(&vc, &ra, 0, 4 << 20).await.unwrap(), c);
+}

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use parking_lot::Mutex;
 use serde::Serialize;
 
-use super::{ReadError, Reader, Version};
+use super::{Ahead, ReadError, Reader, Version};
 use crate::store::{ETag, EntryKind, Head, Revalidated, StoreError, join_path};
 
 /// Files fetched at once.
@@ -200,7 +200,7 @@ impl Version {
             let end = (pos + WINDOW).min(self.size);
             let chunks = file.chunks_of(&(pos..end));
             if !chunks.clone().all(|i| file.is_present(i)) {
-                self.start_flights(chunks, 0..0);
+                self.start_flights(chunks, 0..0, Ahead::Bulk);
                 self.ensure(&file, pos..end, false).await?;
             }
             progress(present());
