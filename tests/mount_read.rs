@@ -32,8 +32,11 @@ on_remotes! {
         let mut m = r.mount_with(opts());
         assert_eq!(hash_file(&m.path("models/big.bin")).unwrap(), hash(&big));
         // Ranged GETs went in parallel, and never more than allowed (plus the odd lookup).
+        // Readahead hands out a quarter window at a time (two 8 MiB GETs once the window is
+        // 64 MiB); more overlap only when GETs take longer than the reader needs for a
+        // quarter window, which a fast loopback remote on a busy machine may not.
         if let Some(max) = r.max_active() {
-            assert!(max >= 3, "at most {max} requests at once: fetches are not parallel");
+            assert!(max >= 2, "at most {max} request at once: fetches are not parallel");
             assert!(max <= 6 + 2, "{max} requests at once with --concurrency 6");
         }
         for (rel, h) in &expect {
