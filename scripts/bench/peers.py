@@ -1183,10 +1183,11 @@ def table():
     own = {col: med(f"curl_file:{OWN_SERVER[col]}", "limit") for col in TOOLS}
     lim_txt = ", ".join(f"{SERVER_NAME[s]} {fmt_speed(gibs(SIZE, med(f'curl_file:{s}', 'limit')))}"
                         for s in ("afs", "nginx", "s3") if med(f"curl_file:{s}", "limit"))
-    row("cold read ÷ `curl -o FILE` from the tool's own server (target ≥ 0.8×)",
+    # Issue 6's target (issue 2 asked for 0.8× of the same).
+    row("cold read ÷ `curl -o FILE` from the tool's own server (target ≥ 0.95×)",
         [lim_txt or failure_text("curl_file:nginx", "limit") or "—"]
         + [cell("cold_read", col, lambda t: "", (lambda t, col=col: own[col] / t if own[col] else None),
-                (lambda r: r >= 0.8)).strip() for col in TOOLS])
+                (lambda r: r >= 0.95)).strip() for col in TOOLS])
     for case, label in [("curl_null", "`curl -o /dev/null` from nginx"),
                         ("curl_ranged8", "8 parallel ranged `curl -r` from nginx to /dev/null")]:
         ref = med(case, "limit")
