@@ -13,6 +13,8 @@ Cases:
   sequential write of a new SIZE file through the mount, close included  vs  `curl -T` of it
   bytes on the wire (counted by the server) for an append, an overwrite in place, `cp` of a
   version with 1 MiB changed, and the same saved through a temp file and `mv`
+  with BENCH_READERS=N (N > 1): N readers of N different SIZE files at once, cold, through one
+  mount  vs  N parallel `curl -o FILE` of the same files (aggregate throughput)
 """
 
 import contextlib
@@ -30,6 +32,7 @@ WORK = os.environ.get("BENCH_DIR", "/tmp/artifactfs-bench")
 SIZE_MIB = int(os.environ.get("BENCH_SIZE_MIB", "1024"))
 FILES = int(os.environ.get("BENCH_FILES", "10000"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+READERS = int(os.environ.get("BENCH_READERS", "0"))
 OUT = os.environ.get("BENCH_OUT", "target/bench/results.md")
 
 
@@ -171,6 +174,8 @@ def main():
         m.close()
         shutil.rmtree(warm_cache, ignore_errors=True)
         results = run(url, big, local, store) if os.environ.get("BENCH_READS", "1") == "1" else {}
+        if READERS > 1:
+            readers_rounds(url, store, results)
         if os.environ.get("BENCH_WRITES", "1") == "1":
             write_rounds(url, results)
     finally:
@@ -246,6 +251,57 @@ def run(url, big, local, store):
     r["peak_anon"] = anon
     r["peak_rss"] = rss
     return r
+
+
+def at_once(fns):
+    """Runs `fns` in threads started together; returns the time until the last one ended."""
+    threads = [threading.Thread(target=f) for f in fns]
+    t = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return time.perf_counter() - t
+
+
+def readers_rounds(url, store, r):
+    """READERS readers of READERS different files at once, cold: one mount vs parallel curls."""
+    names = ["big.bin"] + [f"reader-{i}.bin" for i in range(1, READERS)]
+    for name in names[1:]:
+        path = os.path.join(store, name)
+        if not os.path.exists(path) or os.path.getsize(path) != SIZE_MIB << 20:
+            random_file(path, SIZE_MIB)
+        sh("curl", "-sfI", f"{url}/{name}", stdout=subprocess.DEVNULL)
+    mnt = os.path.join(WORK, "mnt")
+    cache = os.path.join(WORK, "cache-readers")
+    downloads = [os.path.join(WORK, f"curl-{name}") for name in names]
+    r["readers_mount"], r["readers_curl"], r["readers_cpu_per_gib"] = [], [], []
+
+    def mount_case():
+        shutil.rmtree(cache, ignore_errors=True)
+        m = Mount(url, mnt, cache)
+        drop_caches()
+        cpu0 = m.cpu_seconds()
+        r["readers_mount"].append(at_once([lambda n=n: cat(os.path.join(mnt, n)) for n in names]))
+        r["readers_cpu_per_gib"].append((m.cpu_seconds() - cpu0) / (READERS * SIZE_MIB / 1024))
+        m.close()
+        shutil.rmtree(cache, ignore_errors=True)
+
+    def curl_case():
+        for d in downloads:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(d)
+        drop_caches()
+        r["readers_curl"].append(at_once([lambda n=n, d=d: sh("curl", "-sf", "-o", d, f"{url}/{n}")
+                                          for n, d in zip(names, downloads)]))
+        for d in downloads:
+            os.unlink(d)
+
+    for rnd in range(ROUNDS):
+        for case in ((mount_case, curl_case) if rnd % 2 == 0 else (curl_case, mount_case)):
+            case()
+        print(f"readers round {rnd + 1}/{ROUNDS}: mount {r['readers_mount'][-1]:.3f} "
+              f"curl {r['readers_curl'][-1]:.3f}", file=sys.stderr)
 
 
 def stats(url):
@@ -351,7 +407,13 @@ def write_rounds(url, r):
 
 def report(r):
     if "mount_cold" not in r:
-        return report_writes(r)
+        if "readers_mount" in r:
+            med = {k: statistics.median(r[k]) for k in ("readers_mount", "readers_curl", "readers_cpu_per_gib")}
+            print(f"{READERS} readers at once, cold: mount {med['readers_mount']:.3f} s, "
+                  f"{READERS} curl -o FILE {med['readers_curl']:.3f} s, "
+                  f"ratio {med['readers_curl'] / med['readers_mount']:.2f}x, "
+                  f"daemon CPU {med['readers_cpu_per_gib']:.2f} s per GiB")
+        return report_writes(r) if "write_mount" in r else None
     med = {k: statistics.median(v) for k, v in r.items() if isinstance(v, list) and v and not isinstance(v, tuple)}
     gib = SIZE_MIB / 1024
     speed = lambda s: f"{gib / s:.2f} GiB/s"
@@ -375,6 +437,16 @@ def report(r):
         ("daemon peak RssAnon / peak RSS (cold reads)", f"{r['peak_anon'] / 2**20:.0f} MiB / {r['peak_rss'] / 2**20:.0f} MiB", "",
          "RSS includes mapped cache pages (file-backed)"),
     ]
+    if "readers_mount" in med:
+        total = READERS * gib
+        rows += [
+            (f"{READERS} readers of {READERS} different files at once, cold, one mount", f"{med['readers_mount']:.3f} s",
+             f"{total / med['readers_mount']:.2f} GiB/s",
+             f"vs {READERS} `curl -o FILE` at once = **{med['readers_curl'] / med['readers_mount']:.2f}×**; "
+             f"daemon CPU {med['readers_cpu_per_gib']:.2f} s per GiB"),
+            (f"{READERS} `curl -o FILE` at once", f"{med['readers_curl']:.3f} s",
+             f"{total / med['readers_curl']:.2f} GiB/s", ""),
+        ]
     if "write_mount" in med:
         rows += [
             (f"new {SIZE_MIB} MiB file written through the mount (`cp`, close included)", f"{med['write_mount']:.3f} s",
