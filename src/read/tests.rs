@@ -590,7 +590,10 @@ async fn readahead_goes_on_while_another_reader_waits_and_bulk_work_pauses() {
         let ra = Mutex::new(Readahead::default());
         read(&va, &ra, 0, 4096).await.map(|b| b == a[..4096])
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let waiting = std::time::Instant::now();
+    while e.reader.foreground.load(Ordering::Acquire) == 0 && waiting.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(
         e.reader.foreground.load(Ordering::Acquire),
         1,
