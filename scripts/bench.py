@@ -61,6 +61,13 @@ def cat(path):
 BUF = bytearray(1 << 20)
 
 
+def in_turns(rnd, items):
+    """`items` in this round's order: as given in even rounds, reversed in odd ones. What a
+    case leaves behind (memory just freed, blocks just deleted) helps or hinders the case
+    after it, so a fixed order would favour one side in every round."""
+    return items if rnd % 2 == 0 else items[::-1]
+
+
 def ls_lr(path):
     sh("ls", "-lR", path, stdout=subprocess.DEVNULL)
 
@@ -213,7 +220,7 @@ def run(url, big, local, store):
             # (a local file: 1.01 s, then 0.53 s; see docs/BENCHMARKS.md).
             r["warm_kept"].append(timed(lambda: cat(os.path.join(mnt, "big.bin"))))
             pair = [("warm_dropped", os.path.join(mnt, "big.bin")), ("local_dropped", local)]
-            for name, path in (pair if rnd % 2 == 0 else pair[::-1]):
+            for name, path in in_turns(rnd, pair):
                 drop_caches()
                 r[name].append(timed(lambda: cat(path)))
             # 3. a local copy, from the page cache
@@ -232,10 +239,8 @@ def run(url, big, local, store):
             drop_caches()
             r["curl_null"].append(timed(lambda: sh("curl", "-sf", "-o", "/dev/null", f"{url}/big.bin")))
 
-        # The order alternates (A B, B A, …): what a case leaves behind (memory just freed,
-        # blocks just deleted) helps or hinders the case after it, so a fixed order would
-        # favour one side in every round (see docs/BENCHMARKS.md).
-        for case in ((mount_cases, curl_cases) if rnd % 2 == 0 else (curl_cases, mount_cases)):
+        # The order alternates (A B, B A, …): see in_turns and docs/BENCHMARKS.md.
+        for case in in_turns(rnd, [mount_cases, curl_cases]):
             case()
         # 5. ls -lR of the tree: cold (new mount, new cache), warm (again); local disk
         m = Mount(url, mnt, cache)
@@ -298,7 +303,7 @@ def readers_rounds(url, store, r):
             os.unlink(d)
 
     for rnd in range(ROUNDS):
-        for case in ((mount_case, curl_case) if rnd % 2 == 0 else (curl_case, mount_case)):
+        for case in in_turns(rnd, [mount_case, curl_case]):
             case()
         print(f"readers round {rnd + 1}/{ROUNDS}: mount {r['readers_mount'][-1]:.3f} "
               f"curl {r['readers_curl'][-1]:.3f}", file=sys.stderr)
@@ -354,7 +359,7 @@ def write_rounds(url, r):
                 r["write_parallel"].append(stats(url)["max_active"])
 
             # Alternating order, as for the reads.
-            for case in ((curl_case, mount_case) if rnd % 2 == 0 else (mount_case, curl_case)):
+            for case in in_turns(rnd, [curl_case, mount_case]):
                 case()
             # Only the last round's files are used afterwards: 2 GiB a round would otherwise
             # fill the disk over a few runs (and the cache keeps its disk's free-space reserve).
@@ -406,18 +411,12 @@ def write_rounds(url, r):
 
 
 def report(r):
-    if "mount_cold" not in r:
-        if "readers_mount" in r:
-            med = {k: statistics.median(r[k]) for k in ("readers_mount", "readers_curl", "readers_cpu_per_gib")}
-            print(f"{READERS} readers at once, cold: mount {med['readers_mount']:.3f} s, "
-                  f"{READERS} curl -o FILE {med['readers_curl']:.3f} s, "
-                  f"ratio {med['readers_curl'] / med['readers_mount']:.2f}x, "
-                  f"daemon CPU {med['readers_cpu_per_gib']:.2f} s per GiB")
-        return report_writes(r) if "write_mount" in r else None
+    if "mount_cold" not in r and "readers_mount" not in r:
+        return report_writes(r)
     med = {k: statistics.median(v) for k, v in r.items() if isinstance(v, list) and v and not isinstance(v, tuple)}
     gib = SIZE_MIB / 1024
     speed = lambda s: f"{gib / s:.2f} GiB/s"
-    rows = [
+    rows = [] if "mount_cold" not in med else [
         ("cold read, mount (`cat`)", f"{med['mount_cold']:.3f} s", speed(med["mount_cold"]), ""),
         ("cold, `curl -o FILE` into the cache's filesystem", f"{med['curl_file']:.3f} s", speed(med["curl_file"]),
          f"mount / curl -o FILE = **{med['curl_file'] / med['mount_cold']:.2f}×** (target ≥ 0.8×)"),
