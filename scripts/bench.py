@@ -20,6 +20,7 @@ Cases:
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -33,6 +34,8 @@ SIZE_MIB = int(os.environ.get("BENCH_SIZE_MIB", "1024"))
 FILES = int(os.environ.get("BENCH_FILES", "10000"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 READERS = int(os.environ.get("BENCH_READERS", "0"))
+# More `mount` arguments, e.g. "--config verify-off.toml" to measure a setting.
+MOUNT_ARGS = os.environ.get("BENCH_MOUNT_ARGS", "")
 OUT = os.environ.get("BENCH_OUT", "target/bench/results.md")
 
 
@@ -86,7 +89,8 @@ class Mount:
         self.log = open(os.path.join(WORK, "mount.log"), "ab")
         self.log_start = self.log.seek(0, os.SEEK_END)
         self.proc = subprocess.Popen(
-            [BIN, "mount", url, mnt, "--foreground", "--cache-dir", cache, "--max-cache-size", "8G"],
+            [BIN, "mount", url, mnt, "--foreground", "--cache-dir", cache, "--max-cache-size", "8G",
+             *shlex.split(MOUNT_ARGS)],
             stdout=subprocess.DEVNULL,
             stderr=self.log,
         )
