@@ -165,9 +165,14 @@ pub struct MountArgs {
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub revalidate_interval: Option<Duration>,
     /// Requests to the remote in flight at once [default: by kind of remote, see
-    /// `[performance]`: built-in server 16, S3 8, web servers 4].
+    /// `[performance]`: built-in server 16, S3 8, web servers 4, then more while more pay].
+    /// A number given here stays fixed unless --max-concurrency lets it grow.
     #[arg(long, value_name = "N")]
     pub concurrency: Option<usize>,
+    /// The number of requests in flight at once grows up to this while more of them bring
+    /// more bytes per second [default: 64, or fixed when --concurrency is given].
+    #[arg(long, value_name = "N")]
+    pub max_concurrency: Option<usize>,
     /// Bytes per second to and from the remote at most, each way, e.g. 50M (binary units).
     #[arg(long, value_name = "RATE", value_parser = ByteSize::parse)]
     pub bandwidth_limit: Option<ByteSize>,
@@ -303,6 +308,10 @@ pub struct ServeArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Send each file answer at most RATE bytes per second, e.g. 50M (binary units): each
+    /// client connection gets that much, as with nginx's `limit_rate`.
+    #[arg(long, value_name = "RATE", value_parser = ByteSize::parse)]
+    pub limit_rate: Option<ByteSize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -391,6 +400,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         token_secret: secret.map(std::sync::Arc::new),
         allow_anonymous: a.allow_anonymous,
         tls,
+        limit_rate: a.limit_rate.map(|r| r.0),
     };
     crate::server::serve_blocking(cfg).map_err(|e| e.to_string())
 }

@@ -205,6 +205,80 @@ impl Body for FileBody {
     }
 }
 
+/// Pieces a paced body is cut into, so that its bytes flow evenly rather than in bursts of
+/// whole frames.
+const PACE_PIECE: usize = 64 << 10;
+
+/// A body sent at most `rate` bytes per second from its first byte on (`serve --limit-rate`,
+/// as nginx's `limit_rate`: each response, so each connection, gets that much).
+pub struct Paced<B> {
+    inner: B,
+    rate: f64,
+    start: Option<tokio::time::Instant>,
+    sent: u64,
+    /// The rest of a frame not sent yet.
+    rest: Bytes,
+    wait: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> Paced<B> {
+    pub fn new(inner: B, bytes_per_sec: u64) -> Paced<B> {
+        Paced {
+            inner,
+            rate: bytes_per_sec.max(1) as f64,
+            start: None,
+            sent: 0,
+            rest: Bytes::new(),
+            wait: None,
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Paced<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        if let Some(w) = &mut this.wait {
+            ready!(w.as_mut().poll(cx));
+            this.wait = None;
+        }
+        if this.rest.is_empty() {
+            match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => this.rest = data,
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                other => return Poll::Ready(other),
+            }
+        }
+        let piece = this.rest.split_to(this.rest.len().min(PACE_PIECE));
+        let start = *this.start.get_or_insert_with(tokio::time::Instant::now);
+        this.sent += piece.len() as u64;
+        // The next piece goes when this one's share of the time is over.
+        let due = start + std::time::Duration::from_secs_f64(this.sent as f64 / this.rate);
+        if due > tokio::time::Instant::now() {
+            this.wait = Some(Box::pin(tokio::time::sleep_until(due)));
+        }
+        Poll::Ready(Some(Ok(Frame::data(piece))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut h = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        h.set_lower(h.lower() + rest);
+        if let Some(u) = h.upper() {
+            h.set_upper(u + rest);
+        }
+        h
+    }
+}
+
 /// Any body, holding the request's [`ActiveGuard`] until it is finished or dropped.
 pub struct Guarded<B> {
     inner: B,
@@ -245,6 +319,30 @@ mod tests {
         let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         std::fs::write(&p, &data).unwrap();
         (tmp, p, data)
+    }
+
+    #[tokio::test]
+    async fn a_paced_body_sends_its_bytes_no_faster_than_its_rate() {
+        let (_tmp, p, data) = setup(2 * READ_SIZE as usize + 100);
+        let file = Arc::new(File::open(&p).unwrap());
+        let id = Identity::of_file(&file).unwrap();
+        let stats = Arc::new(Stats::default());
+        let len = data.len() as u64;
+        let body = FileBody::new(file, id, 0, len, Arc::clone(&stats));
+        // 4 MiB/s: the 2 MiB take half a second, less the last piece's share.
+        let mut body = Paced::new(body, 4 * READ_SIZE);
+        assert_eq!(body.size_hint().exact(), Some(len));
+        let start = std::time::Instant::now();
+        let mut got = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let piece = frame.unwrap().into_data().unwrap();
+            assert!(piece.len() <= PACE_PIECE);
+            got.extend_from_slice(&piece);
+        }
+        let took = start.elapsed();
+        assert!(got == data, "bytes differ");
+        assert!(took >= std::time::Duration::from_millis(480), "{took:?}");
+        assert!(body.is_end_stream());
     }
 
     #[tokio::test]

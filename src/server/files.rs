@@ -12,7 +12,7 @@ use axum::response::Response;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
 use super::Ctx;
-use super::body::FileBody;
+use super::body::{FileBody, Paced};
 use super::digests::FileDigests;
 use super::error::ServerError;
 use super::json_response;
@@ -55,7 +55,11 @@ pub async fn serve_file(
         }
     };
     let body = if is_get && len > 0 {
-        Body::new(FileBody::new(file, id, start, len, Arc::clone(&ctx.stats)))
+        let body = FileBody::new(file, id, start, len, Arc::clone(&ctx.stats));
+        match ctx.limit_rate {
+            Some(rate) => Body::new(Paced::new(body, rate)),
+            None => Body::new(body),
+        }
     } else {
         Body::empty()
     };

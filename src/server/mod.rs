@@ -98,6 +98,8 @@ pub struct ServerConfig {
     pub allow_anonymous: bool,
     /// Serve HTTPS with this certificate chain and key (PEM files).
     pub tls: Option<TlsFiles>,
+    /// Send each file answer at most this many bytes per second.
+    pub limit_rate: Option<u64>,
 }
 
 /// The PEM files of `serve --tls-cert --tls-key`.
@@ -119,6 +121,7 @@ impl ServerConfig {
             token_secret: None,
             allow_anonymous: false,
             tls: None,
+            limit_rate: None,
         }
     }
 
@@ -143,6 +146,8 @@ struct Ctx {
     started: SystemTime,
     /// Tokens are required when set.
     secret: Option<Arc<auth::Secret>>,
+    /// Bytes per second of each file answer at most.
+    limit_rate: Option<u64>,
 }
 
 /// A server whose listener is bound, not yet serving.
@@ -218,6 +223,7 @@ impl Server {
             uploads,
             started,
             secret: cfg.token_secret.clone(),
+            limit_rate: cfg.limit_rate,
         });
         Ok(Server {
             listener,
