@@ -543,6 +543,48 @@ fn an_nginx_html_index_mounts_and_reads() {
     );
 }
 
+/// A server that sends each answer at most 16 MiB/s (`serve --limit-rate`, as a server far
+/// away or one that limits each connection): the mount opens more GETs at once while that
+/// brings more bytes per second, where a number set by hand stays as it is.
+#[test]
+fn parallel_gets_grow_against_a_server_that_limits_each_answer() {
+    let store = Store::new();
+    let big = bytes(256 * MIB, 60);
+    store.write("big.bin", &big);
+    let small = bytes(48 * MIB, 61);
+    store.write("small.bin", &small);
+    let server = store.serve_with(|c| c.limit_rate = Some(16 << 20));
+
+    let m = Mount::new(&server.url());
+    assert_eq!(hash_file(&m.path("big.bin")).unwrap(), hash(&big));
+    let st = status(&m);
+    assert_eq!(st["concurrency"], 16, "the built-in server's start");
+    assert_eq!(st["max_concurrency"], 64);
+    let now = st["concurrency_now"].as_u64().unwrap();
+    assert!(now >= 32, "still {now} requests at once");
+    // One reader of one file: with 16 slots, half for readahead, at most 9 GETs at once.
+    let most = server.stats().max_active;
+    assert!(most > 9, "at most {most} requests at once");
+    drop(m);
+
+    server.restart_max_active();
+    let m = Mount::with(
+        &server.url(),
+        MountOpts {
+            args: vec!["--concurrency".into(), "16".into()],
+            ..MountOpts::default()
+        },
+    );
+    assert_eq!(hash_file(&m.path("small.bin")).unwrap(), hash(&small));
+    let st = status(&m);
+    assert_eq!(
+        (st["concurrency_now"].as_u64(), st["max_concurrency"].as_u64()),
+        (Some(16), Some(16))
+    );
+    let most = server.stats().max_active;
+    assert!(most <= 16, "{most} requests at once with --concurrency 16");
+}
+
 /// The daemon's count of FUSE `READ` requests, from its metrics endpoint.
 fn fuse_reads(m: &Mount) -> u64 {
     metric(m, "artifactfs_fuse_calls_total{op=\"read\"}")

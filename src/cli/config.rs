@@ -113,6 +113,8 @@ pub struct KindLimits {
 /// Requests in flight at once when nothing is configured: what each kind of remote takes well
 /// (the built-in server serves in parallel from one disk; S3 spreads; a web server may limit
 /// connections per client).
+const BUILTIN: &str = "the built-in value for this kind of remote";
+
 pub fn builtin_concurrency(kind: crate::store::StoreKind) -> usize {
     use crate::store::StoreKind;
     match kind {
@@ -145,8 +147,21 @@ impl Config {
         } else if let Some(n) = self.performance.concurrency {
             (n, "performance.concurrency")
         } else {
-            (builtin_concurrency(kind), "the built-in value for this kind of remote")
+            (builtin_concurrency(kind), BUILTIN)
         }
+    }
+
+    /// Requests in flight at once for a remote of `kind` at first, how many they may grow to
+    /// while more pay, and which setting gave the first number. A number set anywhere stays
+    /// fixed unless `read.max_concurrency` is set too.
+    pub fn concurrency_range(&self, kind: crate::store::StoreKind) -> (usize, usize, &'static str) {
+        let (start, from) = self.concurrency_for(kind);
+        let max = match self.read.max_concurrency {
+            Some(m) => m.max(start),
+            None if from == BUILTIN => crate::read::MAX_CONCURRENCY.max(start),
+            None => start,
+        };
+        (start, max, from)
     }
 }
 
@@ -258,6 +273,10 @@ pub struct ReadSection {
     /// This remote's own limit; unset, `[performance]` decides.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<usize>,
+    /// The number of requests at once grows up to this while more of them bring more bytes
+    /// per second. Unset: 64 when no concurrency is set, else the set number (fixed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<usize>,
     pub memory_budget: ByteSize,
     pub verify: bool,
     pub retries: usize,
@@ -277,6 +296,7 @@ impl Default for ReadSection {
             readahead_initial: ByteSize(d.readahead.initial),
             readahead_max: ByteSize(d.readahead.max),
             concurrency: None,
+            max_concurrency: None,
             memory_budget: ByteSize(d.memory_budget),
             verify: d.verify,
             retries: d.retries,
@@ -398,6 +418,7 @@ impl Config {
         let p = &self.performance;
         let limits = [
             self.read.concurrency,
+            self.read.max_concurrency,
             p.concurrency,
             p.artifact.concurrency,
             p.s3.concurrency,
@@ -469,6 +490,30 @@ mod tests {
         assert_eq!(parsed.concurrency_for(StoreKind::Http).0, 3);
         assert_eq!(parsed.concurrency_for(StoreKind::Artifact).0, 16);
         c.performance.http.concurrency = Some(0);
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn the_number_of_requests_grows_from_a_built_in_start_but_a_set_one_stays_unless_allowed() {
+        use crate::store::StoreKind;
+        let mut c = Config::default();
+        let max = crate::read::MAX_CONCURRENCY;
+        assert_eq!(
+            c.concurrency_range(StoreKind::Http).0..=c.concurrency_range(StoreKind::Http).1,
+            4..=max
+        );
+        c.performance.s3.concurrency = Some(12);
+        assert_eq!(
+            c.concurrency_range(StoreKind::S3),
+            (12, 12, "performance.s3.concurrency")
+        );
+        assert_eq!(c.concurrency_range(StoreKind::Artifact).1, max, "the others still grow");
+        c.read.max_concurrency = Some(20);
+        assert_eq!(c.concurrency_range(StoreKind::S3).1, 20);
+        assert_eq!(c.concurrency_range(StoreKind::Artifact), (16, 20, BUILTIN));
+        c.read.max_concurrency = Some(3);
+        assert_eq!(c.concurrency_range(StoreKind::Artifact).1, 16, "never below the start");
+        c.read.max_concurrency = Some(0);
         assert!(c.validate().is_err());
     }
 

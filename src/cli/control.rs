@@ -35,9 +35,14 @@ pub struct Status {
     pub mountpoint: PathBuf,
     pub pid: u32,
     pub uptime_secs: u64,
-    /// Requests to the remote in flight now, and the most allowed at once.
+    /// Requests to the remote in flight now; how many at once at first (the setting), now,
+    /// and at most (the number grows while more requests at once bring more bytes per second).
     pub requests_in_flight: usize,
     pub concurrency: usize,
+    #[serde(default)]
+    pub concurrency_now: usize,
+    #[serde(default)]
+    pub max_concurrency: usize,
     /// Bytes fetched from the remote per second, over the last second.
     pub fetch_rate: u64,
     pub fetched_bytes: u64,
@@ -106,6 +111,8 @@ impl Control {
             uptime_secs: self.started.elapsed().as_secs(),
             requests_in_flight: self.reader.requests_in_flight(),
             concurrency: self.reader.config().concurrency,
+            concurrency_now: self.reader.concurrency_now().0,
+            max_concurrency: self.reader.concurrency_now().1,
             fetch_rate: self.rate.load(Ordering::Relaxed),
             fetched_bytes: c.fetched_bytes,
             hit_bytes: c.hit_bytes,

@@ -108,6 +108,9 @@ pub fn resolve(a: &MountArgs) -> Result<Resolved, String> {
     if let Some(n) = a.concurrency {
         cfg.read.concurrency = Some(n);
     }
+    if let Some(n) = a.max_concurrency {
+        cfg.read.max_concurrency = Some(n);
+    }
     if let Some(r) = a.bandwidth_limit {
         cfg.performance.download_limit = Some(r);
         cfg.performance.upload_limit = Some(r);
@@ -294,8 +297,13 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
         tracing::info!(%bound, "metrics at http://{bound}/metrics");
     }
     rt.spawn(cache.clone().run_counter_saver(Duration::from_secs(2)));
-    let (concurrency, from) = cfg.concurrency_for(store.kind());
-    tracing::info!(concurrency, from, "requests to the remote in flight at most");
+    let (concurrency, max_concurrency, from) = cfg.concurrency_range(store.kind());
+    tracing::info!(
+        concurrency,
+        max_concurrency,
+        from,
+        "requests to the remote in flight at once"
+    );
     let reader = Reader::new(
         store.clone(),
         Some(cache.clone()),
@@ -307,6 +315,7 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
             },
             sequential_slack: cfg.mount.kernel_readahead.0.max(4 << 20),
             concurrency,
+            max_concurrency,
             memory_budget: cfg.read.memory_budget.0,
             verify: cfg.read.verify,
             retries: cfg.read.retries,

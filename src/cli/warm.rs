@@ -120,12 +120,13 @@ fn warm_remote(remote: &str, a: &WarmArgs, rels: Vec<String>, show: bool) -> Res
         &format!("artifactfs warm of {}", store.id()),
     )
     .map_err(|e| format!("{e} (to warm the cache of a running mount, give paths inside the mount)"))?;
-    let (concurrency, _) = cfg.concurrency_for(store.kind());
+    let (concurrency, max_concurrency, _) = cfg.concurrency_range(store.kind());
     let reader = crate::read::Reader::new(
         store,
         Some(cache.clone()),
         crate::read::ReadConfig {
             concurrency,
+            max_concurrency,
             ..crate::read::ReadConfig::default()
         },
         rt.handle().clone(),
@@ -253,7 +254,10 @@ pub fn status(a: StatusArgs) -> Result<(), String> {
         s.pid,
         humantime::format_duration(Duration::from_secs(s.uptime_secs))
     );
-    println!("requests now      {} (at most {})", s.requests_in_flight, s.concurrency);
+    println!(
+        "requests now      {} (at most {} now, {} at first, up to {})",
+        s.requests_in_flight, s.concurrency_now, s.concurrency, s.max_concurrency
+    );
     println!(
         "fetching          {}/s ({} fetched in all)",
         human(s.fetch_rate),

@@ -7,6 +7,7 @@
 //! It owns no FUSE types and no inode logic: `fs/` asks it for versions and bytes.
 
 pub mod plan;
+pub mod slots;
 pub mod warm;
 
 use std::collections::HashMap;
@@ -22,6 +23,8 @@ use parking_lot::Mutex;
 use tokio::runtime::Handle;
 use tokio::sync::{OnceCell, Semaphore, watch};
 
+use slots::{Slot, Slots};
+
 use crate::cache::{Cache, CacheError, CacheFile, ChunkError, VersionKey};
 use crate::store::{Content, Digests, DynStore, ETag, GetResponse, Head, ObjectMeta, Revalidated, StoreError};
 pub use plan::{Readahead, ReadaheadConfig};
@@ -34,8 +37,11 @@ pub struct ReadConfig {
     /// Reads that arrive this close to the sequential position still count as sequential
     /// (the kernel's own readahead requests arrive out of order).
     pub sequential_slack: u64,
-    /// Ranged GETs in flight at once for this remote.
+    /// Ranged GETs in flight at once for this remote, at first.
     pub concurrency: usize,
+    /// The number of GETs at once grows up to this while more of them bring more bytes per
+    /// second ([`slots`]); equal to `concurrency`, it never changes.
+    pub max_concurrency: usize,
     /// Bytes the engine may hold in memory for transfers at once, across all files.
     pub memory_budget: u64,
     /// Hash every chunk (blake3): checked against the remote's digests when it offers them,
@@ -55,6 +61,7 @@ impl Default for ReadConfig {
             },
             sequential_slack: 8 << 20,
             concurrency: 16,
+            max_concurrency: MAX_CONCURRENCY,
             memory_budget: 64 << 20,
             verify: true,
             retries: 5,
@@ -121,6 +128,9 @@ pub enum Ahead {
     Bulk,
 }
 
+/// How far the number of GETs at once may grow unless configured otherwise.
+pub const MAX_CONCURRENCY: usize = 64;
+
 /// Memory budget units (64 KiB).
 const UNIT: u64 = 64 << 10;
 
@@ -131,9 +141,10 @@ pub struct Reader {
     cache: Option<Arc<Cache>>,
     cfg: ReadConfig,
     rt: Handle,
-    requests: Semaphore,
-    /// Slots background fetches (readahead, warm-up) may hold: half of `requests`.
-    background: Semaphore,
+    /// Request slots: how many GETs at once, half of them at most for background fetches.
+    slots: Slots,
+    /// The readahead window never grows past this (a quarter of the cache).
+    window_cap: u64,
     /// Fetches readers wait on, in flight now: background transfers pause while there are.
     foreground: std::sync::atomic::AtomicUsize,
     budget: Semaphore,
@@ -199,6 +210,7 @@ const MAX_LINEAGE_DEPTH: u32 = 8;
 impl Reader {
     /// `cache` is `None` to read without caching (every read goes to the remote).
     pub fn new(store: DynStore, cache: Option<Arc<Cache>>, mut cfg: ReadConfig, rt: Handle) -> Arc<Self> {
+        let mut window_cap = u64::MAX;
         if let Some(c) = &cache {
             // Readahead must fit in the cache with room to spare, or it evicts what it fetched
             // before the reader gets there and everything is fetched twice.
@@ -206,12 +218,13 @@ impl Reader {
             cfg.readahead.max = cfg.readahead.max.min(cap);
             cfg.readahead.initial = cfg.readahead.initial.min(cfg.readahead.max);
             cfg.max_request = cfg.max_request.min((cap / 2).max(c.chunk_size()));
+            window_cap = cap;
         }
         let units = (cfg.memory_budget / UNIT).max(1) as usize;
         let ranged = store.capabilities().ranged_reads;
         Arc::new(Reader {
-            requests: Semaphore::new(cfg.concurrency.max(1)),
-            background: Semaphore::new((cfg.concurrency / 2).max(1)),
+            slots: Slots::new(cfg.concurrency, cfg.max_concurrency),
+            window_cap,
             foreground: std::sync::atomic::AtomicUsize::new(0),
             budget: Semaphore::new(units.min(Semaphore::MAX_PERMITS)),
             store,
@@ -369,15 +382,34 @@ impl Reader {
 
     /// Requests to the remote in flight now.
     pub fn requests_in_flight(&self) -> usize {
-        self.cfg.concurrency.max(1) - self.requests.available_permits()
+        self.slots.in_use()
+    }
+
+    /// Requests this remote may have in flight at once now, and at most.
+    pub fn concurrency_now(&self) -> (usize, usize) {
+        (self.slots.limit(), self.slots.max())
     }
 
     /// A place among the requests this remote may have in flight at once.
-    async fn request_permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ReadError> {
-        self.requests
-            .acquire()
+    async fn request_permit(&self) -> Result<Slot<'_>, ReadError> {
+        self.slots
+            .request()
             .await
-            .map_err(|_| ReadError::Integrity("shutting down".into()))
+            .ok_or_else(|| ReadError::Integrity("shutting down".into()))
+    }
+
+    /// The readahead settings for now: the window may reach as far as the background share
+    /// of the request slots fetches at once, and half again as far when that number may
+    /// grow: a reader of a remote that is slow per request then wants more GETs than it gets,
+    /// which is what makes the number grow ([`slots`]).
+    fn readahead_now(&self) -> ReadaheadConfig {
+        let mut ra = self.cfg.readahead;
+        let mut slots = self.slots.background_limit() as u64 * self.cfg.max_request;
+        if self.slots.max() > self.cfg.concurrency {
+            slots = slots * 3 / 2;
+        }
+        ra.max = ra.max.max(slots.min(self.window_cap));
+        ra
     }
 
     /// Records that version `etag` of `path`, which we uploaded, equals an older version on
@@ -471,6 +503,38 @@ struct Flight {
     promoted: AtomicBool,
 }
 
+/// Lands a flight that ends without landing (its task panicked, or was dropped): its readers
+/// then get an error instead of waiting for ever.
+struct Landing<'a> {
+    version: &'a Version,
+    flight: &'a Arc<Flight>,
+    landed: bool,
+}
+
+impl<'a> Landing<'a> {
+    fn new(version: &'a Version, flight: &'a Arc<Flight>) -> Self {
+        Landing {
+            version,
+            flight,
+            landed: false,
+        }
+    }
+
+    fn land(mut self, result: Result<(), ReadError>) {
+        self.landed = true;
+        self.version.land(self.flight, result);
+    }
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        if !self.landed {
+            let e = ReadError::Integrity("the fetch ended without an outcome".into());
+            self.version.land(self.flight, Err(e));
+        }
+    }
+}
+
 /// One version of one artifact, as long as someone reads it.
 #[derive(Debug)]
 pub struct Version {
@@ -529,7 +593,7 @@ impl Version {
         let cfg = &self.reader.cfg;
         let prefetch = ra
             .lock()
-            .on_read(&range, self.size, &cfg.readahead, cfg.sequential_slack);
+            .on_read(&range, self.size, &self.reader.readahead_now(), cfg.sequential_slack);
         let mut reply = Some(reply);
         let Some(file) = self.file.clone() else {
             let reply = reply.take().expect("reply unused");
@@ -793,6 +857,7 @@ impl Version {
         };
         let v = self.clone();
         self.reader.rt.spawn(async move {
+            let landing = Landing::new(&v, &flight);
             let result = async {
                 file.reserve(&asked, false)?;
                 let digests = v.digests().await?;
@@ -801,13 +866,14 @@ impl Version {
                     .await
             }
             .await;
-            v.land(&flight, result);
+            landing.land(result);
         });
     }
 
     async fn fly(self: Arc<Self>, flight: Arc<Flight>) {
+        let landing = Landing::new(&self, &flight);
         let result = self.fly_inner(&flight).await;
-        self.land(&flight, result);
+        landing.land(result);
     }
 
     /// A flight is over: readers waiting on it see how it ended.
@@ -838,7 +904,7 @@ impl Version {
         // readers always find the other half.
         let _background = match flight.background {
             true => tokio::select! {
-                p = r.background.acquire() => Some(p.map_err(|_| ReadError::Integrity("shutting down".into()))?),
+                p = r.slots.background() => Some(p.ok_or_else(|| ReadError::Integrity("shutting down".into()))?),
                 _ = flight.promote.notified() => None,
             },
             false => None,
@@ -853,6 +919,9 @@ impl Version {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() => match backoff.next() {
                     Some(d) => {
+                        if matches!(e, ReadError::Remote(StoreError::Unavailable(_))) {
+                            r.slots.overloaded();
+                        }
                         tracing::debug!(path = %self.path, chunk = next, "retrying in {d:?}: {e}");
                         tokio::time::sleep(d).await;
                     }
@@ -921,6 +990,7 @@ impl Version {
                 writer.write(&piece[..n])?;
                 piece.advance(n);
                 r.count(|c| c.fetched_bytes.fetch_add(n as u64, Ordering::Relaxed));
+                r.slots.received(n as u64);
                 if writer.remaining() == 0 {
                     if self.checked_by_tag(file) {
                         let tag = self.etag.as_str().trim_matches('"');

@@ -614,3 +614,120 @@ async fn readahead_goes_on_while_another_reader_waits_and_bulk_work_pauses() {
     assert_eq!(read(&vb, &ra, 0, 4 << 20).await.unwrap(), b);
     assert_eq!(read(&vc, &ra, 0, 4 << 20).await.unwrap(), c);
 }
+
+/// Reads `v` from start to end in 1 MiB reads while noting the most GETs in flight at once.
+async fn read_all_counting(e: &Env, v: &Arc<Version>) -> (Vec<u8>, usize) {
+    let reader = e.reader.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let d = done.clone();
+    let peak = tokio::spawn(async move {
+        let mut peak = 0;
+        while !d.load(Ordering::Acquire) {
+            peak = peak.max(reader.requests_in_flight());
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        peak
+    });
+    let got = read_all(v, MIB as u32).await;
+    done.store(true, Ordering::Release);
+    (got, peak.await.unwrap())
+}
+
+fn adaptive(start: usize, max: usize) -> ReadConfig {
+    ReadConfig {
+        concurrency: start,
+        max_concurrency: max,
+        max_request: MIB,
+        ..fast_retries()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_gets_grow_while_each_connection_is_limited() {
+    // Every GET gets 8 MiB/s, as from a server with a rate limit per connection: two GETs at
+    // once give 16 MiB/s, sixteen give 128.
+    let e = env_with(1 << 40, adaptive(2, 32));
+    e.faulty.inject_always(Fault::Throttle(8 * MIB));
+    let big = data(128 * MIB as usize, 40);
+    let t = e.mem.insert("big", big.clone());
+    let v = open(&e, "big", &t, big.len());
+    let (got, peak) = read_all_counting(&e, &v).await;
+    assert!(got == big, "bytes differ");
+    let (now, max) = e.reader.concurrency_now();
+    assert_eq!(max, 32);
+    assert!(now >= 8, "grew from 2 to only {now}");
+    assert!(peak >= 6, "at most {peak} GETs at once");
+
+    // The same settings with a fixed number: never more than 2 at once.
+    let e = env_with(1 << 40, adaptive(2, 2));
+    e.faulty.inject_always(Fault::Throttle(8 * MIB));
+    let t = e.mem.insert("big", big[..16 * MIB as usize].to_vec());
+    let v = open(&e, "big", &t, 16 * MIB as usize);
+    let (_, peak) = read_all_counting(&e, &v).await;
+    assert!(peak <= 2, "{peak} GETs at once");
+    assert_eq!(e.reader.concurrency_now(), (2, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_gets_stay_few_when_the_remote_is_at_its_bandwidth() {
+    // 24 MiB/s for all GETs together: more at once bring nothing, so no raise is kept.
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemoryStore::new());
+    let limited = Arc::new(crate::store::metered::MeteredStore::new(
+        mem.clone(),
+        Some(crate::store::limited::Limit::new(24 * MIB)),
+        None,
+    ));
+    let cache = cache_in(dir.path(), 1 << 40);
+    let reader = Reader::new(limited, Some(cache), adaptive(2, 32), Handle::current());
+    let big = data(64 * MIB as usize, 41);
+    let t = mem.insert("big", big.clone());
+    let v = reader.open_version("big", &t, big.len() as u64);
+    let r = reader.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let d = done.clone();
+    let highest = tokio::spawn(async move {
+        let mut highest = 0;
+        while !d.load(Ordering::Acquire) {
+            highest = highest.max(r.concurrency_now().0);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        highest
+    });
+    assert!(read_all(&v, MIB as u32).await == big, "bytes differ");
+    done.store(true, Ordering::Release);
+    let highest = highest.await.unwrap();
+    // Probes to 4 happen (and are undone); a probe to 8 would need 4 to have paid.
+    assert!(highest <= 4, "went up to {highest}");
+    assert!(reader.concurrency_now().0 <= 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_remote_gets_half_the_parallel_gets() {
+    let e = env_with(1 << 40, adaptive(8, 32));
+    let small = data(3 * MIB as usize, 42);
+    let t = e.mem.insert("f", small.clone());
+    e.faulty.inject(
+        Fault::Fail(Op::Get, StoreError::Unavailable("HTTP 503 Slow Down".into())),
+        1,
+    );
+    let v = open(&e, "f", &t, small.len());
+    assert!(read_all(&v, MIB as u32).await == small);
+    assert_eq!(e.reader.concurrency_now(), (4, 32));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_that_panics_fails_its_readers_instead_of_leaving_them_waiting() {
+    let e = env();
+    let d = data(3 * MIB as usize, 43);
+    let t = e.mem.insert("f", d.clone());
+    e.faulty.inject(Fault::Panic, 1);
+    let v = open(&e, "f", &t, d.len());
+    let ra = Mutex::new(Readahead::default());
+    let first = tokio::time::timeout(Duration::from_secs(10), read(&v, &ra, 0, 4096))
+        .await
+        .expect("the reader got an answer");
+    assert!(matches!(first, Err(ReadError::Integrity(_))), "{first:?}");
+    // The next read fetches again.
+    assert_eq!(read_all(&v, MIB as u32).await, d);
+}

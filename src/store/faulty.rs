@@ -49,6 +49,11 @@ pub enum Fault {
     CorruptBody,
     /// A `GET` is answered this much later (a slow remote).
     Delay(std::time::Duration),
+    /// A `GET` panics (a bug in the code that answers it).
+    Panic,
+    /// Each `GET` body comes at most this many bytes per second, in pieces of at most 64 KiB
+    /// (a remote that limits each connection, as nginx's `limit_rate`, or a long path).
+    Throttle(u64),
 }
 
 impl Fault {
@@ -143,6 +148,34 @@ fn cut(body: Body, after: u64, error: bool) -> Body {
     head.chain(futures_util::stream::iter(tail)).boxed()
 }
 
+/// Paces `body` to `rate` bytes per second from its first piece on.
+fn throttle(body: Body, rate: u64) -> Body {
+    const PIECE: usize = 64 << 10;
+    let pieces = body.flat_map(|item| {
+        let split: Vec<StoreResult<Bytes>> = match item {
+            Ok(b) => (0..b.len())
+                .step_by(PIECE)
+                .map(|at| Ok(b.slice(at..(at + PIECE).min(b.len()))))
+                .collect(),
+            Err(e) => vec![Err(e)],
+        };
+        futures_util::stream::iter(split)
+    });
+    let start = tokio::time::Instant::now();
+    pieces
+        .scan(0u64, move |sent, item| {
+            if let Ok(b) = &item {
+                *sent += b.len() as u64;
+            }
+            let due = start + std::time::Duration::from_secs_f64(*sent as f64 / rate.max(1) as f64);
+            async move {
+                tokio::time::sleep_until(due).await;
+                Some(item)
+            }
+        })
+        .boxed()
+}
+
 #[async_trait]
 impl Store for FaultyStore {
     fn id(&self) -> &str {
@@ -183,6 +216,9 @@ impl Store for FaultyStore {
             Some(by) => r.start + by..r.end + by,
             None => r,
         });
+        if self.take(Op::Get, |f| matches!(f, Fault::Panic)).is_some() {
+            panic!("injected: a GET of {path} panics");
+        }
         if let Some(Fault::Delay(d)) = self.take(Op::Get, |f| matches!(f, Fault::Delay(_))) {
             tokio::time::sleep(d).await;
         }
@@ -195,6 +231,9 @@ impl Store for FaultyStore {
         }
         if let Some(Fault::CutBody { after, error }) = self.take(Op::Get, |f| matches!(f, Fault::CutBody { .. })) {
             resp.body = cut(resp.body, after, error);
+        }
+        if let Some(Fault::Throttle(rate)) = self.take(Op::Get, |f| matches!(f, Fault::Throttle(_))) {
+            resp.body = throttle(resp.body, rate);
         }
         if self.take(Op::Get, |f| matches!(f, Fault::CorruptBody)).is_some() {
             let mut first = true;
