@@ -423,7 +423,7 @@ def report(r):
     rows = [] if "mount_cold" not in med else [
         ("cold read, mount (`cat`)", f"{med['mount_cold']:.3f} s", speed(med["mount_cold"]), ""),
         ("cold, `curl -o FILE` into the cache's filesystem", f"{med['curl_file']:.3f} s", speed(med["curl_file"]),
-         f"mount / curl -o FILE = **{med['curl_file'] / med['mount_cold']:.2f}×** (target ≥ 0.8×)"),
+         f"mount / curl -o FILE = **{med['curl_file'] / med['mount_cold']:.2f}×** (targets: issue 2 ≥ 0.8×, issue 6 ≥ 0.95×)"),
         ("cold, `curl -o /dev/null`", f"{med['curl_null']:.3f} s", speed(med["curl_null"]),
          f"mount / curl -o /dev/null = {med['curl_null'] / med['mount_cold']:.2f}×"),
         ("warm re-read, page cache kept", f"{med['warm_kept']:.3f} s", speed(med["warm_kept"]),
