@@ -413,3 +413,38 @@ fn man_pages_cover_every_subcommand_and_the_mount_flags() {
         .collect();
     assert_eq!(listed.len(), subcommands().len() + 1, "{listed:?}");
 }
+
+#[test]
+fn serve_limit_rate_paces_each_answer() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let data = bytes(2 * MIB, 7);
+    std::fs::write(dir.path().join("f.bin"), &data).unwrap();
+    let mut server = Command::new(bin())
+        .args(["serve", s(dir.path()), "--listen", "127.0.0.1:0", "--limit-rate", "2M"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("the address")
+        .to_string();
+    // 2 MiB at 2 MiB/s: a second, less the last 64 KiB piece's share.
+    let start = Instant::now();
+    let out = Command::new("curl")
+        .args(["-sf", &format!("{url}/f.bin")])
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(out.status.success());
+    assert!(out.stdout == data, "bytes differ");
+    assert!(took >= Duration::from_millis(950), "{took:?}");
+}
