@@ -491,16 +491,21 @@ struct Progress {
 struct Flight {
     chunks: Range<u64>,
     progress: watch::Sender<Progress>,
-    /// Readahead or warm-up: no reader waits on it yet. It takes a background request slot
-    /// (at most half of the remote's).
-    background: bool,
-    /// Bulk work (warm-up, a folder's small files): its body also pauses while a reader waits
-    /// on another fetch. Readahead does not: it is the near future of a reader streaming the
-    /// file, and pausing it for other readers stalled every reader of several files at once.
-    bulk: bool,
+    /// Set when no reader waits on it yet (readahead or bulk work): it takes a background
+    /// request slot (at most half of the remote's). Bulk work (warm-up, a folder's small
+    /// files) also pauses its body while a reader waits on another fetch. Readahead does not:
+    /// it is the near future of a reader streaming the file, and pausing it for other readers
+    /// stalled every reader of several files at once.
+    ahead: Option<Ahead>,
     /// A reader came to wait on it: it stops yielding.
     promote: tokio::sync::Notify,
     promoted: AtomicBool,
+}
+
+impl Flight {
+    fn background(&self) -> bool {
+        self.ahead.is_some()
+    }
 }
 
 /// Lands a flight that ends without landing (its task panicked, or was dropped): its readers
@@ -684,7 +689,7 @@ impl Version {
                 self.start_flights(i..chunks.end, urgent, ahead);
                 continue;
             };
-            if reader && flight.background {
+            if reader && flight.background() {
                 // A reader waits on it now: no more yielding.
                 flight.promoted.store(true, Ordering::Release);
                 flight.promote.notify_one();
@@ -736,8 +741,7 @@ impl Version {
             let flight = Arc::new(Flight {
                 chunks: run,
                 progress: tx,
-                background,
-                bulk: background && ahead == Ahead::Bulk,
+                ahead: background.then_some(ahead),
                 promote: tokio::sync::Notify::new(),
                 promoted: AtomicBool::new(false),
             });
@@ -847,8 +851,7 @@ impl Version {
             let flight = Arc::new(Flight {
                 chunks: chunks.clone(),
                 progress: tx,
-                background: false,
-                bulk: false,
+                ahead: None,
                 promote: tokio::sync::Notify::new(),
                 promoted: AtomicBool::new(false),
             });
@@ -902,7 +905,7 @@ impl Version {
             .map_err(|_| ReadError::Integrity("shutting down".into()))?;
         // Background work first waits for one of its own slots (half the remote's), so
         // readers always find the other half.
-        let _background = match flight.background {
+        let _background = match flight.background() {
             true => tokio::select! {
                 p = r.slots.background() => Some(p.ok_or_else(|| ReadError::Integrity("shutting down".into()))?),
                 _ = flight.promote.notified() => None,
@@ -910,7 +913,7 @@ impl Version {
             false => None,
         };
         let _permit = r.request_permit().await?;
-        let _foreground = (!flight.background).then(|| Foreground::new(&r.foreground));
+        let _foreground = (!flight.background()).then(|| Foreground::new(&r.foreground));
         let digests = self.digests().await?;
         let mut next = flight.chunks.start;
         let mut backoff = retry_delays(r.cfg.retries);
@@ -944,7 +947,10 @@ impl Version {
         let asked = file.chunk_range(*next).start..file.chunk_range(flight.chunks.end - 1).end;
         // Disk blocks for the whole run at once: one extent, not one per chunk (a file read
         // later straight from the cache then reads as fast as a file written in one go).
-        file.reserve(&asked, flight.background || flight.chunks.end - flight.chunks.start > 1)?;
+        file.reserve(
+            &asked,
+            flight.background() || flight.chunks.end - flight.chunks.start > 1,
+        )?;
         let whole = r.whole_file.load(Ordering::Acquire);
         let resp = r
             .store
@@ -974,7 +980,7 @@ impl Version {
         while let Some(piece) = body.next().await {
             // Bulk transfers hold back while a reader waits on another fetch (the remote's
             // and this machine's bandwidth go to the reader first).
-            if flight.bulk && !flight.promoted.load(Ordering::Acquire) {
+            if flight.ahead == Some(Ahead::Bulk) && !flight.promoted.load(Ordering::Acquire) {
                 let mut waited = 0;
                 while r.foreground.load(Ordering::Acquire) > 0 && waited < 100 {
                     tokio::time::sleep(Duration::from_millis(5)).await;
