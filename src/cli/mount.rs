@@ -319,6 +319,7 @@ fn serve(r: &Resolved, ready: &mut Ready) -> Result<(), String> {
             memory_budget: cfg.read.memory_budget.0,
             verify: cfg.read.verify,
             retries: cfg.read.retries,
+            ..ReadConfig::default()
         },
         rt.handle().clone(),
     );

@@ -42,6 +42,10 @@ pub struct ReadConfig {
     /// The number of GETs at once grows up to this while more of them bring more bytes per
     /// second ([`slots`]); equal to `concurrency`, it never changes.
     pub max_concurrency: usize,
+    /// No probe for more GETs at once while this process and the machine are busy
+    /// ([`slots`]). Off only in tests: a test process runs other tests beside it, and their
+    /// CPU is not the remote's doing.
+    pub(crate) cpu_rule: bool,
     /// Bytes the engine may hold in memory for transfers at once, across all files.
     pub memory_budget: u64,
     /// Hash every chunk (blake3): checked against the remote's digests when it offers them,
@@ -62,6 +66,7 @@ impl Default for ReadConfig {
             sequential_slack: 8 << 20,
             concurrency: 16,
             max_concurrency: MAX_CONCURRENCY,
+            cpu_rule: true,
             memory_budget: 64 << 20,
             verify: true,
             retries: 5,
@@ -223,7 +228,7 @@ impl Reader {
         let units = (cfg.memory_budget / UNIT).max(1) as usize;
         let ranged = store.capabilities().ranged_reads;
         Arc::new(Reader {
-            slots: Slots::new(cfg.concurrency, cfg.max_concurrency),
+            slots: Slots::new(cfg.concurrency, cfg.max_concurrency, cfg.cpu_rule),
             window_cap,
             foreground: std::sync::atomic::AtomicUsize::new(0),
             budget: Semaphore::new(units.min(Semaphore::MAX_PERMITS)),

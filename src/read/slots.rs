@@ -245,6 +245,7 @@ pub struct Slots {
     /// The control's number, readable without its lock.
     limit: AtomicUsize,
     max: usize,
+    cpu_rule: bool,
     start: Instant,
     sample: Mutex<Sampler>,
     /// A fetch waited for a slot since the last sample.
@@ -327,12 +328,15 @@ fn background_share(limit: usize) -> usize {
 }
 
 impl Slots {
-    pub fn new(start: usize, max: usize) -> Slots {
+    /// `cpu_rule`: no probe while this process and the machine are busy (off only in tests
+    /// that share their process with other tests).
+    pub fn new(start: usize, max: usize, cpu_rule: bool) -> Slots {
         let control = Control::new(start, max);
         let (limit, max) = (control.limit(), control.max());
         Slots {
             limit: AtomicUsize::new(limit),
             max,
+            cpu_rule,
             requests: Resizable::new(limit),
             background: Resizable::new(background_share(limit)),
             control: Mutex::new(control),
@@ -405,7 +409,7 @@ impl Slots {
         let earlier = std::mem::replace(&mut s.cpu, cpu);
         drop(s);
         let secs = (now - begin) as f64 / 1e9;
-        let cpu_bound = matches!((cpu, earlier), (Some(c), Some(e)) if c.busy_since(&e, secs));
+        let cpu_bound = self.cpu_rule && matches!((cpu, earlier), (Some(c), Some(e)) if c.busy_since(&e, secs));
         let saturated = self.waited.swap(false, Ordering::AcqRel) || self.waiting.load(Ordering::Acquire) > 0;
         let rate = bytes as f64 / secs;
         let mut control = self.control.lock();

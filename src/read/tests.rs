@@ -637,6 +637,8 @@ fn adaptive(start: usize, max: usize) -> ReadConfig {
     ReadConfig {
         concurrency: start,
         max_concurrency: max,
+        // The other tests of this process use CPU too: only the throughput rule here.
+        cpu_rule: false,
         max_request: MIB,
         ..fast_retries()
     }
