@@ -173,7 +173,7 @@ def ranged_curls(url, target, size, n):
         start, end = i * step, min(size, (i + 1) * step) - 1
         dd = f"dd of={target} bs=1M seek={start} oflag=seek_bytes conv=notrunc status=none"
         procs.append(subprocess.Popen(
-            ["sh", "-c", f"curl -sf -r {start}-{end} {url} | {dd}"]
+            ["bash", "-o", "pipefail", "-c", f"curl -sf -r {start}-{end} {url} | {dd}"]
         ))
     for p in procs:
         if p.wait() != 0:

@@ -20,7 +20,7 @@
 //! [`Control`] is the pure rule, tested without I/O; [`Slots`] applies it to two resizable
 //! semaphores (all requests, and the half background work may hold).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -251,6 +251,8 @@ pub struct Slots {
     /// A fetch waited for a slot since the last sample.
     waited: AtomicBool,
     waiting: AtomicUsize,
+    /// When the number last halved for an overload (nanoseconds after `start`; 0: never).
+    last_overload: AtomicU64,
 }
 
 /// The sample being taken; times in nanoseconds after [`Slots`]' start.
@@ -344,6 +346,7 @@ impl Slots {
             sample: Mutex::new(Sampler::default()),
             waited: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
+            last_overload: AtomicU64::new(0),
         }
     }
 
@@ -398,18 +401,20 @@ impl Slots {
                     begin: Some(now),
                     bytes: 0,
                     last: now,
-                    cpu: CpuTimes::now(),
+                    cpu: None,
                 };
+                drop(s);
+                self.note_cpu();
                 return;
             }
         }
         let begin = s.begin.replace(now).expect("checked above");
         let bytes = std::mem::take(&mut s.bytes);
-        let cpu = CpuTimes::now();
-        let earlier = std::mem::replace(&mut s.cpu, cpu);
         drop(s);
         let secs = (now - begin) as f64 / 1e9;
-        let cpu_bound = self.cpu_rule && matches!((cpu, earlier), (Some(c), Some(e)) if c.busy_since(&e, secs));
+        // Read after the sampler's lock is let go: every body piece takes that lock.
+        let (cpu, earlier) = self.note_cpu();
+        let cpu_bound = matches!((cpu, earlier), (Some(c), Some(e)) if c.busy_since(&e, secs));
         let saturated = self.waited.swap(false, Ordering::AcqRel) || self.waiting.load(Ordering::Acquire) > 0;
         let rate = bytes as f64 / secs;
         let mut control = self.control.lock();
@@ -437,9 +442,30 @@ impl Slots {
         }
     }
 
-    /// The remote said it is overloaded.
+    /// Records the CPU counters at the start of a sample (with the CPU rule on); returns
+    /// them and the ones recorded before.
+    fn note_cpu(&self) -> (Option<CpuTimes>, Option<CpuTimes>) {
+        if !self.cpu_rule {
+            return (None, None);
+        }
+        let now = CpuTimes::now();
+        let earlier = std::mem::replace(&mut self.sample.lock().cpu, now);
+        (now, earlier)
+    }
+
+    /// The remote said it is overloaded. Every GET that met the overload says so; the
+    /// number halves once per [`PERIOD`].
     pub fn overloaded(&self) {
+        let now = self.start.elapsed().as_nanos() as u64;
+        let last = self.last_overload.load(Ordering::Acquire);
+        if last != 0 && now.saturating_sub(last) < PERIOD.as_nanos() as u64 {
+            return;
+        }
         let mut control = self.control.lock();
+        if self.last_overload.load(Ordering::Acquire) != last {
+            return;
+        }
+        self.last_overload.store(now.max(1), Ordering::Release);
         let before = control.limit();
         let after = control.on_overload();
         if after != before {
@@ -566,6 +592,19 @@ mod tests {
         assert_eq!(c.on_sample(s(100.0, true)), 16);
         assert_eq!(Control::new(3, 64).on_overload(), 2, "never below 2");
         assert_eq!(Control::new(1, 64).on_overload(), 1);
+    }
+
+    #[test]
+    fn an_overload_met_by_many_gets_at_once_halves_the_number_once() {
+        let slots = Slots::new(16, 64, false);
+        for _ in 0..5 {
+            slots.overloaded();
+        }
+        assert_eq!(slots.limit(), 8);
+        assert_eq!(slots.background_limit(), 4);
+        std::thread::sleep(PERIOD + Duration::from_millis(20));
+        slots.overloaded();
+        assert_eq!(slots.limit(), 4, "a later overload halves again");
     }
 
     #[tokio::test]
