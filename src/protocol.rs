@@ -110,6 +110,11 @@ pub struct DigestList {
     pub algorithm: String,
     /// Hex blake3 digest of each chunk, in order; the last chunk may be short.
     pub digests: Vec<String>,
+    /// CRC32C (Castagnoli) of each chunk, 8 hex digits each, in order: what a reader checks
+    /// the bytes it fetched against, at a fifth of blake3's CPU cost. Absent from servers
+    /// older than it; such a reader checks the blake3 digests instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32c: Option<Vec<String>>,
 }
 
 /// Body of every error response.
@@ -259,6 +264,49 @@ pub fn chunk_digests(data: &[u8], chunk_size: u64) -> Vec<[u8; 32]> {
         .collect()
 }
 
+/// CRC32C (Castagnoli, the iSCSI polynomial) of `data`.
+pub fn crc32c(data: &[u8]) -> u32 {
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, data) as u32
+}
+
+/// CRC32C of bytes fed in pieces.
+pub struct Crc32c(crc_fast::Digest);
+
+impl Crc32c {
+    pub fn new() -> Crc32c {
+        Crc32c(crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi))
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+
+    pub fn finalize(&self) -> u32 {
+        self.0.finalize() as u32
+    }
+
+    pub fn reset(&mut self) {
+        self.0.reset();
+    }
+}
+
+impl Default for Crc32c {
+    fn default() -> Crc32c {
+        Crc32c::new()
+    }
+}
+
+impl std::fmt::Debug for Crc32c {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Crc32c({:08x})", self.finalize())
+    }
+}
+
+/// Per-chunk CRC32C of `data`, as the server computes them.
+pub fn chunk_crc32c(data: &[u8], chunk_size: u64) -> Vec<u32> {
+    data.chunks(chunk_size as usize).map(crc32c).collect()
+}
+
 /// The `ETag` header value for an opaque tag.
 pub fn quote_etag(tag: &str) -> String {
     format!("\"{tag}\"")
@@ -279,6 +327,28 @@ mod tests {
         assert_ne!(base, etag_from_digests(3001, 1024, &a));
         assert_eq!(base.len(), 32);
         assert_eq!(base, etag_from_digests(3000, 1024, &a));
+    }
+
+    #[test]
+    fn crc32c_is_castagnoli_whole_or_in_pieces() {
+        // The check value of CRC-32/ISCSI.
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let mut c = Crc32c::new();
+        for piece in data.chunks(4097) {
+            c.update(piece);
+        }
+        assert_eq!(c.finalize(), crc32c(&data));
+        c.reset();
+        assert_eq!(c.finalize(), crc32c(b""));
+        assert_eq!(
+            chunk_crc32c(&data, 1 << 17),
+            vec![
+                crc32c(&data[..1 << 17]),
+                crc32c(&data[1 << 17..1 << 18]),
+                crc32c(&data[1 << 18..])
+            ]
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! One cached version of one artifact: a sparse data file holding the artifact's bytes at their
 //! own offsets, memory-mapped, plus a metadata file beside it (identity of the version, which
-//! chunks are present, a blake3 checksum per present chunk).
+//! chunks are present, a checksum per present chunk: blake3, or CRC32C where that is what the
+//! remote vouches for or the chunk is only recorded).
 //!
 //! Rules that keep it safe:
 //! - a chunk's range is `fallocate`d before its bytes are written through the mapping, so a
@@ -28,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::bitmap::Bitmap;
 use super::{CacheError, Shared};
+use crate::protocol::{Crc32c, crc32c};
 
 /// Identity of one cached version.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -53,8 +55,13 @@ pub(super) struct Meta {
     pub chunk_size: u64,
     /// Hex bitmap of present chunks.
     pub present: String,
-    /// Hex blake3 of each chunk, 64 hex digits per chunk (zeros where absent).
+    /// Hex checksum of each chunk, 64 hex digits per chunk (zeros where absent): its blake3,
+    /// or for the chunks in `crc32c` its CRC32C (4 bytes, big-endian) and zeros.
     pub checksums: String,
+    /// Hex bitmap of the chunks whose checksum is a CRC32C; absent in metadata written before
+    /// CRC32C was used (all blake3 then).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub crc32c: String,
 }
 
 impl Meta {
@@ -83,6 +90,8 @@ pub struct CacheFile {
     /// Chunks a writer holds: at most one writer per chunk, enforced here.
     claimed: Bitmap,
     checksums: Mutex<Vec<[u8; 32]>>,
+    /// Chunks whose recorded checksum is a CRC32C.
+    crc: Bitmap,
     /// Last use of each chunk, in ticks of the cache-wide clock (for eviction under pressure).
     ticks: Box<[AtomicU32]>,
     punch: RwLock<()>,
@@ -119,13 +128,54 @@ impl Drop for WholePin {
     }
 }
 
+/// How a chunk being written is hashed: for a check against what the remote vouches for,
+/// and for the record that checks the chunk again when it is found on disk after a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkHash {
+    /// Neither checked nor recorded (`verify = false`).
+    None,
+    /// blake3: the remote's tag is made of it (a version of one chunk), or the remote offers
+    /// only blake3 digests.
+    Blake3,
+    /// CRC32C: a fifth of blake3's CPU, for chunks checked against the remote's CRC32C or
+    /// only recorded.
+    Crc32c,
+}
+
+/// The checksum of one chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkSum {
+    Blake3([u8; 32]),
+    Crc32c(u32),
+}
+
+impl ChunkSum {
+    /// The 32 bytes recorded in the metadata.
+    fn record(&self) -> [u8; 32] {
+        match self {
+            ChunkSum::Blake3(d) => *d,
+            ChunkSum::Crc32c(c) => {
+                let mut r = [0u8; 32];
+                r[..4].copy_from_slice(&c.to_be_bytes());
+                r
+            }
+        }
+    }
+}
+
+enum Hasher {
+    None,
+    Blake3(Box<blake3::Hasher>),
+    Crc32c(Box<Crc32c>),
+}
+
 /// Writes one chunk; becomes visible to readers only through [`ChunkWriter::finish`].
 pub struct ChunkWriter<'a> {
     file: &'a CacheFile,
     index: u64,
     range: Range<u64>,
     written: u64,
-    hasher: Option<blake3::Hasher>,
+    hasher: Hasher,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,19 +255,27 @@ impl CacheFile {
             other => other,
         }
         .map_err(|e| CacheError::io(&data_path, e))?;
-        let (present, checksums) = match old.as_ref().and_then(|m| {
+        let (present, checksums, crc) = match old.as_ref().and_then(|m| {
             let present = Bitmap::from_hex(nchunks, &m.present)?;
             let raw = hex::decode(&m.checksums).ok()?;
             (raw.len() as u64 == nchunks * 32).then_some(())?;
             let sums = raw.chunks_exact(32).map(|c| c.try_into().unwrap_or([0; 32])).collect();
-            Some((present, sums))
+            let crc = match m.crc32c.as_str() {
+                "" => Bitmap::new(nchunks),
+                hex => Bitmap::from_hex(nchunks, hex)?,
+            };
+            Some((present, sums, crc))
         }) {
             Some(found) if file.metadata().map(|m| m.len() == key.size).unwrap_or(false) => found,
             _ => {
                 // Unknown or other version: start from an empty sparse file.
                 file.set_len(0).map_err(|e| CacheError::io(&data_path, e))?;
                 file.set_len(key.size).map_err(|e| CacheError::io(&data_path, e))?;
-                (Bitmap::new(nchunks), vec![[0u8; 32]; nchunks as usize])
+                (
+                    Bitmap::new(nchunks),
+                    vec![[0u8; 32]; nchunks as usize],
+                    Bitmap::new(nchunks),
+                )
             }
         };
         let map = if key.size > 0 {
@@ -251,6 +309,7 @@ impl CacheFile {
             claimed: Bitmap::new(nchunks),
             present,
             checksums: Mutex::new(checksums),
+            crc,
             ticks,
             punch: RwLock::new(()),
             dirty: AtomicBool::new(false),
@@ -372,8 +431,13 @@ impl CacheFile {
                     std::slice::from_raw_parts(map.as_ptr().add(r.start as usize), (r.end - r.start) as usize)
                 };
                 let recorded = self.checksums.lock()[i as usize];
+                let sum = if self.crc.get(i) {
+                    ChunkSum::Crc32c(crc32c(bytes))
+                } else {
+                    ChunkSum::Blake3(*blake3::hash(bytes).as_bytes())
+                };
                 // All zeros: written with hashing turned off, nothing to check against.
-                recorded == [0u8; 32] || *blake3::hash(bytes).as_bytes() == recorded
+                recorded == [0u8; 32] || sum.record() == recorded
             }
             None => true,
         };
@@ -422,7 +486,7 @@ impl CacheFile {
     }
 
     /// Prepares chunk `i` for writing: reserves its disk blocks.
-    pub fn begin_chunk(&self, i: u64, hash: bool) -> Result<ChunkWriter<'_>, CacheError> {
+    pub fn begin_chunk(&self, i: u64, hash: ChunkHash) -> Result<ChunkWriter<'_>, CacheError> {
         let writer = self.begin_reserved(i, hash)?;
         let range = self.chunk_range(i);
         let len = range.end - range.start;
@@ -443,7 +507,7 @@ impl CacheFile {
     /// request instead of one more per chunk, each taking the file's lock that the writes of
     /// the other fetches wait on). Blocks freed meanwhile are allocated by the write itself,
     /// which reports a full disk as [`CacheError::Full`] all the same.
-    pub fn begin_reserved(&self, i: u64, hash: bool) -> Result<ChunkWriter<'_>, CacheError> {
+    pub fn begin_reserved(&self, i: u64, hash: ChunkHash) -> Result<ChunkWriter<'_>, CacheError> {
         if !self.claimed.set(i) {
             return Err(CacheError::io(
                 &self.data_path,
@@ -455,7 +519,11 @@ impl CacheFile {
             index: i,
             range: self.chunk_range(i),
             written: 0,
-            hasher: hash.then(blake3::Hasher::new),
+            hasher: match hash {
+                ChunkHash::None => Hasher::None,
+                ChunkHash::Blake3 => Hasher::Blake3(Box::default()),
+                ChunkHash::Crc32c => Hasher::Crc32c(Box::default()),
+            },
         })
     }
 
@@ -560,6 +628,7 @@ impl CacheFile {
             chunk_size: self.chunk_size,
             present: self.present.to_hex(),
             checksums: hex::encode(self.checksums.lock().as_flattened()),
+            crc32c: self.crc.to_hex(),
         };
         let tmp = self.meta_path.with_extension("meta.tmp");
         let write = || -> io::Result<()> {
@@ -593,8 +662,12 @@ impl ChunkWriter<'_> {
         let n = data.len() as u64;
         assert!(n <= self.remaining(), "chunk overflow");
         let off = self.range.start + self.written;
-        if let Some(h) = &mut self.hasher {
-            h.update(data);
+        match &mut self.hasher {
+            Hasher::None => {}
+            Hasher::Blake3(h) => {
+                h.update(data);
+            }
+            Hasher::Crc32c(h) => h.update(data),
         }
         let f = self.file;
         f.file.write_all_at(data, off).map_err(|e| {
@@ -608,14 +681,15 @@ impl ChunkWriter<'_> {
         Ok(())
     }
 
-    /// Publishes the chunk after checking its length and, when given, the remote's digest.
-    pub fn finish(self, expected: Option<&[u8; 32]>) -> Result<(), ChunkError> {
-        self.finish_with(|d| expected.is_none_or(|e| d == e))
+    /// Publishes the chunk after checking its length and, when given, the remote's checksum
+    /// (of the kind the writer was begun with; one of another kind fails the check).
+    pub fn finish(self, expected: Option<ChunkSum>) -> Result<(), ChunkError> {
+        self.finish_with(|d| expected.is_none_or(|e| *d == e))
     }
 
-    /// Like [`ChunkWriter::finish`], with the chunk's digest judged by `check` (a chunk
+    /// Like [`ChunkWriter::finish`], with the chunk's checksum judged by `check` (a chunk
     /// written without hashing is not checked).
-    pub fn finish_with(mut self, check: impl FnOnce(&[u8; 32]) -> bool) -> Result<(), ChunkError> {
+    pub fn finish_with(mut self, check: impl FnOnce(&ChunkSum) -> bool) -> Result<(), ChunkError> {
         let len = self.range.end - self.range.start;
         if self.written != len {
             return Err(ChunkError::Length {
@@ -624,7 +698,11 @@ impl ChunkWriter<'_> {
                 got: self.written,
             });
         }
-        let digest = self.hasher.take().map(|h| *h.finalize().as_bytes());
+        let digest = match std::mem::replace(&mut self.hasher, Hasher::None) {
+            Hasher::None => None,
+            Hasher::Blake3(h) => Some(ChunkSum::Blake3(*h.finalize().as_bytes())),
+            Hasher::Crc32c(h) => Some(ChunkSum::Crc32c(h.finalize())),
+        };
         if let Some(d) = &digest
             && !check(d)
         {
@@ -632,7 +710,15 @@ impl ChunkWriter<'_> {
         }
         let f = self.file;
         if let Some(d) = digest {
-            f.checksums.lock()[self.index as usize] = d;
+            // Under the checksums' lock, so that a `persist` sees the record and its kind
+            // together.
+            let mut sums = f.checksums.lock();
+            sums[self.index as usize] = d.record();
+            if matches!(d, ChunkSum::Crc32c(_)) {
+                f.crc.set(self.index);
+            } else {
+                f.crc.clear(self.index);
+            }
         }
         f.ticks[self.index as usize].store(f.shared.tick(), Ordering::Relaxed);
         f.verified.set(self.index);

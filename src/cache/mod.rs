@@ -28,7 +28,7 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
-pub use file::{CacheFile, ChunkError, ChunkWriter, VersionKey, WholePin};
+pub use file::{CacheFile, ChunkError, ChunkHash, ChunkSum, ChunkWriter, VersionKey, WholePin};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -1008,10 +1008,67 @@ mod tests {
     }
 
     fn fill(f: &CacheFile, i: u64) {
-        let mut w = f.begin_chunk(i, true).unwrap();
+        let mut w = f.begin_chunk(i, ChunkHash::Blake3).unwrap();
         let len = w.remaining() as usize;
         w.write(&vec![i as u8; len]).unwrap();
         w.finish(None).unwrap();
+    }
+
+    /// After a restart, a chunk found on disk is used only once it matches the checksum
+    /// recorded when it was written, of whichever kind that was; metadata from before CRC32C
+    /// (no `crc32c` bitmap) holds blake3 sums.
+    #[test]
+    fn chunks_found_on_disk_are_checked_against_their_recorded_crc32c_or_blake3() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let k = key("\"v1\"", 4 * 4096);
+        let (data, meta) = {
+            let c = cache(dir.path());
+            let f = c.open_version(k.clone()).unwrap();
+            for (i, hash) in [
+                ChunkHash::Crc32c,
+                ChunkHash::Crc32c,
+                ChunkHash::Blake3,
+                ChunkHash::Blake3,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let mut w = f.begin_chunk(i as u64, hash).unwrap();
+                w.write(&[i as u8 + 1; 4096]).unwrap();
+                w.finish(None).unwrap();
+            }
+            f.persist(true).unwrap();
+            (f.data_path().to_path_buf(), c.paths(&k).2)
+        };
+        let raw: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+        assert_eq!(raw["crc32c"], "0300000000000000", "chunks 0 and 1 carry a CRC32C");
+        let disk = std::fs::OpenOptions::new().write(true).open(&data).unwrap();
+        disk.write_all_at(b"x", 4096 + 7).unwrap();
+        disk.write_all_at(b"x", 3 * 4096 + 9).unwrap();
+        {
+            let c = cache(dir.path());
+            let f = c.open_version(k.clone()).unwrap();
+            let ok: Vec<bool> = (0..4).map(|i| f.verify(i)).collect();
+            assert_eq!(ok, [true, false, true, false]);
+            assert!(f.is_present(0) && !f.is_present(1) && f.is_present(2) && !f.is_present(3));
+        }
+        // Metadata as written before CRC32C: blake3 sums only, no bitmap.
+        let k2 = key("\"v2\"", 2 * 4096);
+        let meta2 = {
+            let c = cache(dir.path());
+            let f = c.open_version(k2.clone()).unwrap();
+            fill(&f, 0);
+            fill(&f, 1);
+            f.persist(true).unwrap();
+            c.paths(&k2).2
+        };
+        let mut raw: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta2).unwrap()).unwrap();
+        raw.as_object_mut().unwrap().remove("crc32c");
+        std::fs::write(&meta2, serde_json::to_vec(&raw).unwrap()).unwrap();
+        let c = cache(dir.path());
+        let f = c.open_version(k2).unwrap();
+        assert!(f.verify(0) && f.verify(1));
     }
 
     /// `will_need` has the kernel read in the chunks on disk, and leaves the holes alone: a

@@ -2,7 +2,7 @@
 //! fetched with ranged GETs ("flights") that run in parallel, bounded per remote; every
 //! chunk has at most one flight, which all readers of the chunk wait on; sequential readers
 //! grow a readahead window; every response is checked against the version it must belong to
-//! (status, `Content-Range`, length, ETag, and blake3 digests when the remote offers them).
+//! (status, `Content-Range`, length, ETag, and chunk digests, CRC32C or blake3, when the remote offers them).
 //!
 //! It owns no FUSE types and no inode logic: `fs/` asks it for versions and bytes.
 
@@ -25,7 +25,7 @@ use tokio::sync::{OnceCell, Semaphore, watch};
 
 use slots::{Slot, Slots};
 
-use crate::cache::{Cache, CacheError, CacheFile, ChunkError, VersionKey};
+use crate::cache::{Cache, CacheError, CacheFile, ChunkError, ChunkHash, ChunkSum, VersionKey};
 use crate::store::{Content, Digests, DynStore, ETag, GetResponse, Head, ObjectMeta, Revalidated, StoreError};
 pub use plan::{Readahead, ReadaheadConfig};
 
@@ -48,8 +48,9 @@ pub struct ReadConfig {
     pub(crate) cpu_rule: bool,
     /// Bytes the engine may hold in memory for transfers at once, across all files.
     pub memory_budget: u64,
-    /// Hash every chunk (blake3): checked against the remote's digests when it offers them,
-    /// and recorded so chunks found on disk later can be checked again.
+    /// Hash every chunk: checked against the remote's digests when it offers them (CRC32C,
+    /// or blake3 from a server without them and for a file of one chunk, whose tag is its
+    /// blake3), and recorded so chunks found on disk later can be checked again.
     pub verify: bool,
     /// Further tries of a transfer that broke off or delivered bad bytes.
     pub retries: usize,
@@ -785,7 +786,7 @@ impl Version {
                 return false;
             }
         }
-        let Ok(mut w) = file.begin_chunk(i, self.reader.cfg.verify) else {
+        let Ok(mut w) = file.begin_chunk(i, self.recorded_hash()) else {
             return false;
         };
         let copied = sfile.read_with(range, |b| w.write(b).is_ok()).unwrap_or(false);
@@ -810,15 +811,19 @@ impl Version {
         if file.is_present(0) || flights.iter().any(|f| f.chunks.contains(&0)) {
             return Ok(false);
         }
-        let Ok(mut w) = file.begin_chunk(0, self.reader.cfg.verify) else {
+        let by_tag = self.checked_by_tag(file);
+        let hash = if by_tag {
+            ChunkHash::Blake3
+        } else {
+            self.recorded_hash()
+        };
+        let Ok(mut w) = file.begin_chunk(0, hash) else {
             // Claimed by a fetch meanwhile.
             return Ok(false);
         };
         w.write(data)?;
-        if self.checked_by_tag(file) {
-            let tag = self.etag.as_str().trim_matches('"');
-            let (size, cs) = (self.size, file.chunk_size());
-            w.finish_with(|d| crate::protocol::etag_from_digests(size, cs, &[*d]) == tag)?;
+        if by_tag {
+            w.finish_with(|d| self.tag_vouches_for(file, d))?;
         } else {
             w.finish(None)?;
         }
@@ -979,7 +984,13 @@ impl Version {
         let r = &self.reader;
         let mut skip = self.check_response(&resp, asked)?;
         let mut body = resp.body;
-        let hash = r.cfg.verify;
+        let by_tag = self.checked_by_tag(file);
+        let hash = match digests {
+            _ if !r.cfg.verify => ChunkHash::None,
+            _ if by_tag => ChunkHash::Blake3,
+            Some(d) if d.crc32c.is_none() => ChunkHash::Blake3,
+            _ => ChunkHash::Crc32c,
+        };
         // The caller reserved the disk blocks of `asked`.
         let mut writer = file.begin_reserved(*next, hash)?;
         while let Some(piece) = body.next().await {
@@ -1003,13 +1014,10 @@ impl Version {
                 r.count(|c| c.fetched_bytes.fetch_add(n as u64, Ordering::Relaxed));
                 r.slots.received(n as u64);
                 if writer.remaining() == 0 {
-                    if self.checked_by_tag(file) {
-                        let tag = self.etag.as_str().trim_matches('"');
-                        let (size, cs) = (self.size, file.chunk_size());
-                        writer.finish_with(|d| crate::protocol::etag_from_digests(size, cs, &[*d]) == tag)?;
+                    if by_tag {
+                        writer.finish_with(|d| self.tag_vouches_for(file, d))?;
                     } else {
-                        let expected = digests.and_then(|d| d.digests.get(*next as usize));
-                        writer.finish(expected)?;
+                        writer.finish(digests.and_then(|d| expected_sum(d, *next as usize)))?;
                     }
                     *next += 1;
                     let done = *next;
@@ -1102,6 +1110,23 @@ impl Version {
             && caps.etags_from_digests
             && caps.digest_chunk_size == Some(file.chunk_size())
             && file.chunks() == 1
+    }
+
+    /// Whether the remote's tag vouches for `sum`, the blake3 of this version's one chunk.
+    fn tag_vouches_for(&self, file: &CacheFile, sum: &ChunkSum) -> bool {
+        let ChunkSum::Blake3(d) = sum else { return false };
+        let tag = self.etag.as_str().trim_matches('"');
+        crate::protocol::etag_from_digests(self.size, file.chunk_size(), &[*d]) == tag
+    }
+
+    /// How a chunk that nothing vouches for is hashed: for the record only (checked again
+    /// when found on disk after a restart), so with the cheaper CRC32C.
+    fn recorded_hash(&self) -> ChunkHash {
+        if self.reader.cfg.verify {
+            ChunkHash::Crc32c
+        } else {
+            ChunkHash::None
+        }
     }
 
     /// The remote's chunk digests of this version, fetched once, when the remote offers them
@@ -1229,6 +1254,15 @@ fn retry_delays(retries: usize) -> impl Iterator<Item = Duration> {
         .with_max_delay(Duration::from_secs(5))
         .with_max_times(retries)
         .build()
+}
+
+/// What the remote vouches chunk `i` is: its CRC32C when the remote offers them (what the
+/// chunk is hashed with then), else its blake3.
+fn expected_sum(d: &Digests, i: usize) -> Option<ChunkSum> {
+    match &d.crc32c {
+        Some(c) => c.get(i).copied().map(ChunkSum::Crc32c),
+        None => d.digests.get(i).copied().map(ChunkSum::Blake3),
+    }
 }
 
 #[cfg(test)]

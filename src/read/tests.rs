@@ -328,6 +328,42 @@ async fn bit_rot_on_the_wire_is_caught_by_the_digests() {
     assert_eq!(e.faulty.pending(), 0);
 }
 
+/// A remote that offers CRC32C has the chunks checked against them, not against blake3: with
+/// wrong CRC32C values and right blake3 ones, nothing is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_are_checked_against_the_remotes_crc32c_when_it_offers_them() {
+    let e = env();
+    let d = data(3 * MIB as usize, 31);
+    let t = e.mem.insert("f", d.clone());
+    e.faulty.inject(Fault::WrongCrc32c, 1);
+    let v = open(&e, "f", &t, d.len());
+    let ra = Mutex::new(Readahead::default());
+    let err = read(&v, &ra, 0, 4096).await.unwrap_err();
+    assert!(matches!(err, ReadError::Integrity(_)), "{err:?}");
+    // The same bytes, with the right CRC32C.
+    let t2 = e.mem.insert("g", d.clone());
+    let v = open(&e, "g", &t2, d.len());
+    assert_eq!(read_all(&v, 1 << 20).await, d);
+}
+
+/// A remote without CRC32C (a server older than them) has the chunks checked against its
+/// blake3 digests: bit rot is caught all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_crc32c_bit_rot_is_caught_by_the_blake3_digests() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemoryStore::new().without_crc32c());
+    let faulty = FaultyStore::new(mem.clone());
+    let cache = cache_in(dir.path(), 1 << 40);
+    let reader = Reader::new(faulty.clone(), Some(cache), fast_retries(), Handle::current());
+    let d = data(3 * MIB as usize, 32);
+    let t = mem.insert("f", d.clone());
+    faulty.inject(Fault::CorruptBody, 2);
+    let v = reader.open_version("f", &t, d.len() as u64);
+    assert_eq!(read_all(&v, 1 << 20).await, d);
+    assert_eq!(faulty.pending(), 0, "both corrupt answers were caught");
+    assert_eq!(mem.stats.digests.load(Ordering::Relaxed), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_of_one_chunk_is_checked_against_its_tag_without_asking_for_digests() {
     let e = env();

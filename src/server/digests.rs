@@ -7,7 +7,7 @@
 //! share one hashing job. Does not decide what a request gets; the handlers do.
 //!
 //! Hashing a file also cuts it into content-defined chunks (one read, `scan.rs`); the chunk
-//! list is kept beside the digests (memo and sidecar, format 2) and handed to the chunk index.
+//! list is kept beside the digests (memo and sidecar) and handed to the chunk index.
 //! Writes install the digests of the version they made (`install`), so nothing is hashed
 //! again after a write. A commit of parts written in place installs the digests alone and
 //! leaves the chunks to a bounded background job (`chunk_in_background`); a request for them
@@ -31,7 +31,7 @@ use tokio::sync::Semaphore;
 
 use super::chunks::ChunkIndex;
 use super::error::ServerError;
-use super::scan;
+use super::scan::{self, ChunkSums};
 use crate::protocol::{CdcChunk, DIGEST_CHUNK_SIZE, etag_from_digests};
 
 /// Files up to this size are hashed on demand and get no sidecar.
@@ -46,8 +46,9 @@ const BACKGROUND_QUEUE_MAX: usize = 4096;
 /// Bounds of the memo: entries, and digests summed over entries (32 bytes each).
 const MEMO_MAX_ENTRIES: usize = 100_000;
 const MEMO_MAX_DIGESTS: usize = 1 << 20;
-/// Sidecar format: 1 had digests only, 2 adds the content-defined chunks.
-const SIDECAR_FORMAT: u32 = 2;
+/// Sidecar format: 1 had digests only, 2 added the content-defined chunks, 3 the CRC32C of
+/// each chunk. A sidecar older than 3 is not read: its file is hashed again.
+const SIDECAR_FORMAT: u32 = 3;
 
 /// The version of a file that a set of digests describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -85,16 +86,17 @@ impl Identity {
 pub struct FileDigests {
     pub identity: Identity,
     pub chunk_size: u64,
-    pub digests: Vec<[u8; 32]>,
+    pub digests: ChunkSums,
     /// Without quotes.
     pub etag: String,
-    /// The content-defined chunks, when known (a sidecar of format 1 has none).
+    /// The content-defined chunks, when known (a commit of parts written in place leaves them
+    /// to a background job).
     pub cdc: Option<Arc<Vec<CdcChunk>>>,
 }
 
 impl FileDigests {
-    pub fn new(identity: Identity, digests: Vec<[u8; 32]>) -> FileDigests {
-        let etag = etag_from_digests(identity.size, DIGEST_CHUNK_SIZE, &digests);
+    pub fn new(identity: Identity, digests: ChunkSums) -> FileDigests {
+        let etag = etag_from_digests(identity.size, DIGEST_CHUNK_SIZE, &digests.blake3);
         FileDigests {
             identity,
             chunk_size: DIGEST_CHUNK_SIZE,
@@ -111,11 +113,16 @@ impl FileDigests {
 
     /// What the entry costs in the memo's budget (digests and chunks alike).
     fn weight(&self) -> usize {
-        self.digests.len() + self.cdc.as_ref().map_or(0, |c| c.len())
+        self.digests.blake3.len() + self.cdc.as_ref().map_or(0, |c| c.len())
     }
 
     pub fn hex_digests(&self) -> Vec<String> {
-        self.digests.iter().map(hex::encode).collect()
+        self.digests.blake3.iter().map(hex::encode).collect()
+    }
+
+    /// The CRC32C of each chunk, 8 hex digits each (`DigestList::crc32c`).
+    pub fn hex_crc32c(&self) -> Vec<String> {
+        self.digests.crc32c.iter().map(|c| format!("{c:08x}")).collect()
     }
 }
 
@@ -133,6 +140,9 @@ struct Sidecar {
     etag: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     cdc: Option<Vec<CdcChunk>>,
+    /// Absent before format 3.
+    #[serde(default)]
+    crc32c: Vec<u32>,
 }
 
 fn format_one() -> u32 {
@@ -348,9 +358,8 @@ impl DigestStore {
     }
 
     /// The digests of `file`'s version together with its content-defined chunks, computing
-    /// the chunks when only the digests were known (a sidecar of format 1, or a commit that
-    /// left them to the background). Concurrent requests for the chunks of one version share
-    /// one job.
+    /// the chunks when only the digests were known (a commit that left them to the
+    /// background). Concurrent requests for the chunks of one version share one job.
     pub async fn get_with_chunks(
         self: &Arc<Self>,
         rel: &Path,
@@ -627,10 +636,12 @@ impl DigestStore {
             || sc.identity != id
             || sc.chunk_size != DIGEST_CHUNK_SIZE
             || sc.digests.len() as u64 != chunks
+            || sc.crc32c.len() as u64 != chunks
+            || sc.format < SIDECAR_FORMAT
         {
             return None;
         }
-        let digests = sc
+        let blake3 = sc
             .digests
             .iter()
             .map(|h| {
@@ -638,12 +649,17 @@ impl DigestStore {
                 hex::decode_to_slice(h, &mut d).ok().map(|()| d)
             })
             .collect::<Option<Vec<_>>>()?;
-        let mut d = FileDigests::new(id, digests);
+        let mut d = FileDigests::new(
+            id,
+            ChunkSums {
+                blake3,
+                crc32c: sc.crc32c,
+            },
+        );
         if d.etag != sc.etag {
             return None;
         }
-        if sc.format >= SIDECAR_FORMAT
-            && let Some(cdc) = sc.cdc
+        if let Some(cdc) = sc.cdc
             && tiles(&cdc, id.size)
         {
             d = d.with_cdc(cdc);
@@ -665,6 +681,7 @@ impl DigestStore {
             digests: d.hex_digests(),
             etag: d.etag.clone(),
             cdc: d.cdc.as_ref().map(|c| c.to_vec()),
+            crc32c: d.digests.crc32c.clone(),
         };
         if let Err(e) = write_atomically(&path, &sc)
             && !self.sidecar_broken.swap(true, Ordering::Relaxed)
@@ -761,7 +778,7 @@ mod tests {
         let (rel, file) = write(tmp.path(), "f", &bytes);
         let d = store.get(&rel, &file).await.unwrap();
         let want = chunk_digests(&bytes, DIGEST_CHUNK_SIZE);
-        assert_eq!(d.digests, want);
+        assert_eq!(d.digests, ChunkSums::of(&bytes));
         assert_eq!(d.etag, etag_from_digests(bytes.len() as u64, DIGEST_CHUNK_SIZE, &want));
         store.get(&rel, &file).await.unwrap();
         assert_eq!(store.files_hashed(), 1);
@@ -775,7 +792,7 @@ mod tests {
         let store = Arc::new(DigestStore::new(&tmp.path().join("state")));
         let (rel, file) = write(tmp.path(), "e", b"");
         let d = store.get(&rel, &file).await.unwrap();
-        assert!(d.digests.is_empty());
+        assert!(d.digests.blake3.is_empty() && d.digests.crc32c.is_empty());
         assert_eq!(d.etag, etag_from_digests(0, DIGEST_CHUNK_SIZE, &[]));
     }
 
@@ -822,10 +839,33 @@ mod tests {
         let d = store.get(&rel, &file).await.unwrap();
         let path = store.sidecar_path(&rel).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        let first = hex::encode(d.digests[0]);
+        let first = hex::encode(d.digests.blake3[0]);
         std::fs::write(&path, text.replace(&first, &"0".repeat(64))).unwrap();
         let again = DigestStore::new(&state);
         assert!(again.read_sidecar(&rel, d.identity).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_sidecar_without_crc32c_is_hashed_again() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().join("state");
+        let store = Arc::new(DigestStore::new(&state));
+        let bytes = data(SMALL_FILE_MAX as usize + 1, 5);
+        let (rel, file) = write(tmp.path(), "big", &bytes);
+        let d = store.get(&rel, &file).await.unwrap();
+        let path = store.sidecar_path(&rel).unwrap();
+        let mut sc: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert!(DigestStore::new(&state).read_sidecar(&rel, d.identity).is_some());
+        // As a server before CRC32C wrote it.
+        sc["format"] = 2.into();
+        sc.as_object_mut().unwrap().remove("crc32c");
+        std::fs::write(&path, serde_json::to_vec(&sc).unwrap()).unwrap();
+        let again = Arc::new(DigestStore::new(&state));
+        assert!(again.read_sidecar(&rel, d.identity).is_none());
+        let fresh = again.get(&rel, &file).await.unwrap();
+        assert_eq!(again.files_hashed(), 1);
+        assert_eq!(fresh.digests, ChunkSums::of(&bytes));
+        assert_eq!(fresh.etag, d.etag);
     }
 
     #[tokio::test]
@@ -839,7 +879,7 @@ mod tests {
         let bytes = data(SMALL_FILE_MAX as usize + 1, 4);
         let (rel, file) = write(tmp.path(), "big", &bytes);
         let d = store.get(&rel, &file).await.unwrap();
-        assert_eq!(d.digests, chunk_digests(&bytes, DIGEST_CHUNK_SIZE));
+        assert_eq!(d.digests.blake3, chunk_digests(&bytes, DIGEST_CHUNK_SIZE));
         store.get(&rel, &file).await.unwrap();
         assert_eq!(store.files_hashed(), 1);
     }
@@ -865,7 +905,7 @@ mod tests {
         };
         for i in 0..(MEMO_MAX_ENTRIES as u64 + 10) {
             let p = PathBuf::from(format!("f{i}"));
-            m.insert(&p, Arc::new(FileDigests::new(id(i), vec![[0; 32]])));
+            m.insert(&p, Arc::new(FileDigests::new(id(i), ChunkSums::of(b"x"))));
         }
         assert_eq!(m.map.len(), MEMO_MAX_ENTRIES);
         assert!(m.get(Path::new("f0"), id(0)).is_none());

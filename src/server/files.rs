@@ -98,6 +98,7 @@ pub async fn serve_digests(
         chunk_size: d.chunk_size,
         algorithm: "blake3".to_string(),
         digests: d.hex_digests(),
+        crc32c: Some(d.hex_crc32c()),
     };
     let mut resp = json_response(&list)?;
     set_etag(&mut resp);

@@ -12,35 +12,67 @@ use std::io::{self, Read};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 
-use crate::protocol::{CDC_AVG, CDC_MAX, CDC_MIN, CdcChunk, DIGEST_CHUNK_SIZE};
+use crate::protocol::{CDC_AVG, CDC_MAX, CDC_MIN, CdcChunk, Crc32c, DIGEST_CHUNK_SIZE, crc32c};
+
+/// What the server keeps of each 1 MiB chunk of a version, in order: its blake3 (the input of
+/// the version's tag) and its CRC32C (what readers check the bytes they fetched against).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChunkSums {
+    pub blake3: Vec<[u8; 32]>,
+    pub crc32c: Vec<u32>,
+}
+
+impl ChunkSums {
+    /// The sums of `data`, hashed in 1 MiB chunks.
+    #[cfg(test)]
+    pub fn of(data: &[u8]) -> ChunkSums {
+        let mut sums = ChunkSums::default();
+        for c in data.chunks(DIGEST_CHUNK_SIZE as usize) {
+            sums.push(*blake3::hash(c).as_bytes(), crc32c(c));
+        }
+        sums
+    }
+
+    pub fn push(&mut self, blake3: [u8; 32], crc32c: u32) {
+        self.blake3.push(blake3);
+        self.crc32c.push(crc32c);
+    }
+
+    fn get(&self, i: usize) -> Option<([u8; 32], u32)> {
+        Some((*self.blake3.get(i)?, *self.crc32c.get(i)?))
+    }
+}
 
 /// What one full scan found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scan {
-    pub digests: Vec<[u8; 32]>,
+    pub digests: ChunkSums,
     pub cdc: Vec<CdcChunk>,
     /// blake3 of each requested segment, in order.
     pub segments: Vec<[u8; 32]>,
 }
 
-/// blake3 of consecutive byte ranges fed in order, each ending at one of `ends`.
+/// blake3 (and, for the 1 MiB chunks, CRC32C) of consecutive byte ranges fed in order, each
+/// ending at one of `ends`.
 struct Segmenter {
     ends: Vec<u64>,
     next: usize,
     pos: u64,
     hasher: blake3::Hasher,
-    out: Vec<[u8; 32]>,
+    crc: Option<Crc32c>,
+    out: ChunkSums,
 }
 
 impl Segmenter {
     /// Segments starting at `start` and ending at each of `ends` (ascending, all ≥ `start`).
     fn new(start: u64, ends: Vec<u64>) -> Segmenter {
         let mut s = Segmenter {
-            out: Vec::with_capacity(ends.len()),
+            out: ChunkSums::default(),
             ends,
             next: 0,
             pos: start,
             hasher: blake3::Hasher::new(),
+            crc: None,
         };
         s.close_empty();
         s
@@ -54,13 +86,19 @@ impl Segmenter {
             e = (e + DIGEST_CHUNK_SIZE).min(size);
             ends.push(e);
         }
-        Segmenter::new(start, ends)
+        let mut s = Segmenter::new(start, ends);
+        s.crc = Some(Crc32c::new());
+        s
     }
 
     fn close_empty(&mut self) {
         while self.next < self.ends.len() && self.ends[self.next] <= self.pos {
-            self.out.push(*self.hasher.finalize().as_bytes());
+            self.out.blake3.push(*self.hasher.finalize().as_bytes());
             self.hasher.reset();
+            if let Some(c) = &mut self.crc {
+                self.out.crc32c.push(c.finalize());
+                c.reset();
+            }
             self.next += 1;
         }
     }
@@ -69,13 +107,16 @@ impl Segmenter {
         while !data.is_empty() && self.next < self.ends.len() {
             let take = ((self.ends[self.next] - self.pos) as usize).min(data.len());
             self.hasher.update(&data[..take]);
+            if let Some(c) = &mut self.crc {
+                c.update(&data[..take]);
+            }
             self.pos += take as u64;
             data = &data[take..];
             self.close_empty();
         }
     }
 
-    fn finish(self) -> io::Result<Vec<[u8; 32]>> {
+    fn finish(self) -> io::Result<ChunkSums> {
         if self.next < self.ends.len() {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -163,7 +204,7 @@ pub fn scan(file: &File, size: u64, segment_ends: Vec<u64>) -> io::Result<Scan> 
     Ok(Scan {
         digests: digests.finish()?,
         cdc,
-        segments: segments.finish()?,
+        segments: segments.finish()?.blake3,
     })
 }
 
@@ -179,22 +220,22 @@ pub fn chunk_file(file: &File, size: u64) -> io::Result<Vec<CdcChunk>> {
 }
 
 /// A run of the bytes of a new file whose 1 MiB digests may be known already: `len` bytes at
-/// `offset`, and `pieces`, the digest of each 1 MiB piece from `offset` on (the last one
+/// `offset`, and `pieces`, the sums of each 1 MiB piece from `offset` on (the last one
 /// possibly short), known only when `offset` is a multiple of the chunk size (empty otherwise).
 #[derive(Debug, Clone, Copy)]
 pub struct Known<'a> {
     pub offset: u64,
     pub len: u64,
-    pub pieces: &'a [[u8; 32]],
+    pub pieces: &'a ChunkSums,
 }
 
 /// The 1 MiB digests of the first `size` bytes of `file`, which `runs` tile in order from 0.
 /// A chunk's digest is taken from the run holding a piece with the same start and end;
 /// any other chunk (across two runs, in a run that is not aligned, or the short end of a run
 /// that does not end the file) is read and hashed. Returns the digests and the bytes read.
-pub fn digests_from_pieces(file: &File, size: u64, runs: &[Known<'_>]) -> io::Result<(Vec<[u8; 32]>, u64)> {
+pub fn digests_from_pieces(file: &File, size: u64, runs: &[Known<'_>]) -> io::Result<(ChunkSums, u64)> {
     let n = size.div_ceil(DIGEST_CHUNK_SIZE);
-    let mut out = Vec::with_capacity(n as usize);
+    let mut out = ChunkSums::default();
     let (mut buf, mut read, mut j) = (Vec::new(), 0, 0);
     for i in 0..n {
         let start = i * DIGEST_CHUNK_SIZE;
@@ -210,8 +251,8 @@ pub fn digests_from_pieces(file: &File, size: u64, runs: &[Known<'_>]) -> io::Re
             let piece_end = (r.offset + (k + 1) * DIGEST_CHUNK_SIZE).min(r.offset + r.len);
             (piece_end == end).then(|| r.pieces.get(k as usize)).flatten()
         });
-        if let Some(d) = known {
-            out.push(*d);
+        if let Some((b3, crc)) = known {
+            out.push(b3, crc);
             continue;
         }
         buf.resize((end - start) as usize, 0);
@@ -223,7 +264,7 @@ pub fn digests_from_pieces(file: &File, size: u64, runs: &[Known<'_>]) -> io::Re
             ));
         }
         read += got as u64;
-        out.push(*blake3::hash(&buf).as_bytes());
+        out.push(*blake3::hash(&buf).as_bytes(), crc32c(&buf));
     }
     Ok((out, read))
 }
@@ -233,13 +274,13 @@ pub fn digests_from_pieces(file: &File, size: u64, runs: &[Known<'_>]) -> io::Re
 /// its bytes or its extent changed. Returns the digests and the bytes read.
 pub fn rehash(
     file: &File,
-    old: &[[u8; 32]],
+    old: &ChunkSums,
     old_size: u64,
     new_size: u64,
     dirty: Range<u64>,
-) -> io::Result<(Vec<[u8; 32]>, u64)> {
+) -> io::Result<(ChunkSums, u64)> {
     let n = new_size.div_ceil(DIGEST_CHUNK_SIZE);
-    let mut out = Vec::with_capacity(n as usize);
+    let mut out = ChunkSums::default();
     let mut buf = Vec::new();
     let mut read = 0;
     for i in 0..n {
@@ -247,8 +288,11 @@ pub fn rehash(
         let new_end = (start + DIGEST_CHUNK_SIZE).min(new_size);
         let old_end = (start < old_size).then(|| (start + DIGEST_CHUNK_SIZE).min(old_size));
         let untouched = dirty.end <= start || dirty.start >= new_end;
-        if old_end == Some(new_end) && untouched && (i as usize) < old.len() {
-            out.push(old[i as usize]);
+        if old_end == Some(new_end)
+            && untouched
+            && let Some((b3, crc)) = old.get(i as usize)
+        {
+            out.push(b3, crc);
             continue;
         }
         buf.resize((new_end - start) as usize, 0);
@@ -260,7 +304,7 @@ pub fn rehash(
             ));
         }
         read += got as u64;
-        out.push(*blake3::hash(&buf).as_bytes());
+        out.push(*blake3::hash(&buf).as_bytes(), crc32c(&buf));
     }
     Ok((out, read))
 }
@@ -345,7 +389,12 @@ mod tests {
             let (_t, f) = file_with(&bytes);
             let ends = vec![0, (len / 3) as u64, (len / 3) as u64, len as u64];
             let s = scan(&f, len as u64, ends.clone()).unwrap();
-            assert_eq!(s.digests, chunk_digests(&bytes, DIGEST_CHUNK_SIZE), "{len}");
+            assert_eq!(s.digests.blake3, chunk_digests(&bytes, DIGEST_CHUNK_SIZE), "{len}");
+            assert_eq!(
+                s.digests.crc32c,
+                crate::protocol::chunk_crc32c(&bytes, DIGEST_CHUNK_SIZE),
+                "{len}"
+            );
             assert_eq!(s.cdc, cdc_chunks(&bytes), "{len}");
             let mut start = 0;
             let want: Vec<[u8; 32]> = ends
@@ -384,14 +433,14 @@ mod tests {
         ];
         for (n, layout) in layouts.iter().enumerate() {
             let mut at = 0;
-            let pieces: Vec<(u64, u64, Vec<[u8; 32]>)> = layout
+            let pieces: Vec<(u64, u64, ChunkSums)> = layout
                 .iter()
                 .map(|&(len, known)| {
                     let run = &bytes[at..at + len];
                     let p = if known && at % M == 0 {
-                        chunk_digests(run, DIGEST_CHUNK_SIZE)
+                        ChunkSums::of(run)
                     } else {
-                        Vec::new()
+                        ChunkSums::default()
                     };
                     at += len;
                     ((at - len) as u64, len as u64, p)
@@ -407,7 +456,7 @@ mod tests {
                 .collect();
             let size = bytes.len() as u64;
             let (d, read) = digests_from_pieces(&f, size, &runs).unwrap();
-            assert_eq!(d, chunk_digests(&bytes, DIGEST_CHUNK_SIZE), "layout {n}");
+            assert_eq!(d, ChunkSums::of(&bytes), "layout {n}");
             let want_read: u64 = match n {
                 0 | 4 => 0,
                 // The chunk across the short run and its neighbours.
@@ -431,13 +480,13 @@ mod tests {
     /// Applies `edit` to a copy of `old` and checks the incremental results against a full
     /// computation of the new content.
     fn check(old: &[u8], edit: impl FnOnce(&mut Vec<u8>) -> Range<u64>) -> (u64, u64) {
-        let old_d = chunk_digests(old, DIGEST_CHUNK_SIZE);
+        let old_d = ChunkSums::of(old);
         let old_c = cdc_chunks(old);
         let mut new = old.to_vec();
         let dirty = edit(&mut new);
         let (_t, f) = file_with(&new);
         let (d, hashed) = rehash(&f, &old_d, old.len() as u64, new.len() as u64, dirty.clone()).unwrap();
-        assert_eq!(d, chunk_digests(&new, DIGEST_CHUNK_SIZE));
+        assert_eq!(d, ChunkSums::of(&new));
         let (c, chunked) = rechunk(&f, &old_c, old.len() as u64, new.len() as u64, dirty).unwrap();
         assert_eq!(c, cdc_chunks(&new));
         (hashed, chunked)

@@ -301,6 +301,13 @@ async fn etag_and_digests_follow_the_content() {
             chunk_size: DIGEST_CHUNK_SIZE,
             algorithm: "blake3".into(),
             digests: want,
+            // Checked against known values of a standard CRC32C in protocol.rs.
+            crc32c: Some(
+                crate::protocol::chunk_crc32c(&content, DIGEST_CHUNK_SIZE)
+                    .iter()
+                    .map(|c| format!("{c:08x}"))
+                    .collect()
+            ),
         }
     );
     let quoted = quote_etag(&tag);

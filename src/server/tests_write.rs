@@ -982,8 +982,8 @@ async fn writes_in_place_on_a_large_file_hash_only_what_changed() {
         "{hashed} bytes hashed after a 5-byte write"
     );
 
-    // The sidecar holds the new version's digests and chunks (format 2): a restarted server
-    // knows the tag and the chunks without hashing.
+    // The sidecar holds the new version's digests, CRC32C and chunks (format 3): a restarted
+    // server knows the tag and the chunks without hashing.
     let name = blake3::hash(b"big").to_hex();
     let sidecar = f
         .root()
@@ -991,7 +991,8 @@ async fn writes_in_place_on_a_large_file_hash_only_what_changed() {
         .join(&name[..2])
         .join(format!("{name}.json"));
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&sidecar).unwrap()).unwrap();
-    assert_eq!(json["format"], 2);
+    assert_eq!(json["format"], 3);
+    assert_eq!(json["crc32c"].as_array().unwrap().len(), want.len().div_ceil(1 << 20));
     assert_eq!(json["etag"], tag_of(&want));
     assert_eq!(json["cdc"].as_array().unwrap().len(), cdc_chunks(&want).len());
     f.restart();
@@ -1000,18 +1001,20 @@ async fn writes_in_place_on_a_large_file_hash_only_what_changed() {
     assert_eq!(list.chunks, cdc_chunks(&want));
     assert_eq!(f.server.store().bytes_hashed(), 0);
 
-    // A sidecar of format 1 (no chunks) still gives the tag; the chunks are computed when
-    // asked for, and the sidecar is rewritten with them.
+    // A sidecar of format 1 (no chunks, no CRC32C) is not read: the file is hashed again,
+    // to the same tag, and the sidecar is rewritten in format 3.
     let mut old: serde_json::Value = json.clone();
     old.as_object_mut().unwrap().remove("format");
     old.as_object_mut().unwrap().remove("cdc");
+    old.as_object_mut().unwrap().remove("crc32c");
     std::fs::write(&sidecar, serde_json::to_vec(&old).unwrap()).unwrap();
     f.restart();
     assert_eq!(head_tag(&c, &f.url("/big")).await, quote_etag(&tag_of(&want)));
+    assert_eq!(f.server.store().bytes_hashed(), want.len() as u64);
     let list: ChunkList = get(&c, &f.url("/big?afs=chunks"), &[]).await.json();
     assert_eq!(list.chunks, cdc_chunks(&want));
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&sidecar).unwrap()).unwrap();
-    assert_eq!(json["format"], 2);
+    assert_eq!(json["format"], 3);
 }
 
 #[tokio::test]
@@ -1208,14 +1211,14 @@ async fn in_place_parts_commit_without_a_copy_or_a_second_hash() {
             assert_eq!(list.chunks, cdc_chunks(&content));
             assert_eq!(store.bytes_hashed() - hashed, len as u64, "chunked once");
         }
-        // The sidecar gets the chunks (format 2) once they are known.
+        // The sidecar gets the chunks (format 3) once they are known.
         let deadline = Instant::now() + Duration::from_secs(20);
         while sidecar_json(&f, name).get("cdc").is_none() {
             assert!(Instant::now() < deadline, "the sidecar never got the chunks");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let json = sidecar_json(&f, name);
-        assert_eq!(json["format"], 2);
+        assert_eq!(json["format"], 3);
         assert_eq!(json["cdc"].as_array().unwrap().len(), cdc_chunks(&content).len());
     }
 }

@@ -38,13 +38,13 @@ use super::durable::{BodySink, TempFile, body_to_file, body_to_sink, copy_range,
 use super::error::ServerError;
 use super::paths::RequestPath;
 use super::paths::WriteTarget;
-use super::scan::{self, Known};
+use super::scan::{self, ChunkSums, Known};
 use super::stats::Counter;
 use super::writes::{
     Existing, check_conditions, existing, keep_permissions, persist_and_install, resolve, write_response, write_state,
 };
 use super::{Ctx, blocking, json_response};
-use crate::protocol::{CommitRequest, DIGEST_CHUNK_SIZE, PartStored, UploadStarted};
+use crate::protocol::{CommitRequest, Crc32c, DIGEST_CHUNK_SIZE, PartStored, UploadStarted};
 
 /// Largest commit body (10,000 part references fit many times over).
 const COMMIT_BODY_MAX: usize = 4 << 20;
@@ -67,13 +67,13 @@ struct Base {
 enum Place {
     /// In its own file, `<session folder>/<part>`.
     File,
-    /// Bytes `offset..offset + size` of the assembly file. `pieces` are the digests of its
+    /// Bytes `offset..offset + size` of the assembly file. `pieces` are the sums of its
     /// 1 MiB pieces from `offset` on (the last one possibly short) when `offset` is a multiple
     /// of the chunk size, else empty. `intact` turns false when another in-place write may have
     /// overwritten some of its bytes.
     InPlace {
         offset: u64,
-        pieces: Arc<[[u8; 32]]>,
+        pieces: Arc<ChunkSums>,
         intact: bool,
     },
 }
@@ -250,12 +250,13 @@ impl Session {
 }
 
 /// Hashes a part's bytes as they arrive: its tag (blake3 of all of it) and, when the part
-/// starts at a multiple of the 1 MiB digest chunk size in the file, the digest of each 1 MiB
+/// starts at a multiple of the 1 MiB digest chunk size in the file, the sums of each 1 MiB
 /// piece (the last one possibly short).
 struct PartHasher {
     tag: blake3::Hasher,
-    pieces: Option<Vec<[u8; 32]>>,
+    pieces: Option<ChunkSums>,
     piece: blake3::Hasher,
+    piece_crc: Crc32c,
     piece_len: u64,
 }
 
@@ -266,8 +267,9 @@ impl PartHasher {
             tag: blake3::Hasher::new(),
             pieces: offset
                 .filter(|o| o.is_multiple_of(DIGEST_CHUNK_SIZE))
-                .map(|_| Vec::new()),
+                .map(|_| ChunkSums::default()),
             piece: blake3::Hasher::new(),
+            piece_crc: Crc32c::new(),
             piece_len: 0,
         }
     }
@@ -280,21 +282,23 @@ impl PartHasher {
         while !data.is_empty() {
             let take = ((DIGEST_CHUNK_SIZE - self.piece_len) as usize).min(data.len());
             self.piece.update(&data[..take]);
+            self.piece_crc.update(&data[..take]);
             self.piece_len += take as u64;
             data = &data[take..];
             if self.piece_len == DIGEST_CHUNK_SIZE {
-                pieces.push(*self.piece.finalize().as_bytes());
+                pieces.push(*self.piece.finalize().as_bytes(), self.piece_crc.finalize());
                 self.piece.reset();
+                self.piece_crc.reset();
                 self.piece_len = 0;
             }
         }
     }
 
-    /// The hex tag and the pieces' digests.
-    fn finish(self) -> (String, Vec<[u8; 32]>) {
+    /// The hex tag and the pieces' sums.
+    fn finish(self) -> (String, ChunkSums) {
         let mut pieces = self.pieces.unwrap_or_default();
         if self.piece_len > 0 {
-            pieces.push(*self.piece.finalize().as_bytes());
+            pieces.push(*self.piece.finalize().as_bytes(), self.piece_crc.finalize());
         }
         (self.tag.finalize().to_hex().to_string(), pieces)
     }
@@ -349,7 +353,7 @@ impl InPlaceWrite {
             size: self.written,
             place: Place::InPlace {
                 offset: self.offset,
-                pieces: pieces.into(),
+                pieces: Arc::new(pieces),
                 intact: !foreign.iter().any(|r| overlaps(r, &range)),
             },
         };
@@ -1051,9 +1055,9 @@ mod tests {
             let (tag, pieces) = h.finish();
             assert_eq!(tag, blake3::hash(&bytes).to_hex().as_str());
             let want = if offset.is_some_and(|o| o % DIGEST_CHUNK_SIZE == 0) {
-                crate::protocol::chunk_digests(&bytes, DIGEST_CHUNK_SIZE)
+                ChunkSums::of(&bytes)
             } else {
-                Vec::new()
+                ChunkSums::default()
             };
             assert_eq!(pieces, want, "{offset:?}");
         }

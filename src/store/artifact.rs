@@ -536,9 +536,23 @@ impl Store for ArtifactStore {
                 list.size
             )));
         }
+        let crc32c = match &list.crc32c {
+            None => None,
+            Some(sums) => Some(
+                sums.iter()
+                    .map(|c| match c.len() {
+                        8 => u32::from_str_radix(c, 16).ok(),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<u32>>>()
+                    .filter(|s| s.len() == digests.len())
+                    .ok_or_else(|| StoreError::Protocol(format!("{what}: bad crc32c list")))?,
+            ),
+        };
         Ok(Some(Digests {
             chunk_size: list.chunk_size,
             digests,
+            crc32c,
         }))
     }
 

@@ -54,12 +54,16 @@ pub enum Fault {
     /// Each `GET` body comes at most this many bytes per second, in pieces of at most 64 KiB
     /// (a remote that limits each connection, as nginx's `limit_rate`, or a long path).
     Throttle(u64),
+    /// A digests answer carries wrong CRC32C values (and right blake3 ones): a reader that
+    /// checks the CRC32C refuses every chunk.
+    WrongCrc32c,
 }
 
 impl Fault {
     fn op(&self) -> Op {
         match self {
             Fault::Fail(op, _) => *op,
+            Fault::WrongCrc32c => Op::Digests,
             _ => Op::Get,
         }
     }
@@ -257,7 +261,15 @@ impl Store for FaultyStore {
 
     async fn digests(&self, path: &str, etag: &ETag) -> StoreResult<Option<Digests>> {
         self.fail(Op::Digests)?;
-        self.inner.digests(path, etag).await
+        let mut d = self.inner.digests(path, etag).await?;
+        if self.take(Op::Digests, |f| matches!(f, Fault::WrongCrc32c)).is_some()
+            && let Some(crc) = d.as_mut().and_then(|d| d.crc32c.as_mut())
+        {
+            for c in crc {
+                *c ^= 1;
+            }
+        }
+        Ok(d)
     }
 
     async fn put(&self, path: &str, body: Bytes, cond: WriteCondition) -> StoreResult<ObjectMeta> {

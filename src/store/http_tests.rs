@@ -280,3 +280,42 @@ async fn a_bundle_cut_inside_a_file_ends_in_an_error_after_the_whole_files() {
         got[1]
     );
 }
+
+/// `?afs=digests` with CRC32C (this server), without (an older one), and with a CRC32C list
+/// that does not match the chunks (refused, not half-used).
+#[tokio::test]
+async fn digests_carry_crc32c_when_the_server_has_them() {
+    use crate::store::{ETag, Store};
+    fn list(crc32c: Option<Vec<&str>>) -> Response {
+        axum::Json(crate::protocol::DigestList {
+            etag: "v1".into(),
+            size: (1 << 20) + 1,
+            chunk_size: 1 << 20,
+            algorithm: "blake3".into(),
+            digests: vec!["ab".repeat(32), "cd".repeat(32)],
+            crc32c: crc32c.map(|v| v.into_iter().map(String::from).collect()),
+        })
+        .into_response()
+    }
+    let (_s, url) = serve(vec![
+        |_| scripted_info(true),
+        |_| list(Some(vec!["e3069283", "0000002a"])),
+        |_| list(None),
+        |_| list(Some(vec!["e3069283"])),
+        |_| list(Some(vec!["e3069283", "xyz"])),
+    ])
+    .await;
+    let store = crate::store::artifact::ArtifactStore::connect(&url, quick(), None)
+        .await
+        .unwrap();
+    let v1 = ETag::new("\"v1\"");
+    let d = store.digests("f", &v1).await.unwrap().unwrap();
+    assert_eq!(d.digests, vec![[0xab; 32], [0xcd; 32]]);
+    assert_eq!(d.crc32c, Some(vec![0xe306_9283, 42]));
+    let d = store.digests("f", &v1).await.unwrap().unwrap();
+    assert_eq!(d.crc32c, None);
+    for _ in 0..2 {
+        let err = store.digests("f", &v1).await.unwrap_err();
+        assert!(matches!(err, StoreError::Protocol(_)), "{err}");
+    }
+}

@@ -62,6 +62,8 @@ pub struct MemoryStore {
     caps: Capabilities,
     /// Stream bodies in pieces of this size, as a network would.
     piece: usize,
+    /// Serve CRC32C beside the blake3 digests (a server older than them does not).
+    crc32c: bool,
     state: Mutex<State>,
     pub stats: MemoryStats,
 }
@@ -95,6 +97,7 @@ impl MemoryStore {
                 ..Capabilities::read_only()
             },
             piece: 64 << 10,
+            crc32c: true,
             state: Mutex::new(State::default()),
             stats: MemoryStats::default(),
         }
@@ -102,6 +105,12 @@ impl MemoryStore {
 
     pub fn with_capabilities(mut self, caps: Capabilities) -> Self {
         self.caps = caps;
+        self
+    }
+
+    /// Serves blake3 digests only, as a server from before CRC32C.
+    pub fn without_crc32c(mut self) -> Self {
+        self.crc32c = false;
         self
     }
 
@@ -346,6 +355,7 @@ impl Store for MemoryStore {
         Ok(Some(Digests {
             chunk_size: chunk,
             digests: protocol::chunk_digests(&obj.data, chunk),
+            crc32c: self.crc32c.then(|| protocol::chunk_crc32c(&obj.data, chunk)),
         }))
     }
 

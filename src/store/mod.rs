@@ -200,11 +200,14 @@ impl fmt::Debug for GetResponse {
     }
 }
 
-/// Per-chunk blake3 digests of one version.
+/// Per-chunk digests of one version: blake3 (what its tag is made of) and, when the remote
+/// has them, CRC32C (what a reader checks fetched bytes against, for a fifth of the CPU).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Digests {
     pub chunk_size: u64,
     pub digests: Vec<[u8; 32]>,
+    /// One per chunk when present.
+    pub crc32c: Option<Vec<u32>>,
 }
 
 /// The precondition a write carries.
