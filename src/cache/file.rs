@@ -709,12 +709,13 @@ impl ChunkWriter<'_> {
             return Err(ChunkError::Digest { index: self.index });
         }
         let f = self.file;
-        if let Some(d) = digest {
+        {
             // Under the checksums' lock, so that a `persist` sees the record and its kind
-            // together.
+            // together. A chunk written without hashing records zeros (nothing to check), not
+            // the sum of the bytes it replaces.
             let mut sums = f.checksums.lock();
-            sums[self.index as usize] = d.record();
-            if matches!(d, ChunkSum::Crc32c(_)) {
+            sums[self.index as usize] = digest.map_or([0; 32], |d| d.record());
+            if matches!(digest, Some(ChunkSum::Crc32c(_))) {
                 f.crc.set(self.index);
             } else {
                 f.crc.clear(self.index);

@@ -1067,8 +1067,19 @@ mod tests {
         raw.as_object_mut().unwrap().remove("crc32c");
         std::fs::write(&meta2, serde_json::to_vec(&raw).unwrap()).unwrap();
         let c = cache(dir.path());
-        let f = c.open_version(k2).unwrap();
+        let f = c.open_version(k2.clone()).unwrap();
         assert!(f.verify(0) && f.verify(1));
+        // A chunk written again without hashing (`verify = false`) records nothing to check,
+        // not the sum of the bytes it replaced.
+        assert_eq!(f.punch(1), 4096);
+        let mut w = f.begin_chunk(1, ChunkHash::None).unwrap();
+        w.write(&[9; 4096]).unwrap();
+        w.finish(None).unwrap();
+        f.persist(true).unwrap();
+        drop((f, c));
+        let c = cache(dir.path());
+        let f = c.open_version(k2).unwrap();
+        assert!(f.verify(0) && f.verify(1), "chunk 1 is not checked against its old sum");
     }
 
     /// `will_need` has the kernel read in the chunks on disk, and leaves the holes alone: a
