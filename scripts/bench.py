@@ -197,7 +197,7 @@ def main():
 
 def run(url, big, local, store):
     r = {k: [] for k in [
-        "mount_cold", "curl_file", "curl_null", "warm_kept", "warm_dropped", "local_kept", "local_dropped",
+        "mount_cold", "curl_file", "curl_null", "warm_first", "warm_kept", "warm_dropped", "local_kept", "local_dropped",
         "ls_cold", "ls_warm", "ls_local_cold", "ls_local_warm", "cpu_per_gib"]}
     anon = rss = 0
     mnt = os.path.join(WORK, "mnt")
@@ -222,6 +222,11 @@ def run(url, big, local, store):
             # local copy in alternating order: on this VM the first read after a run that freed
             # gigabytes lands on memory the balloon has reported and is slow whoever makes it
             # (a local file: 1.01 s, then 0.53 s; see docs/BENCHMARKS.md).
+            # The first re-read, right after the cold read, opens the file in passthrough
+            # mode for the first time: the kernel then drops the file's own page cache (what
+            # the cold read left in it), 0.12-0.2 s for 1 GiB here. The re-read after it is
+            # compared with the local copy, which is read once before its timed read too.
+            r["warm_first"].append(timed(lambda: cat(os.path.join(mnt, "big.bin"))))
             r["warm_kept"].append(timed(lambda: cat(os.path.join(mnt, "big.bin"))))
             pair = [("warm_dropped", os.path.join(mnt, "big.bin")), ("local_dropped", local)]
             for name, path in in_turns(rnd, pair):
@@ -427,7 +432,9 @@ def report(r):
         ("cold, `curl -o /dev/null`", f"{med['curl_null']:.3f} s", speed(med["curl_null"]),
          f"mount / curl -o /dev/null = {med['curl_null'] / med['mount_cold']:.2f}×"),
         ("warm re-read, page cache kept", f"{med['warm_kept']:.3f} s", speed(med["warm_kept"]),
-         f"vs local copy = {med['local_kept'] / med['warm_kept']:.2f}×"),
+         f"vs local copy = **{med['local_kept'] / med['warm_kept']:.2f}×** (target ≥ 0.9×)"),
+        ("first re-read, right after the cold read", f"{med['warm_first']:.3f} s", speed(med["warm_first"]),
+         f"vs local copy = {med['local_kept'] / med['warm_first']:.2f}× (its open waits for the kernel to drop the file's page cache)"),
         ("local copy, page cache kept", f"{med['local_kept']:.3f} s", speed(med["local_kept"]), ""),
         ("warm re-read, page cache dropped", f"{med['warm_dropped']:.3f} s", speed(med["warm_dropped"]),
          f"vs local copy = {med['local_dropped'] / med['warm_dropped']:.2f}×"),
