@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::{Buf, Bytes};
 use memmap2::{Advice, MmapOptions, MmapRaw};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -164,14 +163,6 @@ impl ChunkSum {
     }
 }
 
-/// Bytes of a chunk written at once by [`ChunkWriter::push`]. The page cache holds what one
-/// write brings in folios as large as the write, and the kernel reads complete files from it
-/// for passthrough readers: a 1 GiB file written 512 KiB at a time is read back from the
-/// page cache in 0.041 s here, one written as the network's pieces come (64 KiB and less) in
-/// 0.047–0.088 s. Writes of 1 MiB made the kernel's time in a cold read five times longer on
-/// this machine (allocating folios that large right after the page cache was dropped).
-const WRITE_BATCH: u64 = 512 << 10;
-
 enum Hasher {
     None,
     Blake3(Box<blake3::Hasher>),
@@ -183,12 +174,7 @@ pub struct ChunkWriter<'a> {
     file: &'a CacheFile,
     index: u64,
     range: Range<u64>,
-    /// Bytes taken, written or queued.
     written: u64,
-    /// Pieces taken by [`ChunkWriter::push`] and not written yet, from `range.start +
-    /// flushed` on.
-    queued: Vec<Bytes>,
-    flushed: u64,
     hasher: Hasher,
 }
 
@@ -533,8 +519,6 @@ impl CacheFile {
             index: i,
             range: self.chunk_range(i),
             written: 0,
-            queued: Vec::new(),
-            flushed: 0,
             hasher: match hash {
                 ChunkHash::None => Hasher::None,
                 ChunkHash::Blake3 => Hasher::Blake3(Box::default()),
@@ -673,7 +657,11 @@ impl ChunkWriter<'_> {
         (self.range.end - self.range.start) - self.written
     }
 
-    fn hash(&mut self, data: &[u8]) {
+    /// Appends bytes to the chunk; never more than [`ChunkWriter::remaining`].
+    pub fn write(&mut self, data: &[u8]) -> Result<(), CacheError> {
+        let n = data.len() as u64;
+        assert!(n <= self.remaining(), "chunk overflow");
+        let off = self.range.start + self.written;
         match &mut self.hasher {
             Hasher::None => {}
             Hasher::Blake3(h) => {
@@ -681,96 +669,15 @@ impl ChunkWriter<'_> {
             }
             Hasher::Crc32c(h) => h.update(data),
         }
-    }
-
-    fn io_error(&self, e: io::Error) -> CacheError {
-        if e.raw_os_error() == Some(libc::ENOSPC) {
-            CacheError::Full
-        } else {
-            CacheError::io(&self.file.data_path, e)
-        }
-    }
-
-    /// Appends bytes to the chunk at once; never more than [`ChunkWriter::remaining`].
-    pub fn write(&mut self, data: &[u8]) -> Result<(), CacheError> {
-        let n = data.len() as u64;
-        assert!(n <= self.remaining(), "chunk overflow");
-        self.flush()?;
-        self.hash(data);
-        let off = self.range.start + self.written;
-        self.file.file.write_all_at(data, off).map_err(|e| self.io_error(e))?;
+        let f = self.file;
+        f.file.write_all_at(data, off).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                CacheError::Full
+            } else {
+                CacheError::io(&f.data_path, e)
+            }
+        })?;
         self.written += n;
-        self.flushed = self.written;
-        Ok(())
-    }
-
-    /// Appends a piece to the chunk, written with the pieces before it in one `pwritev` once
-    /// [`WRITE_BATCH`] bytes are queued or the chunk is complete; never more than
-    /// [`ChunkWriter::remaining`].
-    pub fn push(&mut self, piece: Bytes) -> Result<(), CacheError> {
-        let n = piece.len() as u64;
-        assert!(n <= self.remaining(), "chunk overflow");
-        self.hash(&piece);
-        self.written += n;
-        self.queued.push(piece);
-        if self.remaining() == 0 || self.written - self.flushed >= WRITE_BATCH {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    /// Writes the queued pieces.
-    fn flush(&mut self) -> Result<(), CacheError> {
-        // Fewer than IOV_MAX (1024) buffers per call.
-        const BATCH: usize = 512;
-        let mut at = self.range.start + self.flushed;
-        let mut queued = std::mem::take(&mut self.queued);
-        let mut first = 0;
-        while first < queued.len() {
-            let last = (first + BATCH).min(queued.len());
-            let iov: Vec<libc::iovec> = queued[first..last]
-                .iter()
-                .map(|b| libc::iovec {
-                    iov_base: b.as_ptr() as *mut libc::c_void,
-                    iov_len: b.len(),
-                })
-                .collect();
-            // SAFETY: the buffers live in `queued` for the duration of the call.
-            let n = unsafe {
-                libc::pwritev(
-                    self.file.file.as_raw_fd(),
-                    iov.as_ptr(),
-                    iov.len() as libc::c_int,
-                    at as libc::off_t,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(self.io_error(e));
-            }
-            if n == 0 {
-                return Err(self.io_error(io::Error::from(io::ErrorKind::WriteZero)));
-            }
-            // A short write: drop what went out and go on from there.
-            let mut n = n as usize;
-            at += n as u64;
-            while n > 0 {
-                let b = &mut queued[first];
-                let take = n.min(b.len());
-                b.advance(take);
-                n -= take;
-                if b.is_empty() {
-                    first += 1;
-                }
-            }
-            while first < queued.len() && queued[first].is_empty() {
-                first += 1;
-            }
-        }
-        self.flushed = at - self.range.start;
         Ok(())
     }
 
@@ -784,14 +691,6 @@ impl ChunkWriter<'_> {
     /// written without hashing is not checked).
     pub fn finish_with(mut self, check: impl FnOnce(&ChunkSum) -> bool) -> Result<(), ChunkError> {
         let len = self.range.end - self.range.start;
-        if self.flush().is_err() {
-            // What was taken did not all reach the file.
-            return Err(ChunkError::Length {
-                index: self.index,
-                expected: len,
-                got: self.flushed,
-            });
-        }
         if self.written != len {
             return Err(ChunkError::Length {
                 index: self.index,

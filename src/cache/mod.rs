@@ -1082,49 +1082,6 @@ mod tests {
         assert!(f.verify(0) && f.verify(1), "chunk 1 is not checked against its old sum");
     }
 
-    /// Pieces pushed into a chunk reach the file in order, in batches, whatever their sizes,
-    /// and the chunk's checksum covers them all.
-    #[test]
-    fn pushed_pieces_are_written_in_batches_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = Cache::open(
-            &CacheConfig {
-                dir: dir.path().to_path_buf(),
-                max_size: 1 << 30,
-                chunk_size: 1 << 20,
-                min_free: 0.0,
-                expire_after: None,
-            },
-            "test",
-        )
-        .unwrap();
-        let data = crate::testing::noise(3 << 20, 7);
-        let f = c.open_version(key("\"v1\"", data.len() as u64)).unwrap();
-        // Pieces of uneven sizes, across the batch size, starting at another size per chunk.
-        let sizes = [1usize, 4096, 65_536, 300_001, 777];
-        let mut at = 0;
-        for chunk in 0..3u64 {
-            let mut w = f.begin_chunk(chunk, ChunkHash::Crc32c).unwrap();
-            let end = at + (1 << 20);
-            let mut n = chunk as usize;
-            while at < end {
-                let len = sizes[n % sizes.len()].min(end - at);
-                w.push(bytes::Bytes::copy_from_slice(&data[at..at + len])).unwrap();
-                at += len;
-                n += 1;
-            }
-            let want = crate::protocol::crc32c(&data[end - (1 << 20)..end]);
-            w.finish(Some(ChunkSum::Crc32c(want))).unwrap();
-        }
-        assert_eq!(f.read_with(0..data.len() as u64, |b| b.to_vec()).unwrap(), data);
-        // A chunk given fewer bytes than it holds is refused, and stays missing.
-        let f2 = c.open_version(key("\"v2\"", 1 << 20)).unwrap();
-        let mut w = f2.begin_chunk(0, ChunkHash::Crc32c).unwrap();
-        w.push(bytes::Bytes::from(vec![1u8; 600 << 10])).unwrap();
-        assert!(matches!(w.finish(None), Err(ChunkError::Length { .. })));
-        assert!(!f2.is_present(0));
-    }
-
     /// `will_need` has the kernel read in the chunks on disk, and leaves the holes alone: a
     /// hole advised would be filled with zeros in the page cache, for the fetch to overwrite.
     #[test]
