@@ -2,7 +2,8 @@
 //! fetched with ranged GETs ("flights") that run in parallel, bounded per remote; every
 //! chunk has at most one flight, which all readers of the chunk wait on; sequential readers
 //! grow a readahead window; every response is checked against the version it must belong to
-//! (status, `Content-Range`, length, ETag, and chunk digests, CRC32C or blake3, when the remote offers them).
+//! (status, `Content-Range`, length, ETag, and each chunk's CRC32C or blake3 when the remote
+//! offers them).
 //!
 //! It owns no FUSE types and no inode logic: `fs/` asks it for versions and bytes.
 
