@@ -652,6 +652,11 @@ impl CacheFile {
 }
 
 impl ChunkWriter<'_> {
+    /// The chunk's number.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
     /// Bytes this chunk still needs.
     pub fn remaining(&self) -> u64 {
         (self.range.end - self.range.start) - self.written

@@ -26,7 +26,7 @@ use tokio::sync::{OnceCell, Semaphore, watch};
 
 use slots::{Slot, Slots};
 
-use crate::cache::{Cache, CacheError, CacheFile, ChunkError, ChunkHash, ChunkSum, VersionKey};
+use crate::cache::{Cache, CacheError, CacheFile, ChunkError, ChunkHash, ChunkSum, ChunkWriter, VersionKey};
 use crate::store::{Content, Digests, DynStore, ETag, GetResponse, Head, ObjectMeta, Revalidated, StoreError};
 pub use plan::{Readahead, ReadaheadConfig};
 
@@ -787,11 +787,11 @@ impl Version {
                 return false;
             }
         }
-        let Ok(mut w) = file.begin_chunk(i, self.recorded_hash()) else {
+        let Ok(mut w) = file.begin_chunk(i, self.chunk_hash(file, None)) else {
             return false;
         };
         let copied = sfile.read_with(range, |b| w.write(b).is_ok()).unwrap_or(false);
-        let ok = copied && w.finish(None).is_ok();
+        let ok = copied && self.finish_chunk(file, w, None).is_ok();
         if ok {
             tracing::trace!(path = %self.path, chunk = i, "chunk copied from the version it was written from");
         }
@@ -812,22 +812,12 @@ impl Version {
         if file.is_present(0) || flights.iter().any(|f| f.chunks.contains(&0)) {
             return Ok(false);
         }
-        let by_tag = self.checked_by_tag(file);
-        let hash = if by_tag {
-            ChunkHash::Blake3
-        } else {
-            self.recorded_hash()
-        };
-        let Ok(mut w) = file.begin_chunk(0, hash) else {
+        let Ok(mut w) = file.begin_chunk(0, self.chunk_hash(file, None)) else {
             // Claimed by a fetch meanwhile.
             return Ok(false);
         };
         w.write(data)?;
-        if by_tag {
-            w.finish_with(|d| self.tag_vouches_for(file, d))?;
-        } else {
-            w.finish(None)?;
-        }
+        self.finish_chunk(file, w, None)?;
         drop(flights);
         self.reader
             .count(|c| c.fetched_bytes.fetch_add(self.size, Ordering::Relaxed));
@@ -985,13 +975,7 @@ impl Version {
         let r = &self.reader;
         let mut skip = self.check_response(&resp, asked)?;
         let mut body = resp.body;
-        let by_tag = self.checked_by_tag(file);
-        let hash = match digests {
-            _ if !r.cfg.verify => ChunkHash::None,
-            _ if by_tag => ChunkHash::Blake3,
-            Some(d) if d.crc32c.is_none() => ChunkHash::Blake3,
-            _ => ChunkHash::Crc32c,
-        };
+        let hash = self.chunk_hash(file, digests);
         // The caller reserved the disk blocks of `asked`.
         let mut writer = file.begin_reserved(*next, hash)?;
         while let Some(piece) = body.next().await {
@@ -1015,11 +999,7 @@ impl Version {
                 r.count(|c| c.fetched_bytes.fetch_add(n as u64, Ordering::Relaxed));
                 r.slots.received(n as u64);
                 if writer.remaining() == 0 {
-                    if by_tag {
-                        writer.finish_with(|d| self.tag_vouches_for(file, d))?;
-                    } else {
-                        writer.finish(digests.and_then(|d| expected_sum(d, *next as usize)))?;
-                    }
+                    self.finish_chunk(file, writer, digests)?;
                     *next += 1;
                     let done = *next;
                     flight.progress.send_modify(|p| p.done = done);
@@ -1113,21 +1093,33 @@ impl Version {
             && file.chunks() == 1
     }
 
-    /// Whether the remote's tag vouches for `sum`, the blake3 of this version's one chunk.
-    fn tag_vouches_for(&self, file: &CacheFile, sum: &ChunkSum) -> bool {
-        let ChunkSum::Blake3(d) = sum else { return false };
-        let tag = self.etag.as_str().trim_matches('"');
-        crate::protocol::etag_from_digests(self.size, file.chunk_size(), &[*d]) == tag
+    /// How a chunk of this version is hashed: blake3 when the tag vouches for it (one chunk)
+    /// or the remote's digests are blake3 only; otherwise CRC32C, checked against the
+    /// remote's or only recorded (checked again when found on disk after a restart).
+    fn chunk_hash(&self, file: &CacheFile, digests: Option<&Digests>) -> ChunkHash {
+        match digests {
+            _ if !self.reader.cfg.verify => ChunkHash::None,
+            _ if self.checked_by_tag(file) => ChunkHash::Blake3,
+            Some(d) if d.crc32c.is_none() => ChunkHash::Blake3,
+            _ => ChunkHash::Crc32c,
+        }
     }
 
-    /// How a chunk that nothing vouches for is hashed: for the record only (checked again
-    /// when found on disk after a restart), so with the cheaper CRC32C.
-    fn recorded_hash(&self) -> ChunkHash {
-        if self.reader.cfg.verify {
-            ChunkHash::Crc32c
-        } else {
-            ChunkHash::None
+    /// Publishes a chunk written with [`Version::chunk_hash`]`(file, digests)`, checked
+    /// against the tag (one chunk) or the remote's digests when there are any.
+    fn finish_chunk(&self, file: &CacheFile, w: ChunkWriter<'_>, digests: Option<&Digests>) -> Result<(), ChunkError> {
+        if self.checked_by_tag(file) {
+            let tag = self.etag.as_str().trim_matches('"');
+            return w.finish_with(|sum| {
+                matches!(sum, ChunkSum::Blake3(d)
+                    if crate::protocol::etag_from_digests(self.size, file.chunk_size(), &[*d]) == tag)
+            });
         }
+        let i = w.index() as usize;
+        w.finish(digests.and_then(|d| match &d.crc32c {
+            Some(c) => c.get(i).copied().map(ChunkSum::Crc32c),
+            None => d.digests.get(i).copied().map(ChunkSum::Blake3),
+        }))
     }
 
     /// The remote's chunk digests of this version, fetched once, when the remote offers them
@@ -1255,15 +1247,6 @@ fn retry_delays(retries: usize) -> impl Iterator<Item = Duration> {
         .with_max_delay(Duration::from_secs(5))
         .with_max_times(retries)
         .build()
-}
-
-/// What the remote vouches chunk `i` is: its CRC32C when the remote offers them (what the
-/// chunk is hashed with then), else its blake3.
-fn expected_sum(d: &Digests, i: usize) -> Option<ChunkSum> {
-    match &d.crc32c {
-        Some(c) => c.get(i).copied().map(ChunkSum::Crc32c),
-        None => d.digests.get(i).copied().map(ChunkSum::Blake3),
-    }
 }
 
 #[cfg(test)]

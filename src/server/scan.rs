@@ -26,11 +26,10 @@ impl ChunkSums {
     /// The sums of `data`, hashed in 1 MiB chunks.
     #[cfg(test)]
     pub fn of(data: &[u8]) -> ChunkSums {
-        let mut sums = ChunkSums::default();
-        for c in data.chunks(DIGEST_CHUNK_SIZE as usize) {
-            sums.push(*blake3::hash(c).as_bytes(), crc32c(c));
+        ChunkSums {
+            blake3: crate::protocol::chunk_digests(data, DIGEST_CHUNK_SIZE),
+            crc32c: crate::protocol::chunk_crc32c(data, DIGEST_CHUNK_SIZE),
         }
-        sums
     }
 
     pub fn push(&mut self, blake3: [u8; 32], crc32c: u32) {
