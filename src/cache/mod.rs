@@ -1082,6 +1082,64 @@ mod tests {
         assert!(f.verify(0) && f.verify(1), "chunk 1 is not checked against its old sum");
     }
 
+    /// Pieces pushed into a chunk reach the file whole and in order, whatever their sizes, in
+    /// writes that start and end on multiples of `WRITE_ALIGN` in the file's offsets (the
+    /// chunk's end aside), also when chunks do not start on one. Nothing is left queued.
+    #[test]
+    fn pushed_pieces_are_written_in_aligned_runs_in_order() {
+        for chunk_size in [1u64 << 20, 768 << 10] {
+            let dir = tempfile::tempdir().unwrap();
+            let c = Cache::open(
+                &CacheConfig {
+                    dir: dir.path().to_path_buf(),
+                    max_size: 1 << 30,
+                    chunk_size,
+                    min_free: 0.0,
+                    expire_after: None,
+                },
+                "test",
+            )
+            .unwrap();
+            let len = 3 * chunk_size as usize + 12_345;
+            let data = crate::testing::noise(len, 7);
+            let f = c.open_version(key("\"v1\"", len as u64)).unwrap();
+            // Uneven sizes: empty, tiny, across one boundary, across several.
+            let sizes = [1usize, 0, 4096, 65_536, 300_001, 777, 1_300_000];
+            let mut n = 0;
+            for chunk in 0..4u64 {
+                let range = f.chunk_range(chunk);
+                let mut w = f.begin_chunk(chunk, ChunkHash::Crc32c).unwrap();
+                let mut at = range.start as usize;
+                while at < range.end as usize {
+                    let take = sizes[n % sizes.len()].min(range.end as usize - at);
+                    w.push(bytes::Bytes::copy_from_slice(&data[at..at + take])).unwrap();
+                    at += take;
+                    n += 1;
+                }
+                let writes = w.writes.clone();
+                assert_eq!(writes.first().map(|r| r.start), Some(range.start));
+                assert_eq!(writes.last().map(|r| r.end), Some(range.end));
+                for (i, r) in writes.iter().enumerate() {
+                    assert!(i == 0 || writes[i - 1].end == r.start, "{writes:?}");
+                    assert!(r.start == range.start || r.start % file::WRITE_ALIGN == 0, "{writes:?}");
+                    assert!(r.end == range.end || r.end % file::WRITE_ALIGN == 0, "{writes:?}");
+                }
+                let want = crate::protocol::crc32c(&data[range.start as usize..range.end as usize]);
+                w.finish(Some(ChunkSum::Crc32c(want))).unwrap();
+            }
+            assert_eq!(f.read_with(0..len as u64, |b| b.to_vec()).unwrap(), data);
+        }
+        // A chunk given fewer bytes than it holds is refused, and stays missing.
+        let dir = tempfile::tempdir().unwrap();
+        let c = cache_with(dir.path(), 0.0, None);
+        let f = c.open_version(key("\"v2\"", 1 << 20)).unwrap();
+        let short = f.chunk_range(0).end - 1;
+        let mut w = f.begin_chunk(0, ChunkHash::Crc32c).unwrap();
+        w.push(bytes::Bytes::from(vec![1u8; short as usize])).unwrap();
+        assert!(matches!(w.finish(None), Err(ChunkError::Length { .. })));
+        assert!(!f.is_present(0));
+    }
+
     /// `will_need` has the kernel read in the chunks on disk, and leaves the holes alone: a
     /// hole advised would be filled with zeros in the page cache, for the fetch to overwrite.
     #[test]

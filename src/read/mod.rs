@@ -994,8 +994,7 @@ impl Version {
             skip -= n;
             while !piece.is_empty() {
                 let n = writer.remaining().min(piece.len() as u64) as usize;
-                writer.write(&piece[..n])?;
-                piece.advance(n);
+                writer.push(piece.split_to(n))?;
                 r.count(|c| c.fetched_bytes.fetch_add(n as u64, Ordering::Relaxed));
                 r.slots.received(n as u64);
                 if writer.remaining() == 0 {
