@@ -187,6 +187,22 @@ def drop_caches():
         f.write("3\n")
 
 
+# Seconds between the page-cache drop and a "page cache dropped" read (see settled_drop).
+SETTLE = float(os.environ.get("BENCH_SETTLE_S", "4"))
+
+
+def settled_drop():
+    """Drops the page cache, then waits until the freed memory has gone back to the host.
+
+    On a VM with free page reporting, memory freed by the drop is handed back to the host
+    about 2 s later, and a read that then allocates it runs at half speed (a local 1 GiB file:
+    0.31 s right after a drop, 0.70 s 4 s later). Right after a drop, which reader gets the
+    memory not yet handed back depends on what the step before freed, not on the reader.
+    """
+    drop_caches()
+    time.sleep(SETTLE)
+
+
 def mountinfo():
     with open("/proc/self/mountinfo") as f:
         return [line.split() for line in f]
@@ -863,14 +879,12 @@ def round_reads(tool):
         # re-read after it compares with the local file, which is read once before too.
         rec("warm_first", tool, lambda: cat(m.path(BIG), SIZE, m.mnt))
         rec("warm_kept", tool, lambda: cat(m.path(BIG), SIZE, m.mnt))
-        # Page cache dropped: the tool and the local file (the limit) after the same drop, in
-        # turns. On this VM the first read after a run that freed gigabytes gets memory the
-        # balloon has reported and is slow whoever makes it (docs/BENCHMARKS.md, fourth
-        # issue-6 session), so a fixed order would charge it to one side.
+        # Page cache dropped: the tool and the local file (the limit) each after its own drop
+        # and the same wait for the freed memory to settle (settled_drop), in turns.
         pair = [(tool, lambda: cat(m.path(BIG), SIZE, m.mnt)), ("limit", lambda: cat(os.path.join(DATA, BIG), SIZE))]
         DROPPED_TURN[0] += 1
         for col, fn in (pair if DROPPED_TURN[0] % 2 else pair[::-1]):
-            drop_caches()
+            settled_drop()
             rec("warm_dropped", col, fn)
         # fio reads a cached file, as it does the local one (round_local): read it again in
         # case the local read's drop came after the tool's read.
@@ -894,7 +908,7 @@ def round_reads(tool):
         def nopass(m):
             cat(m.path(BIG), SIZE, m.mnt)  # once, so that "kept" has the mount's page cache
             rec("warm_kept_np", tool, lambda: cat(m.path(BIG), SIZE, m.mnt))
-            drop_caches()
+            settled_drop()
             rec("warm_dropped_np", tool, lambda: cat(m.path(BIG), SIZE, m.mnt))
             rec("fio1_np", tool, lambda: fio(m.path(BIG), 1, m.mnt))
             rec("fio4_np", tool, lambda: fio(m.path(BIG), 4, m.mnt))
