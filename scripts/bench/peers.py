@@ -1426,8 +1426,9 @@ def report(info, calib, elapsed):
         f"4 × {FOUR_MIB} MiB for the 4 readers. Ratios are speed ratios against the column's reference "
         "(above 1× the tool is faster); ✓/✗ mark artifactfs's targets.",
         "Cold = a fresh mount with an empty cache directory and the page cache dropped (also the servers').",
-        "Warm, page cache dropped: each tool's read and a read of the local file follow the same drop, in turns "
-        "(which goes first alternates); the limit is the median of those local reads.",
+        f"Warm, page cache dropped: each tool's read and a read of the local file each follow a drop and a "
+        f"{SETTLE:g} s wait for the freed memory to settle (see settled_drop), in turns (which goes first "
+        "alternates); the limit is the median of those local reads.",
         f"httpdirfs {calib['chosen']} (calibration, cold read of the first {calib['bytes'] >> 20} MiB: "
         + ", ".join(f"{k} {v:.0f} MiB/s" if isinstance(v, float) else f"{k} {v}"
                     for k, v in calib["cold_read_mib_s"].items())

@@ -457,8 +457,17 @@ impl Cache {
         open || data.exists()
     }
 
-    /// The cache file of a version, shared by everyone who has it open.
+    /// The cache file of a version, shared by everyone who has it open. A new one is recorded
+    /// as its path's last version ([`Cache::last_version`]).
     pub fn open_version(&self, key: VersionKey) -> Result<Arc<CacheFile>, CacheError> {
+        self.open_version_as(key, true)
+    }
+
+    /// [`Cache::open_version`]; `record_last`: record a new cache file as its path's last
+    /// version. Only remotes whose listings lack versions need that record (a later mount
+    /// asks them "still this one?"); it is a file of its own, and for a remote with small
+    /// files, a third of the files a cold read creates.
+    pub fn open_version_as(&self, key: VersionKey, record_last: bool) -> Result<Arc<CacheFile>, CacheError> {
         let (remote_dir, data, meta) = self.paths(&key);
         {
             let (mut open, found) = self.shared.settled(&data);
@@ -475,7 +484,7 @@ impl Cache {
             data: &data,
             done: None,
         };
-        let opened = self.open_files(&key, &remote_dir, &data, meta)?;
+        let opened = self.open_files(&key, &remote_dir, &data, meta, record_last)?;
         busy.done = Some(Slot::Open(Arc::downgrade(&opened)));
         Ok(opened)
     }
@@ -487,6 +496,7 @@ impl Cache {
         remote_dir: &Path,
         data: &Path,
         meta: PathBuf,
+        record_last: bool,
     ) -> Result<Arc<CacheFile>, CacheError> {
         let remote_file = remote_dir.join("remote.json");
         if !remote_file.exists() {
@@ -495,7 +505,7 @@ impl Cache {
             fs::write(&remote_file, body).map_err(|e| CacheError::io(&remote_file, e))?;
         }
         let idle = self.shared.idle.lock().remove(data);
-        if idle.is_none() && !data.exists() {
+        if record_last && idle.is_none() && !data.exists() {
             self.remember_version(key);
         }
         let before = idle.as_ref().map(|e| e.bytes).unwrap_or(0);

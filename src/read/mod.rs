@@ -306,7 +306,8 @@ impl Reader {
                     etag: etag.as_str().to_string(),
                     size,
                 };
-                match cache.open_version(vk) {
+                // Where listings name versions, nothing asks for the last one.
+                match cache.open_version_as(vk, !self.store.capabilities().listing_etags) {
                     Ok(f) => Some(f),
                     Err(e) => {
                         tracing::warn!(path, "reading without the cache: {e}");

@@ -769,3 +769,45 @@ async fn a_fetch_that_panics_fails_its_readers_instead_of_leaving_them_waiting()
     // The next read fetches again.
     assert_eq!(read_all(&v, MIB as u32).await, d);
 }
+
+/// A new cache file is recorded as its path's last version only for a remote whose listings
+/// lack versions; there a later reader (another mount over the same cache) asks the remote
+/// "still this one?" with one `HEAD` and reads the bytes from the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_version_is_recorded_only_where_listings_lack_versions() {
+    for listing_etags in [true, false] {
+        let mem = Arc::new(MemoryStore::new().with_capabilities(Capabilities {
+            listing_etags,
+            ..crate::store::Store::capabilities(&MemoryStore::new())
+        }));
+        let d = data(3 * MIB as usize + 5, 23);
+        let t = mem.insert("dir/f", d.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache_in(dir.path(), 1 << 40);
+        let reader = Reader::new(mem.clone(), Some(cache.clone()), fast_retries(), Handle::current());
+        let v = reader.open_version("dir/f", &t, d.len() as u64);
+        assert_eq!(read_all(&v, 128 << 10).await, d);
+        drop(v);
+        let last = cache.last_version(crate::store::Store::id(&*mem), "dir/f");
+        if listing_etags {
+            assert_eq!(last, None);
+            continue;
+        }
+        assert_eq!(last, Some((t.as_str().to_string(), d.len() as u64)));
+        let again = Reader::new(mem.clone(), Some(cache.clone()), fast_retries(), Handle::current());
+        let (gets, heads, served) = (
+            mem.stats.gets.load(Ordering::Relaxed),
+            mem.stats.heads.load(Ordering::Relaxed),
+            mem.bytes_served(),
+        );
+        let v = again.open_current("dir/f", d.len() as u64).await.unwrap();
+        assert_eq!(read_all(&v, 128 << 10).await, d);
+        assert_eq!(mem.stats.heads.load(Ordering::Relaxed), heads + 1);
+        assert_eq!(
+            mem.stats.gets.load(Ordering::Relaxed),
+            gets,
+            "the bytes come from the cache"
+        );
+        assert_eq!(mem.bytes_served(), served);
+    }
+}
