@@ -193,8 +193,9 @@ pub struct ChunkWriter<'a> {
 /// this size. Written as the network's pieces come, at any offset, it holds them in folios of
 /// 4 KiB to 256 KiB, and the kernel copies a 1 GiB file out of those in 0.048 s instead of
 /// 0.042 s (a local file: 0.041 s; passthrough readers are served from here). 1 MiB runs
-/// made a cold read's kernel time two to three times longer on this machine (allocating
-/// folios that large); 256 KiB ones reread in 0.042 s too. See `docs/BENCHMARKS.md`.
+/// made the daemon's CPU time in a cold read two to four times longer on this machine
+/// (allocating folios that large); 256 KiB ones reread in 0.042 s too. Holds at most this
+/// much plus one piece per chunk being fetched. See `docs/BENCHMARKS.md`.
 pub(super) const WRITE_ALIGN: u64 = 512 << 10;
 
 #[derive(Debug, thiserror::Error)]
