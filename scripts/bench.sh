@@ -5,7 +5,7 @@
 # BENCH_FILES (10000), BENCH_ROUNDS (5), BENCH_DIR (/tmp/artifactfs-bench), BENCH_REMOTES
 # (1; 0 skips the remotes part), BENCH_READERS (0; N > 1 adds N readers of N files at once), BENCH_MOUNT_ARGS (more
 # `mount` arguments, e.g. "--config FILE"), BENCH_SETTLE_S (4: seconds between a page-cache drop
-# and a "page cache dropped" read).
+# and a "page cache dropped" read), BENCH_DROPPED_PAIRS (3: such pairs of reads per round).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v curl >/dev/null || apt-get install -y curl

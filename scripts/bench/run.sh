@@ -8,7 +8,8 @@
 # Environment: BENCH_SIZE_MIB (1024), BENCH_FOUR_MIB (= SIZE), BENCH_FILES (10000),
 # BENCH_ROUNDS (5), BENCH_DIR (/tmp/afs-bench-peers), BENCH_KEEP (0), BENCH_CASE_TIMEOUT (600),
 # BENCH_FIO_RUNTIME (10), BENCH_OUT_DIR (target/bench), BENCH_CHART (docs/bench-peers.png),
-# BENCH_SETTLE_S (4: seconds between a page-cache drop and a "page cache dropped" read).
+# BENCH_SETTLE_S (4: seconds between a page-cache drop and a "page cache dropped" read),
+# BENCH_DROPPED_PAIRS (3: such pairs of reads, tool and local file, per tool and round).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/apt-install.sh
