@@ -457,16 +457,17 @@ impl Cache {
         open || data.exists()
     }
 
-    /// The cache file of a version, shared by everyone who has it open. A new one is recorded
-    /// as its path's last version ([`Cache::last_version`]).
+    /// [`Cache::open_version_as`] for tests, with the last version recorded.
+    #[cfg(test)]
     pub fn open_version(&self, key: VersionKey) -> Result<Arc<CacheFile>, CacheError> {
         self.open_version_as(key, true)
     }
 
-    /// [`Cache::open_version`]; `record_last`: record a new cache file as its path's last
-    /// version. Only remotes whose listings lack versions need that record (a later mount
-    /// asks them "still this one?"); it is a file of its own, and for a remote with small
-    /// files, a third of the files a cold read creates.
+    /// The cache file of a version, shared by everyone who has it open. `record_last`: record
+    /// a new cache file as its path's last version ([`Cache::last_version`]). Only remotes
+    /// whose listings lack versions need that record (a later mount asks them "still this
+    /// one?"); it is a file of its own, and for a remote with small files, a third of the
+    /// files a cold read creates. The caller, who knows the remote, decides.
     pub fn open_version_as(&self, key: VersionKey, record_last: bool) -> Result<Arc<CacheFile>, CacheError> {
         let (remote_dir, data, meta) = self.paths(&key);
         {
