@@ -1477,7 +1477,7 @@ def chart(path):
 
 
 def rounds_note():
-    """artifactfs's rounds beside the limit's, in seconds, for the cases with a target on time."""
+    """artifactfs's rounds beside the limit's, in seconds, for the main read cases."""
     def fmt(case, col):
         v = R.get(case, {}).get(col)
         return ", ".join(f"{x:.3f}" for x in v) if v else "—"
