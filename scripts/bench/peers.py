@@ -197,6 +197,13 @@ def run(cmd, timeout=None, mnt=None, what=None, **kw):
     return Child(cmd, **kw).result(timeout, mnt, what)
 
 
+def span(kids, mnt=None, what=None):
+    """Waits for children started together; seconds from the first start to the last end."""
+    for k in kids:
+        k.result(mnt=mnt, what=what)
+    return max(k.end for k in kids) - min(k.t0 for k in kids)
+
+
 def drop_caches():
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -846,9 +853,7 @@ def round_curl_limits(order):
         piece = -(-SIZE // 8)
         kids = [Child(["curl", "-sSf", "-r", f"{i * piece}-{min(SIZE, (i + 1) * piece) - 1}", "-o", "/dev/null",
                        f"{SRV.nginx_url}/{BIG}"]) for i in range(8)]
-        for k in kids:
-            k.result(what="ranged curl")
-        return max(k.end for k in kids) - min(k.t0 for k in kids)
+        return span(kids, what="ranged curl")
 
     rec("curl_ranged8", "limit", ranged)
     for server in order:
@@ -1088,12 +1093,11 @@ def round_four_limit():
         for r, dest in zip(READERS, dests):
             url, extra = server_get("afs", r)
             curls.append(Child(["curl", "-sSf", *extra, "-o", dest, url]))
-        for c in curls:
-            c.result(what="curl -o FILE")
+        t = span(curls, what="curl -o FILE")
         for dest in dests:
             if os.path.getsize(dest) != FOUR:
                 raise Fail(f"curl got {os.path.getsize(dest)} bytes")
-        return max(c.end for c in curls) - min(c.t0 for c in curls)
+        return t
 
     try:
         rec("four_read", "limit", go)
@@ -1109,11 +1113,9 @@ def round_mem(tool):
         sampler = Sampler(m.pid)
         try:
             kids = [Child([sys.executable, os.path.abspath(__file__), "--cat", m.path(r)]) for r in READERS]
-            for k in kids:
-                k.result(mnt=m.mnt, what="reader")
-                if json.loads(k.stdout)["bytes"] != FOUR:
-                    raise Fail("short read")
-            t = max(k.end for k in kids) - min(k.t0 for k in kids)
+            t = span(kids, mnt=m.mnt, what="reader")
+            if any(json.loads(k.stdout)["bytes"] != FOUR for k in kids):
+                raise Fail("short read")
         finally:
             anon, rss = sampler.stop()
         put("four_read", tool, t)
@@ -1483,17 +1485,17 @@ def rounds_note():
         return ", ".join(f"{x:.3f}" for x in v) if v else "—"
 
     lines = []
-    for case, label, lim in [("cold_read", "cold read", "curl_file:afs"),
-                             ("warm_kept", "warm, page cache kept (second re-read)", "warm_kept"),
-                             ("warm_first", "first re-read", None),
-                             ("warm_dropped", "warm, page cache dropped", "warm_dropped_local:artifactfs"),
-                             ("small_cold", "small files", "small_cold"),
-                             ("four_read", "four readers (4 files)", "four_read")]:
+    for case, label, lim, lim_label in [
+        ("cold_read", "cold read", "curl_file:afs", "`curl -o FILE` from artifactfs serve"),
+        ("warm_kept", "warm, page cache kept (second re-read)", "warm_kept", "the limit"),
+        ("warm_first", "first re-read", None, None),
+        ("warm_dropped", "warm, page cache dropped", "warm_dropped_local:artifactfs", "the local file in the same turns"),
+        ("small_cold", "small files", "small_cold", "the limit"),
+        ("four_read", "four readers (4 files)", "four_read", "the limit"),
+    ]:
         text = f"{label}: {fmt(case, 'artifactfs')}"
         if lim:
-            what = {"curl_file:afs": "`curl -o FILE` from artifactfs serve",
-                    "warm_dropped_local:artifactfs": "the local file in the same turns"}.get(lim, "the limit")
-            text += f"; {what}: {fmt(lim, 'limit')}"
+            text += f"; {lim_label}: {fmt(lim, 'limit')}"
         lines.append(text)
     return "artifactfs's rounds, in seconds: " + "; ".join(lines) + "."
 
